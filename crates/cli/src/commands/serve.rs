@@ -1,0 +1,102 @@
+//! `deltasync serve`: parse flags, open the store, run the server until SIGINT or SIGTERM.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use clap::{Args, ValueEnum};
+use deltasync_server::auth::{self, JwtVerifier};
+use deltasync_server::store::sqlite::SqliteStore;
+use deltasync_server::{Auth, Clock, Config, Store};
+use tracing_subscriber::EnvFilter;
+
+/// How the server authenticates requests.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum AuthMode {
+    /// No authentication: one user, `local`. For a single user on a trusted machine.
+    None,
+    /// HS256 JWTs signed with the secret in --jwt-secret-file; the token's `sub` is the user.
+    Jwt,
+}
+
+/// Flags of `deltasync serve`.
+#[derive(Args, Debug)]
+#[command(after_help = "Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) for more detail.\n\
+The first line on stdout is `deltasync listening on http://ADDR`, with the real port when --listen uses port 0.")]
+pub struct ServeArgs {
+    /// Address and port to listen on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8787", value_name = "ADDR")]
+    listen: String,
+    /// Where the data lives: sqlite://PATH (created if missing) or postgres://… (not yet supported).
+    #[arg(long, default_value = "sqlite://deltasync.db", value_name = "URL")]
+    database: String,
+    /// How requests are authenticated.
+    #[arg(long, value_enum, default_value = "none")]
+    auth: AuthMode,
+    /// File holding the HS256 secret for --auth jwt (trailing CR/LF bytes are ignored).
+    #[arg(long, value_name = "FILE", required_if_eq("auth", "jwt"))]
+    jwt_secret_file: Option<PathBuf>,
+    /// TOML configuration file: limits and per-collection merge policies (see config.example.toml).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+}
+
+fn sqlite_path(url: &str) -> anyhow::Result<PathBuf> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        if path.is_empty() {
+            bail!("--database sqlite:// needs a file path, e.g. sqlite://deltasync.db");
+        }
+        return Ok(PathBuf::from(path));
+    }
+    if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        bail!("PostgreSQL is not supported by this build yet; use --database sqlite://PATH");
+    }
+    bail!("--database must be sqlite://PATH or postgres://…, got {url:?}")
+}
+
+/// Runs the server.
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    let auth = match args.auth {
+        AuthMode::None => Auth::None,
+        AuthMode::Jwt => {
+            let path = args.jwt_secret_file.as_ref().context("--auth jwt needs --jwt-secret-file")?;
+            Auth::Jwt(Box::new(JwtVerifier::new(&auth::read_secret(path)?)))
+        }
+    };
+    let path = sqlite_path(&args.database)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path)?);
+        let listener = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("cannot listen on {}", args.listen))?;
+        let addr = listener.local_addr()?;
+        println!("deltasync listening on http://{addr}");
+        tracing::info!(%addr, database = %path.display(), auth = ?args.auth, "serving");
+        deltasync_server::run(listener, store, config, auth, Clock::system(), shutdown_signal()).await?;
+        Ok(())
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("cannot install the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

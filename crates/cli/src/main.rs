@@ -1,0 +1,36 @@
+//! `deltasync`: serve, mint dev tokens, and (later) act as a client.
+
+mod commands;
+
+use clap::{Parser, Subcommand};
+
+/// deltasync: an offline-first, delta-based data sync engine.
+#[derive(Parser)]
+#[command(name = "deltasync", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sync server (embedded SQLite by default; no set-up needed).
+    Serve(commands::serve::ServeArgs),
+    /// Mint an HS256 token for a server running with `--auth jwt`.
+    Token(commands::token::TokenArgs),
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => commands::serve::run(args),
+        Command::Token(args) => commands::token::run(args),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

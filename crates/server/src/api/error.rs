@@ -1,0 +1,112 @@
+//! `ApiError`: every error answer of the HTTP API (§8), as JSON.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use deltasync_protocol::wire::{ErrorBody, ErrorDetail};
+
+use crate::store::StoreError;
+
+/// An error answer. 4xx say what to fix; 5xx are logged and hide internals.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// 400: the request is malformed (caller's fault).
+    #[error("{message}")]
+    InvalidRequest {
+        /// What is wrong.
+        message: String,
+        /// The offending changes.
+        details: Option<Vec<ErrorDetail>>,
+    },
+    /// 401: the token is missing, malformed, forged or expired (caller's fault).
+    #[error("{0}")]
+    Unauthorized(String),
+    /// 404: no such path.
+    #[error("no such endpoint: {0}")]
+    NotFound(String),
+    /// 405: the path exists but not with this method.
+    #[error("method {method} is not allowed on {path}")]
+    MethodNotAllowed {
+        /// The method used.
+        method: String,
+        /// The path.
+        path: String,
+    },
+    /// 410: the cursor is below the horizon or above the head; the client must bootstrap.
+    #[error("{0}")]
+    ResetRequired(String),
+    /// 413: a configured limit was exceeded (caller's fault).
+    #[error("{message}")]
+    PayloadTooLarge {
+        /// Which limit, with its configuration key and value.
+        message: String,
+        /// The offending changes.
+        details: Option<Vec<ErrorDetail>>,
+    },
+    /// 503: the database is unavailable or the server is shutting down (transient).
+    #[error("{0}")]
+    Unavailable(String),
+    /// 500: a bug or a broken disk; details are logged, not sent.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// A 400 with a message.
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ApiError::InvalidRequest { message: message.into(), details: None }
+    }
+
+    /// The HTTP status and error code.
+    pub fn status_and_code(&self) -> (StatusCode, &'static str) {
+        match self {
+            ApiError::InvalidRequest { .. } => (StatusCode::BAD_REQUEST, "invalid_request"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::ResetRequired(_) => (StatusCode::GONE, "reset_required"),
+            ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        }
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Unavailable(_) => ApiError::Unavailable(format!("{e}; retry later")),
+            StoreError::ShuttingDown => ApiError::Unavailable("the server is shutting down; retry later".into()),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let (message, details) = match self {
+            ApiError::Internal(msg) => {
+                tracing::error!(error = %msg, "internal error");
+                ("the server failed to handle the request; the failure is logged".to_owned(), None)
+            }
+            ApiError::Unavailable(msg) => {
+                tracing::warn!(error = %msg, "unavailable");
+                (msg, None)
+            }
+            ApiError::InvalidRequest { message, details } | ApiError::PayloadTooLarge { message, details } => {
+                (message, details)
+            }
+            other => (other.to_string(), None),
+        };
+        let mut response = (status, Json(ErrorBody { error: code.to_owned(), message, details })).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}

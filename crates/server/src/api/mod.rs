@@ -1,0 +1,112 @@
+//! The HTTP API (§6): one module per endpoint, shared request plumbing here.
+
+mod body;
+mod bootstrap;
+mod changes;
+mod conflicts;
+pub mod error;
+mod pull;
+mod push;
+mod query;
+mod status;
+mod sync;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::http::request::Parts;
+use axum::http::{Method, Uri, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use deltasync_protocol::{DeviceId, UserId};
+use tokio::sync::watch;
+
+use crate::auth::{Auth, AuthError};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::store::Store;
+pub use error::ApiError;
+
+/// What every handler shares.
+pub struct AppState {
+    /// The durable store.
+    pub store: Arc<dyn Store>,
+    /// Limits and policies.
+    pub config: Config,
+    /// How requests are authenticated.
+    pub auth: Auth,
+    /// The server's clock.
+    pub clock: Clock,
+    /// Becomes true when the server starts shutting down; long polls then answer at once.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// The authenticated user of a request.
+pub struct AuthUser(pub UserId);
+
+impl FromRequestParts<Arc<AppState>> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
+        let header = match parts.headers.get(header::AUTHORIZATION) {
+            None => None,
+            Some(v) => Some(v.to_str().map_err(|_| ApiError::Unauthorized(AuthError::Missing.to_string()))?),
+        };
+        state.auth.authenticate(header).map(AuthUser).map_err(|e| ApiError::Unauthorized(e.to_string()))
+    }
+}
+
+/// Parses a `device_id`, answering 400 with the rule when it is malformed.
+pub(crate) fn parse_device(s: &str) -> Result<DeviceId, ApiError> {
+    DeviceId::parse(s).map_err(|e| ApiError::invalid(format!("device_id: {e}")))
+}
+
+/// The router with every endpoint.
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/v1/push", post(push::push))
+        .route("/v1/pull", get(pull::pull))
+        .route("/v1/sync", post(sync::sync))
+        .route("/v1/bootstrap", get(bootstrap::bootstrap))
+        .route("/v1/status", get(status::status))
+        .route("/v1/conflicts", get(conflicts::conflicts))
+        .route("/healthz", get(healthz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(log_request))
+        .with_state(state)
+}
+
+async fn healthz(State(app): State<Arc<AppState>>) -> Response {
+    match app.store.health().await {
+        Ok(()) => Json(serde_json::json!({"status": "ok"})).into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
+async fn not_found(uri: Uri) -> ApiError {
+    ApiError::NotFound(uri.path().to_owned())
+}
+
+async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
+    ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_owned() }
+}
+
+async fn log_request(request: Request, next: Next) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let started = Instant::now();
+    let response = next.run(request).await;
+    let status = response.status().as_u16();
+    let micros = started.elapsed().as_micros() as u64;
+    if status >= 500 {
+        tracing::warn!(%method, %path, status, micros, "request failed");
+    } else {
+        tracing::debug!(%method, %path, status, micros, "request");
+    }
+    response
+}

@@ -1,0 +1,69 @@
+//! The deltasync sync server.
+//!
+//! # Layout
+//!
+//! - [`config`]: the TOML configuration (limits, merge policies).
+//! - [`auth`]: `--auth none` and HS256 JWTs.
+//! - [`api`]: one module per endpoint; [`api::ApiError`] turns every failure into a JSON answer.
+//! - [`batch`]: what a push does to a dataset, decided in memory, the same for every store.
+//! - [`store`]: the [`store::Store`] interface and its SQLite implementation.
+//! - [`clock`]: the injectable clock.
+//!
+//! Binaries parse their configuration, open a store and call [`run`] with a
+//! listener and a shutdown signal; tests do the same on port 0.
+
+pub mod api;
+pub mod auth;
+pub mod batch;
+pub mod clock;
+pub mod config;
+pub mod store;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+pub use auth::Auth;
+pub use clock::Clock;
+pub use config::Config;
+pub use store::{Store, StoreError};
+
+/// Why the server could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The store refused to start (for example a changed collection policy).
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The listener failed.
+    #[error("the HTTP listener failed: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then lets
+/// in-flight requests finish, commits every queued write and returns.
+pub async fn run(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    config: Config,
+    auth: Auth,
+    clock: Clock,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    store.check_policies(&config.policies).await?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let state = Arc::new(api::AppState { store: store.clone(), config, auth, clock, shutdown: shutdown_rx });
+    let app = api::router(state);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            let _ = shutdown_tx.send(true);
+        })
+        .await;
+    store.close().await;
+    tracing::info!("stopped; every acknowledged change is committed");
+    result.map_err(ServeError::Io)
+}

@@ -1,0 +1,206 @@
+//! Everything durable, behind one domain-level interface.
+//!
+//! The server speaks to a [`Store`] in terms of datasets, batches, pages and
+//! snapshots, never SQL, so each backend can serialise writes its own way:
+//! [`sqlite::SqliteStore`] through one writer thread with group commit.
+//! Every table is keyed by `user_id` first, so the schema can be distributed
+//! by user.
+
+pub mod notify;
+mod schema;
+pub mod sqlite;
+
+use std::future::Future;
+use std::pin::Pin;
+
+use bytes::Bytes;
+use deltasync_protocol::wire::{ConflictRecord, DeviceStatus, Policies, PushResult};
+use deltasync_protocol::{Change, DeviceId, UserId};
+use futures_util::stream::BoxStream;
+use tokio::sync::watch;
+
+pub use crate::batch::DatasetHead;
+
+/// A boxed future, so that [`Store`] can be used as a trait object.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Why a store operation failed. Maps SQLite (and later PostgreSQL) errors to one set of kinds.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// The database cannot be reached or is busy; retrying later may work (transient).
+    #[error("the database is unavailable: {0}")]
+    Unavailable(String),
+    /// The stored data is not what this version of deltasync wrote (local corruption).
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    /// The configuration changes the policy of a collection that has changes (operator's fault).
+    #[error(
+        "collection {collection:?} has changes under merge policy {stored}, but the configuration now gives it {configured}; a collection's policy is fixed once it has changes: restore `{stored}` for it in the config file"
+    )]
+    PolicyChanged {
+        /// The collection.
+        collection: String,
+        /// The policy its changes were merged with.
+        stored: String,
+        /// The policy the configuration gives it now.
+        configured: String,
+    },
+    /// The database was written by a newer deltasync (operator's fault).
+    #[error("the database schema is version {found}, newer than this server knows ({known}); upgrade deltasync")]
+    SchemaTooNew {
+        /// The schema version found.
+        found: i64,
+        /// The newest version this build knows.
+        known: i64,
+    },
+    /// The server is shutting down and takes no more writes.
+    #[error("the server is shutting down")]
+    ShuttingDown,
+    /// Any other database failure (a bug or a broken disk).
+    #[error("database error: {0}")]
+    Internal(String),
+}
+
+impl StoreError {
+    /// Whether the same request may succeed when retried later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, StoreError::Unavailable(_) | StoreError::ShuttingDown)
+    }
+}
+
+/// A validated push, ready for the store.
+#[derive(Debug, Clone)]
+pub struct PushBatch {
+    /// The dataset.
+    pub user: UserId,
+    /// The pushing device.
+    pub device: DeviceId,
+    /// The changes, in request order.
+    pub changes: Vec<Change>,
+    /// The server's time for this push.
+    pub now: u64,
+    /// How far ahead of `now` an HLC may be (`max_clock_drift_ms`).
+    pub max_clock_drift_ms: u64,
+    /// For sync: the request's cursor, which must not be above the head (else nothing is applied).
+    pub require_cursor: Option<u64>,
+}
+
+/// What a push did.
+#[derive(Debug, Clone)]
+pub enum PushOutcome {
+    /// The batch was committed durably.
+    Committed {
+        /// One result per change, in request order.
+        results: Vec<PushResult>,
+        /// The dataset head after the push.
+        head: DatasetHead,
+    },
+    /// `require_cursor` was outside `horizon..=head`: nothing was applied.
+    ResetRequired {
+        /// The head at the time.
+        head: DatasetHead,
+    },
+}
+
+/// A page of the log.
+#[derive(Debug, Clone)]
+pub struct ChangePage {
+    /// `(seq, stored change as wire JSON)`, in seq order.
+    pub changes: Vec<(u64, String)>,
+    /// The highest seq the page covers.
+    pub cursor: u64,
+    /// Whether the log goes on past `cursor`.
+    pub has_more: bool,
+    /// The chain head at `cursor`.
+    pub state_hash: deltasync_protocol::StateHash,
+    /// The state digest at `cursor`.
+    pub state_digest: deltasync_protocol::StateDigest,
+}
+
+/// The answer to a page request.
+#[derive(Debug, Clone)]
+pub enum PageOutcome {
+    /// The page.
+    Page(ChangePage),
+    /// The cursor is below the horizon or above the head.
+    ResetRequired {
+        /// The head at the time.
+        head: DatasetHead,
+    },
+}
+
+/// A dataset's status.
+#[derive(Debug, Clone)]
+pub struct DatasetStatus {
+    /// Its head.
+    pub head: DatasetHead,
+    /// Its devices, by id.
+    pub devices: Vec<DeviceStatus>,
+}
+
+/// A page of conflict records.
+#[derive(Debug, Clone)]
+pub struct ConflictPage {
+    /// The records, oldest first.
+    pub records: Vec<ConflictRecord>,
+    /// Whether more follow.
+    pub has_more: bool,
+}
+
+/// A consistent snapshot of a dataset, streamed.
+pub struct BootstrapStream {
+    /// Where the snapshot stands.
+    pub head: DatasetHead,
+    /// One NDJSON line (with its newline) per entity, then per logged append.
+    pub lines: BoxStream<'static, Result<Bytes, StoreError>>,
+}
+
+/// Everything durable the server needs.
+pub trait Store: Send + Sync + 'static {
+    /// Checks that the configured policies keep every collection's policy; called at start.
+    fn check_policies<'a>(&'a self, policies: &'a Policies) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// Applies a batch as one durable transaction and answers after commit.
+    fn push(&self, batch: PushBatch, policies: Policies) -> BoxFuture<'_, Result<PushOutcome, StoreError>>;
+
+    /// Reads the changes after `cursor`, at most `limit` seqs, with the hashes at the page's end.
+    fn changes_since<'a>(
+        &'a self,
+        user: &'a UserId,
+        cursor: u64,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<PageOutcome, StoreError>>;
+
+    /// Registers a device, updates its `last_seen`, and raises its cursor to `cursor` if given.
+    fn touch_device<'a>(
+        &'a self,
+        user: &'a UserId,
+        device: &'a DeviceId,
+        cursor: Option<u64>,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+
+    /// The dataset head and devices.
+    fn status<'a>(&'a self, user: &'a UserId) -> BoxFuture<'a, Result<DatasetStatus, StoreError>>;
+
+    /// Conflict records with `id > since`, at most `limit`.
+    fn conflicts<'a>(
+        &'a self,
+        user: &'a UserId,
+        since: u64,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<ConflictPage, StoreError>>;
+
+    /// A consistent snapshot of the whole dataset, streamed with bounded memory.
+    fn bootstrap<'a>(&'a self, user: &'a UserId) -> BoxFuture<'a, Result<BootstrapStream, StoreError>>;
+
+    /// A receiver of the dataset's head seq, which changes whenever a push commits.
+    fn subscribe(&self, user: &UserId) -> watch::Receiver<u64>;
+
+    /// Answers once the database answers.
+    fn health(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Finishes queued writes and stops taking new ones.
+    fn close(&self) -> BoxFuture<'_, ()>;
+}

@@ -1,0 +1,831 @@
+//! The embedded SQLite store: one writer thread with group commit, a pool of
+//! readers, WAL so that readers never block the writer.
+//!
+//! Every push is a job on a bounded channel. The writer takes all the jobs
+//! that are waiting (up to a bound), runs each inside its own savepoint of
+//! one transaction, commits once with `synchronous = FULL`, and only then
+//! answers every job: an acknowledgement always means durable, and many
+//! devices share one fsync.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use bytes::Bytes;
+use deltasync_protocol::change::{WireParts, write_wire_json};
+use deltasync_protocol::json;
+use deltasync_protocol::merge::ConflictReason;
+use deltasync_protocol::wire::{ConflictRecord, DeviceStatus, Policies};
+use deltasync_protocol::{DeviceId, EntityState, Meta, Op, StateDigest, StateHash, UserId};
+use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::notify::Notifier;
+use super::schema::MIGRATIONS;
+use super::{
+    BootstrapStream, BoxFuture, ChangePage, ConflictPage, DatasetHead, DatasetStatus, PageOutcome, PushBatch,
+    PushOutcome, Store, StoreError,
+};
+use crate::batch::{EntityKey, PushPlan, Rules, Snapshot, batch_keys, plan_push};
+
+/// How many jobs one group commit takes at most.
+const MAX_GROUP_JOBS: usize = 256;
+/// How many changes one group commit takes at most (beyond the first job).
+const MAX_GROUP_CHANGES: usize = 20_000;
+/// How many lines of a bootstrap are sent to the HTTP body in one chunk.
+const BOOTSTRAP_CHUNK_BYTES: usize = 64 * 1024;
+
+fn map_err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::*;
+    match e.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked) => StoreError::Unavailable(e.to_string()),
+        Some(CannotOpen | ReadOnly | DiskFull | PermissionDenied) => StoreError::Unavailable(e.to_string()),
+        Some(DatabaseCorrupt | NotADatabase) => StoreError::Corrupt(e.to_string()),
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+fn text<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> Result<&'r str, StoreError> {
+    r.get_ref(i).map_err(map_err)?.as_str().map_err(corrupt)
+}
+
+/// Reads a change row whose first ten columns are
+/// `seq, change_id, device_id, collection, entity_id, op, data, hlc, base_version, server_time`.
+fn wire_parts<'r>(r: &'r rusqlite::Row<'_>) -> Result<WireParts<'r>, StoreError> {
+    Ok(WireParts {
+        seq: r.get::<_, i64>(0).map_err(map_err)? as u64,
+        change_id: text(r, 1)?,
+        device_id: text(r, 2)?,
+        collection: text(r, 3)?,
+        entity_id: text(r, 4)?,
+        op: text(r, 5)?,
+        data_json: r.get_ref(6).map_err(map_err)?.as_str_or_null().map_err(corrupt)?,
+        hlc: text(r, 7)?,
+        base_version: r.get::<_, Option<i64>>(8).map_err(map_err)?.map(|v| v as u64),
+        server_time: r.get::<_, i64>(9).map_err(map_err)? as u64,
+    })
+}
+
+enum Job {
+    Push {
+        batch: PushBatch,
+        policies: Policies,
+        reply: oneshot::Sender<Result<PushOutcome, StoreError>>,
+    },
+    Touch {
+        user: UserId,
+        device: DeviceId,
+        cursor: Option<u64>,
+        now: u64,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+impl Job {
+    fn weight(&self) -> usize {
+        match self {
+            Job::Push { batch, .. } => batch.changes.len().max(1),
+            Job::Touch { .. } => 1,
+        }
+    }
+}
+
+/// Read connections, opened on demand and kept for reuse.
+struct ReadPool {
+    path: PathBuf,
+    idle: Mutex<Vec<Connection>>,
+}
+
+impl ReadPool {
+    fn get(&self) -> Result<Connection, StoreError> {
+        if let Some(c) = self.idle.lock().expect("pool lock").pop() {
+            return Ok(c);
+        }
+        let conn = Connection::open_with_flags(
+            &self.path,
+            OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX | OpenFlags::SQLITE_OPEN_URI,
+        )
+        .map_err(map_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(map_err)?;
+        Ok(conn)
+    }
+
+    fn put(&self, conn: Connection) {
+        let mut idle = self.idle.lock().expect("pool lock");
+        if idle.len() < 16 {
+            idle.push(conn);
+        }
+    }
+}
+
+/// The SQLite store. See the module documentation.
+pub struct SqliteStore {
+    readers: Arc<ReadPool>,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    notifier: Arc<Notifier>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, migrates it and starts the writer.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open SQLite database {}: {e}", path.display())))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(map_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(map_err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(map_err)?;
+        migrate(&conn)?;
+        let notifier = Arc::new(Notifier::default());
+        let (tx, rx) = mpsc::channel(1024);
+        let writer_notifier = notifier.clone();
+        let writer = std::thread::Builder::new()
+            .name("deltasync-writer".into())
+            .spawn(move || writer_loop(conn, rx, &writer_notifier))
+            .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
+        Ok(SqliteStore {
+            readers: Arc::new(ReadPool { path: path.to_owned(), idle: Mutex::new(Vec::new()) }),
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            notifier,
+        })
+    }
+
+    fn sender(&self) -> Result<mpsc::Sender<Job>, StoreError> {
+        self.jobs.lock().expect("jobs lock").clone().ok_or(StoreError::ShuttingDown)
+    }
+
+    async fn read<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<T, StoreError> {
+        let pool = self.readers.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut conn = pool.get()?;
+            let out = f(&mut conn);
+            pool.put(conn);
+            out
+        })
+        .await
+        .map_err(|e| StoreError::Internal(format!("reader task failed: {e}")))?
+    }
+}
+
+fn migrate(conn: &Connection) -> Result<(), StoreError> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)").map_err(map_err)?;
+    let current: i64 =
+        conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0)).map_err(map_err)?;
+    let known = MIGRATIONS.len() as i64;
+    if current > known {
+        return Err(StoreError::SchemaTooNew { found: current, known });
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(current as usize) {
+        let version = i as i64 + 1;
+        let tx = conn.unchecked_transaction().map_err(map_err)?;
+        tx.execute_batch(sql).map_err(map_err)?;
+        tx.execute("DELETE FROM schema_version", []).map_err(map_err)?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [version]).map_err(map_err)?;
+        tx.commit().map_err(map_err)?;
+        tracing::info!(version, "applied schema migration");
+    }
+    Ok(())
+}
+
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, notifier: &Notifier) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut weight = first.weight();
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP_JOBS && weight < MAX_GROUP_CHANGES {
+            match rx.try_recv() {
+                Ok(job) => {
+                    weight += job.weight();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        run_group(&conn, jobs, notifier);
+    }
+    tracing::debug!("writer stopped: every queued write is committed");
+}
+
+enum Done {
+    Push(oneshot::Sender<Result<PushOutcome, StoreError>>, Result<PushOutcome, StoreError>),
+    Touch(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
+}
+
+fn run_group(conn: &Connection, jobs: Vec<Job>, notifier: &Notifier) {
+    let mut done = Vec::with_capacity(jobs.len());
+    let mut heads: HashMap<UserId, u64> = HashMap::new();
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let msg = e.to_string();
+        for job in jobs {
+            fail_job(job, || StoreError::Unavailable(msg.clone()));
+        }
+        return;
+    }
+    for job in jobs {
+        let savepoint = conn.execute_batch("SAVEPOINT job");
+        match job {
+            Job::Push { batch, policies, reply } => {
+                let out = savepoint.map_err(map_err).and_then(|_| apply_push(conn, &batch, &policies));
+                finish_savepoint(conn, out.is_ok());
+                if let Ok(PushOutcome::Committed { head, .. }) = &out {
+                    heads.insert(batch.user.clone(), head.seq);
+                }
+                done.push(Done::Push(reply, out));
+            }
+            Job::Touch { user, device, cursor, now, reply } => {
+                let out = savepoint.map_err(map_err).and_then(|_| touch(conn, &user, &device, cursor, now));
+                finish_savepoint(conn, out.is_ok());
+                done.push(Done::Touch(reply, out));
+            }
+        }
+    }
+    if let Err(e) = conn.execute_batch("COMMIT") {
+        tracing::error!(error = %e, "group commit failed; every write in it is refused");
+        let _ = conn.execute_batch("ROLLBACK");
+        let msg = e.to_string();
+        for d in done {
+            match d {
+                Done::Push(reply, _) => drop(reply.send(Err(StoreError::Unavailable(msg.clone())))),
+                Done::Touch(reply, _) => drop(reply.send(Err(StoreError::Unavailable(msg.clone())))),
+            }
+        }
+        return;
+    }
+    for d in done {
+        match d {
+            Done::Push(reply, out) => drop(reply.send(out)),
+            Done::Touch(reply, out) => drop(reply.send(out)),
+        }
+    }
+    for (user, head) in heads {
+        notifier.publish(&user, head);
+    }
+}
+
+fn finish_savepoint(conn: &Connection, ok: bool) {
+    let sql = if ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+    if let Err(e) = conn.execute_batch(sql) {
+        tracing::error!(error = %e, "savepoint handling failed");
+    }
+}
+
+fn fail_job(job: Job, err: impl Fn() -> StoreError) {
+    match job {
+        Job::Push { reply, .. } => drop(reply.send(Err(err()))),
+        Job::Touch { reply, .. } => drop(reply.send(Err(err()))),
+    }
+}
+
+fn read_head(conn: &Connection, user: &UserId) -> Result<DatasetHead, StoreError> {
+    let row = conn
+        .prepare_cached("SELECT head, state_hash, state_digest, horizon, conflict_seq FROM datasets WHERE user_id = ?1")
+        .map_err(map_err)?
+        .query_row([user.as_str()], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, Vec<u8>>(1)?,
+                r.get::<_, Vec<u8>>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, i64>(4)?,
+            ))
+        })
+        .optional()
+        .map_err(map_err)?;
+    let Some((head, hash, digest, horizon, conflict_seq)) = row else {
+        return Ok(DatasetHead::default());
+    };
+    Ok(DatasetHead {
+        seq: head as u64,
+        state_hash: StateHash::from_slice(&hash).ok_or_else(|| corrupt("datasets.state_hash is not 32 bytes"))?,
+        state_digest: StateDigest::from_slice(&digest)
+            .ok_or_else(|| corrupt("datasets.state_digest is not 32 bytes"))?,
+        horizon: horizon as u64,
+        conflict_seq: conflict_seq as u64,
+    })
+}
+
+fn load_entity(conn: &Connection, user: &UserId, key: &EntityKey) -> Result<Option<EntityState>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT data, version, deleted, meta FROM entities WHERE user_id = ?1 AND collection = ?2 AND entity_id = ?3",
+        )
+        .map_err(map_err)?;
+    let row = stmt
+        .query_row(params![user.as_str(), key.0.as_str(), key.1.as_str()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?, r.get::<_, bool>(2)?, r.get::<_, String>(3)?))
+        })
+        .optional()
+        .map_err(map_err)?;
+    let Some((data, version, deleted, meta)) = row else { return Ok(None) };
+    let data = serde_json::from_str(&data).map_err(|e| corrupt(format!("entity data: {e}")))?;
+    let meta: Meta = serde_json::from_str(&meta).map_err(|e| corrupt(format!("entity meta: {e}")))?;
+    Ok(Some(EntityState {
+        collection: key.0.clone(),
+        entity_id: key.1.clone(),
+        data,
+        version: version as u64,
+        deleted,
+        meta,
+    }))
+}
+
+fn apply_push(conn: &Connection, batch: &PushBatch, policies: &Policies) -> Result<PushOutcome, StoreError> {
+    let user = &batch.user;
+    let head = read_head(conn, user)?;
+    if let Some(cursor) = batch.require_cursor
+        && (cursor < head.horizon || cursor > head.seq)
+    {
+        return Ok(PushOutcome::ResetRequired { head });
+    }
+    let (ids, keys) = batch_keys(&batch.changes);
+    let mut snapshot = Snapshot { head, ..Snapshot::default() };
+    {
+        let mut stmt =
+            conn.prepare_cached("SELECT seq FROM changes WHERE user_id = ?1 AND change_id = ?2").map_err(map_err)?;
+        for id in ids {
+            if let Some(seq) = stmt
+                .query_row(params![user.as_str(), id.as_str()], |r| r.get::<_, i64>(0))
+                .optional()
+                .map_err(map_err)?
+            {
+                snapshot.known.insert(id, seq as u64);
+            }
+        }
+    }
+    for key in keys {
+        if let Some(state) = load_entity(conn, user, &key)? {
+            snapshot.entities.insert(key, state);
+        }
+    }
+    let rules = Rules { now: batch.now, max_clock_drift_ms: batch.max_clock_drift_ms, policies };
+    let plan = plan_push(snapshot, &batch.device, &batch.changes, rules);
+    write_plan(conn, user, &batch.device, batch.now, &plan)?;
+    Ok(PushOutcome::Committed { results: plan.results, head: plan.head })
+}
+
+fn write_plan(
+    conn: &Connection,
+    user: &UserId,
+    device: &DeviceId,
+    now: u64,
+    plan: &PushPlan,
+) -> Result<(), StoreError> {
+    let u = user.as_str();
+    {
+        let mut stmt = conn
+            .prepare_cached(
+                "INSERT INTO changes (user_id, seq, change_id, device_id, collection, entity_id, op, data, hlc, base_version, server_time, state_hash, state_digest)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )
+            .map_err(map_err)?;
+        for entry in &plan.log {
+            let s = &entry.change;
+            let c = &s.change;
+            stmt.execute(params![
+                u,
+                s.seq as i64,
+                c.change_id.as_str(),
+                s.device_id.as_str(),
+                c.collection.as_str(),
+                c.entity_id.as_str(),
+                c.op.as_str(),
+                c.data_jcs(),
+                c.hlc.as_str(),
+                c.base_version.map(|v| v as i64),
+                s.server_time as i64,
+                &entry.state_hash.0[..],
+                &entry.state_digest.0[..],
+            ])
+            .map_err(map_err)?;
+        }
+    }
+    {
+        let mut stmt = conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO entities (user_id, collection, entity_id, data, version, deleted, meta, entity_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(map_err)?;
+        for e in &plan.entities {
+            let mut data = Vec::with_capacity(64);
+            json::write_object(&mut data, &e.data);
+            let meta = serde_json::to_string(&e.meta).map_err(|e| StoreError::Internal(e.to_string()))?;
+            stmt.execute(params![
+                u,
+                e.collection.as_str(),
+                e.entity_id.as_str(),
+                String::from_utf8(data).expect("UTF-8"),
+                e.version as i64,
+                e.deleted,
+                meta,
+                e.entity_hash().map(|h| h.to_vec()),
+            ])
+            .map_err(map_err)?;
+        }
+    }
+    if !plan.conflicts.is_empty() {
+        let mut stmt = conn
+            .prepare_cached(
+                "INSERT INTO conflicts (user_id, id, change_id, device_id, collection, entity_id, op, data, hlc, seq, reason, fields, current, server_time)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )
+            .map_err(map_err)?;
+        for c in &plan.conflicts {
+            let ch = &c.change;
+            stmt.execute(params![
+                u,
+                c.id as i64,
+                ch.change_id.as_str(),
+                c.device_id.as_str(),
+                ch.collection.as_str(),
+                ch.entity_id.as_str(),
+                ch.op.as_str(),
+                ch.data_jcs(),
+                ch.hlc.as_str(),
+                c.seq.map(|s| s as i64),
+                c.conflict.reason.as_str(),
+                c.conflict.fields.as_ref().map(|f| serde_json::to_string(f).expect("strings serialise")),
+                c.conflict.current.as_ref().map(json::to_jcs),
+                c.server_time as i64,
+            ])
+            .map_err(map_err)?;
+        }
+    }
+    {
+        let mut stmt = conn
+            .prepare_cached("INSERT OR IGNORE INTO collections (user_id, collection, policy) VALUES (?1, ?2, ?3)")
+            .map_err(map_err)?;
+        for (collection, policy) in &plan.collections {
+            stmt.execute(params![u, collection, policy.as_str()]).map_err(map_err)?;
+        }
+    }
+    touch(conn, user, device, None, now)?;
+    let h = &plan.head;
+    conn.prepare_cached(
+        "INSERT INTO datasets (user_id, head, state_hash, state_digest, horizon, conflict_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (user_id) DO UPDATE SET head = excluded.head, state_hash = excluded.state_hash,
+             state_digest = excluded.state_digest, conflict_seq = excluded.conflict_seq",
+    )
+    .map_err(map_err)?
+    .execute(params![u, h.seq as i64, &h.state_hash.0[..], &h.state_digest.0[..], h.horizon as i64, h.conflict_seq as i64])
+    .map_err(map_err)?;
+    Ok(())
+}
+
+fn touch(conn: &Connection, user: &UserId, device: &DeviceId, cursor: Option<u64>, now: u64) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO devices (user_id, device_id, cursor, last_seen) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (user_id, device_id) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen),
+             cursor = MAX(cursor, excluded.cursor)",
+    )
+    .map_err(map_err)?
+    .execute(params![user.as_str(), device.as_str(), cursor.unwrap_or(0) as i64, now as i64])
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// The chain head and digest at `seq` (which must be within `horizon..=head`).
+fn hashes_at(
+    conn: &Connection,
+    user: &UserId,
+    seq: u64,
+    head: &DatasetHead,
+) -> Result<(StateHash, StateDigest), StoreError> {
+    if seq == head.seq {
+        return Ok((head.state_hash, head.state_digest));
+    }
+    if seq == 0 {
+        return Ok((StateHash::ZERO, StateDigest::ZERO));
+    }
+    let (hash, digest) = conn
+        .prepare_cached("SELECT state_hash, state_digest FROM changes WHERE user_id = ?1 AND seq = ?2")
+        .map_err(map_err)?
+        .query_row(params![user.as_str(), seq as i64], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)))
+        .map_err(map_err)?;
+    Ok((
+        StateHash::from_slice(&hash).ok_or_else(|| corrupt("changes.state_hash is not 32 bytes"))?,
+        StateDigest::from_slice(&digest).ok_or_else(|| corrupt("changes.state_digest is not 32 bytes"))?,
+    ))
+}
+
+fn read_page(conn: &mut Connection, user: &UserId, cursor: u64, limit: u64) -> Result<PageOutcome, StoreError> {
+    let tx = conn.transaction().map_err(map_err)?;
+    let head = read_head(&tx, user)?;
+    if cursor < head.horizon || cursor > head.seq {
+        return Ok(PageOutcome::ResetRequired { head });
+    }
+    let end = cursor.saturating_add(limit).min(head.seq);
+    let mut changes = Vec::with_capacity((end - cursor) as usize);
+    let mut last_hashes = None;
+    {
+        let mut stmt = tx
+            .prepare_cached(
+                "SELECT seq, change_id, device_id, collection, entity_id, op, data, hlc, base_version, server_time, state_hash, state_digest
+                 FROM changes WHERE user_id = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq",
+            )
+            .map_err(map_err)?;
+        let mut rows = stmt.query(params![user.as_str(), cursor as i64, end as i64]).map_err(map_err)?;
+        let mut buf = Vec::with_capacity(256);
+        while let Some(r) = rows.next().map_err(map_err)? {
+            buf.clear();
+            let parts = wire_parts(r)?;
+            let seq = parts.seq;
+            write_wire_json(&mut buf, &parts);
+            changes.push((seq, String::from_utf8(buf.clone()).expect("UTF-8")));
+            if seq == end {
+                let hash: Vec<u8> = r.get(10).map_err(map_err)?;
+                let digest: Vec<u8> = r.get(11).map_err(map_err)?;
+                last_hashes = Some((
+                    StateHash::from_slice(&hash).ok_or_else(|| corrupt("changes.state_hash is not 32 bytes"))?,
+                    StateDigest::from_slice(&digest).ok_or_else(|| corrupt("changes.state_digest is not 32 bytes"))?,
+                ));
+            }
+        }
+    }
+    if changes.len() as u64 != end - cursor {
+        return Err(corrupt(format!(
+            "the log of {user} has gaps between seq {} and {end}: found {} changes",
+            cursor + 1,
+            changes.len()
+        )));
+    }
+    let (state_hash, state_digest) = match last_hashes {
+        Some(h) => h,
+        None => hashes_at(&tx, user, end, &head)?,
+    };
+    Ok(PageOutcome::Page(ChangePage { changes, cursor: end, has_more: end < head.seq, state_hash, state_digest }))
+}
+
+fn read_status(conn: &mut Connection, user: &UserId) -> Result<DatasetStatus, StoreError> {
+    let tx = conn.transaction().map_err(map_err)?;
+    let head = read_head(&tx, user)?;
+    let mut stmt = tx
+        .prepare_cached("SELECT device_id, cursor, last_seen FROM devices WHERE user_id = ?1 ORDER BY device_id")
+        .map_err(map_err)?;
+    let devices = stmt
+        .query_map([user.as_str()], |r| {
+            Ok(DeviceStatus {
+                device_id: r.get(0)?,
+                cursor: r.get::<_, i64>(1)? as u64,
+                last_seen: r.get::<_, i64>(2)? as u64,
+            })
+        })
+        .map_err(map_err)?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(map_err)?;
+    Ok(DatasetStatus { head, devices })
+}
+
+fn read_conflicts(conn: &mut Connection, user: &UserId, since: u64, limit: u64) -> Result<ConflictPage, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT id, change_id, device_id, collection, entity_id, op, data, hlc, seq, reason, fields, current, server_time
+             FROM conflicts WHERE user_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+        )
+        .map_err(map_err)?;
+    let rows = stmt
+        .query_map(params![user.as_str(), since as i64, (limit + 1) as i64], |r| {
+            Ok((
+                r.get::<_, i64>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, String>(5)?,
+                r.get::<_, Option<String>>(6)?,
+                r.get::<_, String>(7)?,
+                r.get::<_, Option<i64>>(8)?,
+                r.get::<_, String>(9)?,
+                r.get::<_, Option<String>>(10)?,
+                r.get::<_, Option<String>>(11)?,
+                r.get::<_, i64>(12)?,
+            ))
+        })
+        .map_err(map_err)?;
+    let mut records = Vec::new();
+    for row in rows {
+        let (id, change_id, device_id, collection, entity_id, op, data, hlc, seq, reason, fields, current, server_time) =
+            row.map_err(map_err)?;
+        let parse = |s: Option<String>| -> Result<Option<serde_json::Value>, StoreError> {
+            s.map(|s| serde_json::from_str(&s)).transpose().map_err(|e| corrupt(format!("conflict record: {e}")))
+        };
+        records.push(ConflictRecord {
+            id: id as u64,
+            change_id,
+            device_id,
+            collection,
+            entity_id,
+            op: Op::parse(&op).ok_or_else(|| corrupt(format!("conflict record op {op:?}")))?,
+            data: parse(data)?,
+            hlc,
+            seq: seq.map(|s| s as u64),
+            reason: parse_reason(&reason)?,
+            fields: fields
+                .map(|f| serde_json::from_str(&f))
+                .transpose()
+                .map_err(|e| corrupt(format!("conflict fields: {e}")))?,
+            current: parse(current)?,
+            server_time: server_time as u64,
+        });
+    }
+    let has_more = records.len() as u64 > limit;
+    records.truncate(limit as usize);
+    Ok(ConflictPage { records, has_more })
+}
+
+fn parse_reason(s: &str) -> Result<ConflictReason, StoreError> {
+    serde_json::from_value(serde_json::Value::String(s.to_owned()))
+        .map_err(|_| corrupt(format!("conflict reason {s:?}")))
+}
+
+/// Streams one consistent snapshot: entities, then appends, as NDJSON lines.
+fn stream_snapshot(
+    conn: &mut Connection,
+    user: &UserId,
+    head_tx: oneshot::Sender<Result<DatasetHead, StoreError>>,
+    lines: &mpsc::Sender<Result<Bytes, StoreError>>,
+) -> Result<(), StoreError> {
+    let tx = conn.transaction().map_err(map_err)?;
+    let head = read_head(&tx, user)?;
+    if head_tx.send(Ok(head)).is_err() {
+        return Ok(());
+    }
+    let mut chunk: Vec<u8> = Vec::with_capacity(BOOTSTRAP_CHUNK_BYTES + 1024);
+    let flush = |chunk: &mut Vec<u8>| -> bool {
+        let bytes = Bytes::from(std::mem::replace(chunk, Vec::with_capacity(BOOTSTRAP_CHUNK_BYTES + 1024)));
+        lines.blocking_send(Ok(bytes)).is_ok()
+    };
+    {
+        let mut stmt = tx
+            .prepare(
+                "SELECT collection, entity_id, data, version, deleted, meta FROM entities WHERE user_id = ?1
+                 ORDER BY collection, entity_id",
+            )
+            .map_err(map_err)?;
+        let mut rows = stmt.query([user.as_str()]).map_err(map_err)?;
+        while let Some(r) = rows.next().map_err(map_err)? {
+            chunk.extend_from_slice(b"{\"entity\":{\"collection\":");
+            json::write_str(&mut chunk, text(r, 0)?);
+            chunk.extend_from_slice(b",\"entity_id\":");
+            json::write_str(&mut chunk, text(r, 1)?);
+            chunk.extend_from_slice(b",\"data\":");
+            chunk.extend_from_slice(r.get_ref(2).map_err(map_err)?.as_bytes().map_err(corrupt)?);
+            chunk.extend_from_slice(b",\"version\":");
+            chunk.extend_from_slice(r.get::<_, i64>(3).map_err(map_err)?.to_string().as_bytes());
+            chunk.extend_from_slice(if r.get::<_, bool>(4).map_err(map_err)? {
+                b",\"deleted\":true,\"meta\":"
+            } else {
+                b",\"deleted\":false,\"meta\":"
+            });
+            chunk.extend_from_slice(r.get_ref(5).map_err(map_err)?.as_bytes().map_err(corrupt)?);
+            chunk.extend_from_slice(b"}}\n");
+            if chunk.len() >= BOOTSTRAP_CHUNK_BYTES && !flush(&mut chunk) {
+                return Ok(());
+            }
+        }
+    }
+    {
+        let mut stmt = tx
+            .prepare(
+                "SELECT seq, change_id, device_id, collection, entity_id, op, data, hlc, base_version, server_time
+                 FROM changes WHERE user_id = ?1 AND op = 'append' ORDER BY seq",
+            )
+            .map_err(map_err)?;
+        let mut rows = stmt.query([user.as_str()]).map_err(map_err)?;
+        while let Some(r) = rows.next().map_err(map_err)? {
+            chunk.extend_from_slice(b"{\"change\":");
+            write_wire_json(&mut chunk, &wire_parts(r)?);
+            chunk.extend_from_slice(b"}\n");
+            if chunk.len() >= BOOTSTRAP_CHUNK_BYTES && !flush(&mut chunk) {
+                return Ok(());
+            }
+        }
+    }
+    if !chunk.is_empty() {
+        flush(&mut chunk);
+    }
+    Ok(())
+}
+
+fn read_collection_policies(conn: &mut Connection) -> Result<Vec<(String, String)>, StoreError> {
+    let mut stmt = conn.prepare("SELECT DISTINCT collection, policy FROM collections").map_err(map_err)?;
+    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(map_err)?.collect::<Result<Vec<_>, _>>().map_err(map_err)
+}
+
+impl Store for SqliteStore {
+    fn check_policies<'a>(&'a self, policies: &'a Policies) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let stored = self.read(read_collection_policies).await?;
+            for (collection, policy) in stored {
+                let configured = policies.of(&collection);
+                if configured.as_str() != policy {
+                    return Err(StoreError::PolicyChanged {
+                        collection,
+                        stored: policy,
+                        configured: configured.to_string(),
+                    });
+                }
+            }
+            Ok(())
+        })
+    }
+
+    fn push(&self, batch: PushBatch, policies: Policies) -> BoxFuture<'_, Result<PushOutcome, StoreError>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            self.sender()?.send(Job::Push { batch, policies, reply }).await.map_err(|_| StoreError::ShuttingDown)?;
+            rx.await.map_err(|_| StoreError::Internal("the writer stopped before answering".into()))?
+        })
+    }
+
+    fn changes_since<'a>(
+        &'a self,
+        user: &'a UserId,
+        cursor: u64,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<PageOutcome, StoreError>> {
+        let user = user.clone();
+        Box::pin(self.read(move |conn| read_page(conn, &user, cursor, limit)))
+    }
+
+    fn touch_device<'a>(
+        &'a self,
+        user: &'a UserId,
+        device: &'a DeviceId,
+        cursor: Option<u64>,
+        now: u64,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            let job = Job::Touch { user: user.clone(), device: device.clone(), cursor, now, reply };
+            self.sender()?.send(job).await.map_err(|_| StoreError::ShuttingDown)?;
+            rx.await.map_err(|_| StoreError::Internal("the writer stopped before answering".into()))?
+        })
+    }
+
+    fn status<'a>(&'a self, user: &'a UserId) -> BoxFuture<'a, Result<DatasetStatus, StoreError>> {
+        let user = user.clone();
+        Box::pin(self.read(move |conn| read_status(conn, &user)))
+    }
+
+    fn conflicts<'a>(
+        &'a self,
+        user: &'a UserId,
+        since: u64,
+        limit: u64,
+    ) -> BoxFuture<'a, Result<ConflictPage, StoreError>> {
+        let user = user.clone();
+        Box::pin(self.read(move |conn| read_conflicts(conn, &user, since, limit)))
+    }
+
+    fn bootstrap<'a>(&'a self, user: &'a UserId) -> BoxFuture<'a, Result<BootstrapStream, StoreError>> {
+        let user = user.clone();
+        let pool = self.readers.clone();
+        Box::pin(async move {
+            let (head_tx, head_rx) = oneshot::channel();
+            let (line_tx, line_rx) = mpsc::channel(8);
+            tokio::task::spawn_blocking(move || {
+                let mut conn = match pool.get() {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = head_tx.send(Err(e));
+                        return;
+                    }
+                };
+                if let Err(e) = stream_snapshot(&mut conn, &user, head_tx, &line_tx) {
+                    tracing::error!(error = %e, "bootstrap stream failed");
+                    let _ = line_tx.blocking_send(Err(e));
+                }
+                pool.put(conn);
+            });
+            let head = head_rx.await.map_err(|_| StoreError::Internal("bootstrap reader stopped".into()))??;
+            let lines = Box::pin(tokio_stream::wrappers::ReceiverStream::new(line_rx));
+            Ok(BootstrapStream { head, lines })
+        })
+    }
+
+    fn subscribe(&self, user: &UserId) -> watch::Receiver<u64> {
+        self.notifier.subscribe(user)
+    }
+
+    fn health(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(map_err)))
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            drop(self.jobs.lock().expect("jobs lock").take());
+            let writer = self.writer.lock().expect("writer lock").take();
+            if let Some(handle) = writer {
+                let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+            }
+        })
+    }
+}
