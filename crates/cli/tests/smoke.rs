@@ -1,0 +1,28 @@
+//! The server starts, answers health checks, and round-trips one change.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+#[tokio::test]
+async fn serves_push_and_pull_on_a_fresh_sqlite_file() {
+    let server = Server::start();
+    let c = client();
+    let r = c.get(format!("{}/healthz", server.url)).send().await.unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let answer = push(
+        &c,
+        &server.url,
+        "phone",
+        vec![upsert("c1", "tasks", "t1", json!({"title": "milk"}), &hlc(now_ms(), 0, "phone"))],
+    )
+    .await;
+    assert_eq!(answer["results"][0]["status"], "applied");
+    assert_eq!(answer["results"][0]["seq"], 1);
+    let (status, page) = get(&c, &server.url, "/v1/pull?device_id=laptop&cursor=0").await;
+    assert_eq!(status, 200);
+    assert_eq!(page["changes"][0]["data"], json!({"title": "milk"}));
+    assert_eq!(page["state_hash"], answer["state_hash"]);
+    assert!(server.db.exists());
+}
