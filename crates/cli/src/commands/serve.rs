@@ -75,6 +75,8 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path)?);
+        // Refuse a changed collection policy before announcing that we listen.
+        store.check_policies(&config.policies).await?;
         let listener = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;

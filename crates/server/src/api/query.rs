@@ -44,7 +44,8 @@ pub fn parse_u64(name: &str, v: &str) -> Result<u64, ApiError> {
     if v.is_empty() || !v.bytes().all(|b| b.is_ascii_digit()) {
         return Err(ApiError::invalid(format!("{name} must be a non-negative integer, got {v:?}")));
     }
-    v.parse().map_err(|_| ApiError::invalid(format!("{name} is too large: {v}")))
+    // All digits: a value past u64 is simply "above every maximum" (clamped, or past the head).
+    Ok(v.parse().unwrap_or(u64::MAX))
 }
 
 /// Refuses a zero limit and clamps a large one.

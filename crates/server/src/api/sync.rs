@@ -20,9 +20,12 @@ use crate::store::{PageOutcome, PushBatch, PushOutcome};
 fn body_u64(v: Option<&Value>, name: &str, default: u64) -> Result<u64, ApiError> {
     match v {
         None | Some(Value::Null) => Ok(default),
-        Some(Value::Number(n)) => {
-            n.as_u64().ok_or_else(|| ApiError::invalid(format!("member `{name}` must be a non-negative integer")))
-        }
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(v) => Ok(v),
+            // An integer literal past u64 is above every maximum: clamped like any large value.
+            None if n.as_str().bytes().all(|b| b.is_ascii_digit()) => Ok(u64::MAX),
+            None => Err(ApiError::invalid(format!("member `{name}` must be a non-negative integer"))),
+        },
         Some(_) => Err(ApiError::invalid(format!("member `{name}` must be a non-negative integer"))),
     }
 }
