@@ -18,6 +18,8 @@ enum Command {
     Serve(commands::serve::ServeArgs),
     /// Mint an HS256 token for a server running with `--auth jwt`.
     Token(commands::token::TokenArgs),
+    /// Measure push and pull throughput against a server it starts (or --url).
+    Bench(commands::bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -25,6 +27,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Serve(args) => commands::serve::run(args),
         Command::Token(args) => commands::token::run(args),
+        Command::Bench(args) => commands::bench::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
