@@ -78,8 +78,8 @@ pub struct PushPlan {
     pub results: Vec<PushResult>,
     /// New log entries, in seq order.
     pub log: Vec<LogEntry>,
-    /// Final state of every entity the batch changed.
-    pub entities: Vec<EntityState>,
+    /// Final state of every entity the batch changed, with its digest contribution (`None` when deleted).
+    pub entities: Vec<(EntityState, Option<[u8; 32]>)>,
     /// Conflict records to keep.
     pub conflicts: Vec<ConflictEntry>,
     /// The dataset head after the batch.
@@ -104,6 +104,8 @@ pub fn plan_push(mut snapshot: Snapshot, device: &DeviceId, changes: &[Change], 
     let mut plan = PushPlan { head: snapshot.head, ..PushPlan::default() };
     let mut touched: Vec<EntityKey> = Vec::new();
     let mut touched_set: HashSet<EntityKey> = HashSet::new();
+    // Entity hashes computed in this batch, so each state is hashed once.
+    let mut hashes: HashMap<EntityKey, Option<[u8; 32]>> = HashMap::new();
     for change in changes {
         let change_id = change.change_id.as_str().to_owned();
         if let Some(&seq) = snapshot.known.get(&change.change_id) {
@@ -149,8 +151,13 @@ pub fn plan_push(mut snapshot: Snapshot, device: &DeviceId, changes: &[Change], 
             }
             Merge::Logged => None,
             Merge::Applied { state, conflict } => {
-                let old = snapshot.entities.get(&key).and_then(EntityState::entity_hash);
-                plan.head.state_digest.replace(old.as_ref(), state.entity_hash().as_ref());
+                let old = match hashes.get(&key) {
+                    Some(h) => *h,
+                    None => snapshot.entities.get(&key).and_then(EntityState::entity_hash),
+                };
+                let new = state.entity_hash();
+                plan.head.state_digest.replace(old.as_ref(), new.as_ref());
+                hashes.insert(key.clone(), new);
                 if touched_set.insert(key.clone()) {
                     touched.push(key.clone());
                 }
@@ -181,7 +188,13 @@ pub fn plan_push(mut snapshot: Snapshot, device: &DeviceId, changes: &[Change], 
         });
         plan.results.push(PushResult { change_id, status: ResultStatus::Applied, seq: Some(seq), conflict });
     }
-    plan.entities = touched.into_iter().filter_map(|k| snapshot.entities.remove(&k)).collect();
+    plan.entities = touched
+        .into_iter()
+        .filter_map(|k| {
+            let hash = hashes.get(&k).copied().flatten();
+            snapshot.entities.remove(&k).map(|state| (state, hash))
+        })
+        .collect();
     plan
 }
 

@@ -413,7 +413,7 @@ fn write_plan(
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )
             .map_err(map_err)?;
-        for e in &plan.entities {
+        for (e, hash) in &plan.entities {
             let mut data = Vec::with_capacity(64);
             json::write_object(&mut data, &e.data);
             let meta = serde_json::to_string(&e.meta).map_err(|e| StoreError::Internal(e.to_string()))?;
@@ -425,7 +425,7 @@ fn write_plan(
                 e.version as i64,
                 e.deleted,
                 meta,
-                e.entity_hash().map(|h| h.to_vec()),
+                hash.map(|h| h.to_vec()),
             ])
             .map_err(map_err)?;
         }
