@@ -1,4 +1,4 @@
-//! `deltasync`: serve, mint dev tokens, and (later) act as a client.
+//! `deltasync`: serve, mint dev tokens, act as a client, and benchmark.
 
 mod commands;
 
@@ -18,6 +18,8 @@ enum Command {
     Serve(commands::serve::ServeArgs),
     /// Mint an HS256 token for a server running with `--auth jwt`.
     Token(commands::token::TokenArgs),
+    /// Act as a device: local writes and reads, sync, status (JSON on stdout).
+    Client(commands::client::ClientArgs),
     /// Measure push and pull throughput against a server it starts (or --url).
     Bench(commands::bench::BenchArgs),
 }
@@ -25,6 +27,7 @@ enum Command {
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Client(args) => return commands::client::run(args),
         Command::Serve(args) => commands::serve::run(args),
         Command::Token(args) => commands::token::run(args),
         Command::Bench(args) => commands::bench::run(args),

@@ -1,0 +1,65 @@
+//! The deltasync client SDK: a device's local replica of a user's dataset.
+//!
+//! An app opens a [`Client`] on a local SQLite file, reads and writes entities
+//! with no network at all, and calls [`Client::sync`] (or starts a
+//! [`SyncRunner`]) to exchange changes with a deltasync server. Every device
+//! that syncs the same dataset ends with the same state, and proves it: the
+//! client folds the server's SHA-256 hash chain and the state digest itself and
+//! checks both at every page, re-bootstrapping when they disagree.
+//!
+//! - Writes go to an **outbox** in the same transaction that makes them, so a
+//!   crash never loses or half-writes one.
+//! - Reads show the **confirmed** state (the log up to the cursor) with every
+//!   pending change merged on top by the same merge function as the server.
+//! - A change the server refuses for good (`version_mismatch`, or a refusal
+//!   that still stands after [`backoff::MAX_RETRIES`] tries) is kept as
+//!   **failed**, with its conflict, for the app to show; it never blocks the
+//!   changes behind it.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use deltasync_client::{Client, ClientOptions};
+//! use serde_json::json;
+//!
+//! # async fn example() -> Result<(), deltasync_client::ClientError> {
+//! let client = Client::open(
+//!     "phone.db",
+//!     ClientOptions { server: Some("http://127.0.0.1:8787".into()), ..Default::default() },
+//! )?;
+//! // Works offline: the change waits in the outbox and shows in reads at once.
+//! let fields = json!({"title": "Buy milk", "done": false});
+//! client.patch("tasks", "t1", fields.as_object().unwrap().clone())?;
+//! assert_eq!(client.get("tasks", "t1")?.unwrap().data["title"], "Buy milk");
+//!
+//! // Exchange changes with the server, verified against its hashes.
+//! let report = client.sync().await?;
+//! println!("pushed {}, pulled {}, verified {}", report.pushed, report.pulled, report.verified);
+//!
+//! // Or keep syncing in the background, and hear about every change.
+//! let mut events = client.subscribe();
+//! let runner = deltasync_client::SyncRunner::start(client.clone(), Default::default());
+//! while let Ok(event) = events.recv().await {
+//!     println!("{:?} changed {:?}", event.origin, event.entities);
+//! #   break;
+//! }
+//! runner.stop().await;
+//! # Ok(())
+//! # }
+//! ```
+
+pub mod backoff;
+mod client;
+pub mod error;
+pub mod http;
+pub mod local;
+pub mod runner;
+mod sync;
+pub mod view;
+
+pub use client::{ChangeEvent, Client, ClientOptions, MAX_DATA_BYTES, Origin, Stats};
+pub use error::{ClientError, Result};
+pub use local::{OutboxEntry, OutboxStatus};
+pub use runner::{RunnerOptions, SyncRunner};
+pub use sync::{LostChange, SyncReport};
+pub use view::Entity;

@@ -1,0 +1,143 @@
+//! Background sync: a task that syncs on start, at an interval, shortly after
+//! local writes (debounced), on demand, and, in live mode, as soon as another
+//! device's change reaches the server (a long-poll pull).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, sleep_until};
+
+use crate::client::Client;
+use crate::error::Result;
+use crate::sync::SyncReport;
+
+/// When the runner syncs.
+#[derive(Debug, Clone)]
+pub struct RunnerOptions {
+    /// Sync at least this often (default 30 s).
+    pub interval: Duration,
+    /// Syncs caused by local writes are at least this far apart (default 5 s).
+    pub debounce: Duration,
+    /// Hold a long-poll pull open between syncs, so other devices' changes
+    /// arrive within milliseconds (default off).
+    pub live: bool,
+    /// How long each long poll waits on the server (default 30 s, at most 60 s).
+    pub wait: Duration,
+}
+
+impl Default for RunnerOptions {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(30),
+            debounce: Duration::from_secs(5),
+            live: false,
+            wait: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The outcome of the runner's last sync.
+pub type LastSync = Option<Arc<Result<SyncReport>>>;
+
+/// A running background sync. Dropping it stops the task.
+pub struct SyncRunner {
+    manual: Arc<Notify>,
+    stop: watch::Sender<bool>,
+    last: watch::Receiver<LastSync>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl SyncRunner {
+    /// Starts syncing `client` in the background on the current tokio runtime.
+    pub fn start(client: Client, options: RunnerOptions) -> SyncRunner {
+        let manual = Arc::new(Notify::new());
+        let (stop, stop_rx) = watch::channel(false);
+        let (last_tx, last) = watch::channel(None);
+        let task = tokio::spawn(run(client, options, manual.clone(), stop_rx, last_tx));
+        SyncRunner { manual, stop, last, task: Some(task) }
+    }
+
+    /// Syncs now, bypassing the debounce and resetting every backoff.
+    pub fn sync_now(&self) {
+        self.manual.notify_one();
+    }
+
+    /// A receiver of each sync's outcome, as it finishes.
+    pub fn outcomes(&self) -> watch::Receiver<LastSync> {
+        self.last.clone()
+    }
+
+    /// Stops the runner and waits for its task to end (a sync in progress is cancelled
+    /// between requests; nothing local is lost).
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for SyncRunner {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+async fn run(
+    client: Client,
+    options: RunnerOptions,
+    manual: Arc<Notify>,
+    mut stop: watch::Receiver<bool>,
+    last: watch::Sender<LastSync>,
+) {
+    let mut failures = 0u32;
+    let mut manual_pending = false;
+    loop {
+        let outcome = tokio::select! {
+            r = client.sync_with(manual_pending) => r,
+            _ = stop.changed() => return,
+        };
+        manual_pending = false;
+        let synced_at = Instant::now();
+        let ok = outcome.is_ok();
+        if let Err(e) = &outcome {
+            tracing::warn!(device = %client.device_id(), "background sync failed: {e}");
+        }
+        let _ = last.send(Some(Arc::new(outcome)));
+        failures = if ok { 0 } else { failures + 1 };
+        let mut deadline =
+            synced_at + if ok { options.interval } else { Client::network_backoff(failures - 1, options.interval) };
+        loop {
+            let long_poll = async {
+                if options.live && failures == 0 {
+                    client.wait_for_changes(options.wait).await
+                } else {
+                    std::future::pending().await
+                }
+            };
+            tokio::select! {
+                _ = stop.changed() => return,
+                _ = manual.notified() => {
+                    manual_pending = true;
+                    failures = 0;
+                    break;
+                }
+                _ = sleep_until(deadline) => break,
+                _ = client.local_write() => {
+                    if failures == 0 {
+                        deadline = deadline.min((synced_at + options.debounce).max(Instant::now()));
+                    }
+                }
+                r = long_poll => {
+                    if let Err(e) = r {
+                        tracing::warn!(device = %client.device_id(), "long poll failed: {e}");
+                        failures += 1;
+                        deadline = Instant::now() + Client::network_backoff(failures - 1, options.interval);
+                    }
+                }
+            }
+        }
+    }
+}
