@@ -36,6 +36,28 @@ pub struct ClientOptions {
     pub page_limit: u64,
     /// The wall clock in ms since the epoch; replaceable for tests.
     pub wall_clock: Arc<dyn Fn() -> u64 + Send + Sync>,
+    /// Called as long work advances (each page of a sync, every 10,000
+    /// entities of a bootstrap), for a progress display.
+    pub progress: Option<Arc<dyn Fn(Progress) + Send + Sync>>,
+}
+
+/// How far a sync has got, reported to [`ClientOptions::progress`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Progress {
+    /// A page of a sync was applied.
+    Sync {
+        /// This device's changes accepted so far.
+        pushed: u64,
+        /// Changes received so far.
+        pulled: u64,
+        /// The cursor reached.
+        cursor: u64,
+    },
+    /// Entities loaded so far by a bootstrap.
+    Bootstrap {
+        /// Entities written to the local database.
+        entities: u64,
+    },
 }
 
 impl Default for ClientOptions {
@@ -46,6 +68,7 @@ impl Default for ClientOptions {
             batch_size: 500,
             page_limit: deltasync_protocol::wire::MAX_PULL_LIMIT,
             wall_clock: Arc::new(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)),
+            progress: None,
         }
     }
 }
@@ -188,10 +211,26 @@ impl Client {
         self.wall_ms().saturating_add_signed(clock.offset_ms)
     }
 
+    /// Takes in stamps received from the server, so later local stamps are
+    /// greater; returns the clock's position to persist.
+    pub(crate) fn observe_stamps<'a>(&self, stamps: impl IntoIterator<Item = &'a Hlc>) -> Hlc {
+        let mut c = lock(&self.inner.clock);
+        for stamp in stamps {
+            c.clock.observe_stamp(stamp);
+        }
+        c.clock.position()
+    }
+
     pub(crate) fn tick(&self) -> Hlc {
         let mut c = lock(&self.inner.clock);
         let now = self.corrected_now(&c);
         c.clock.tick(now)
+    }
+
+    pub(crate) fn progress(&self, p: Progress) {
+        if let Some(f) = &self.inner.options.progress {
+            f(p);
+        }
     }
 
     pub(crate) fn emit(&self, origin: Origin, entities: Vec<(Collection, EntityId)>) {
@@ -251,7 +290,10 @@ impl Client {
             base_version: Some(base_version),
         };
         // The server's own validation, so a bad value is refused now rather than at sync.
-        Change::from_json(&serde_json::to_value(&change).expect("change serialises"), MAX_DATA_BYTES)?;
+        let mut change = Change::from_json(&serde_json::to_value(&change).expect("change serialises"), MAX_DATA_BYTES)?;
+        // Keep data in canonical form, as the server serves it, so that the
+        // writing device reads the same text as every other device.
+        change.data = change.data.map(|d| serde_json::from_str(&json::to_jcs(&d)).expect("JCS text is JSON"));
         local::push_outbox(&tx, &change, self.wall_ms())?;
         local::set_meta(&tx, "clock", change.hlc.as_str())?;
         tx.commit()?;

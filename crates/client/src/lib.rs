@@ -57,7 +57,7 @@ pub mod runner;
 mod sync;
 pub mod view;
 
-pub use client::{ChangeEvent, Client, ClientOptions, MAX_DATA_BYTES, Origin, Stats};
+pub use client::{ChangeEvent, Client, ClientOptions, MAX_DATA_BYTES, Origin, Progress, Stats};
 pub use error::{ClientError, Result};
 pub use local::{OutboxEntry, OutboxStatus};
 pub use runner::{RunnerOptions, SyncRunner};

@@ -6,14 +6,15 @@ use std::time::Duration;
 
 use deltasync_protocol::wire::{BootstrapEnd, BootstrapHeader, BootstrapLine, Policies, PushResult, ResultStatus};
 use deltasync_protocol::{
-    Change, Collection, Conflict, ConflictReason, EntityId, Hlc, HlcClock, Merge, Op, StateDigest, StoredChange, merge,
+    Change, Collection, Conflict, ConflictReason, EntityId, Hlc, HlcClock, Merge, Meta, Op, StateDigest, StoredChange,
+    merge,
 };
 use futures_util::StreamExt;
 use rusqlite::{Connection, TransactionBehavior};
 use serde::Serialize;
 
 use crate::backoff::{self, MAX_RETRIES};
-use crate::client::{Client, Origin};
+use crate::client::{Client, Origin, Progress};
 use crate::error::{ClientError, Result};
 use crate::http::{ServerApi, SyncBody};
 use crate::local::{self, OutboxEntry};
@@ -35,8 +36,12 @@ pub struct LostChange {
     pub collection: Collection,
     /// Its entity.
     pub entity_id: EntityId,
-    /// Why it lost, with the fields and the entity's state.
-    pub conflict: Conflict,
+    /// Why it lost, with the fields and the entity's state (absent when the
+    /// server refused the change as invalid rather than losing a merge).
+    pub conflict: Option<Conflict>,
+    /// The server's last refusal message, for a change set aside after repeated refusals.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// What one sync did. The command line prints it as JSON.
@@ -189,6 +194,7 @@ impl Client {
                     continue;
                 }
             }
+            self.progress(Progress::Sync { pushed: report.pushed, pulled: report.pulled, cursor: page.to });
             if batch.is_empty() && !has_more {
                 break;
             }
@@ -251,9 +257,17 @@ impl Client {
         run.excluded.insert(entry.id);
         let retries = entry.retries + 1;
         if retries >= MAX_RETRIES {
-            local::mark_failed(db, entry.id, &format!("refused {retries} times; last: {message}"), None)?;
+            let message = format!("refused {retries} times; last: {message}");
+            local::mark_failed(db, entry.id, &message, None)?;
             report.failed += 1;
             report.conflicts += 1;
+            report.lost.push(LostChange {
+                change_id: entry.change.change_id.as_str().to_owned(),
+                collection: entry.change.collection.clone(),
+                entity_id: entry.change.entity_id.clone(),
+                conflict: None,
+                message: Some(message),
+            });
         } else {
             let wait = backoff::delay(retries, REFUSAL_BASE, REFUSAL_CAP);
             local::mark_retry(db, entry.id, retries, self.wall_ms() + wait.as_millis() as u64, message)?;
@@ -423,6 +437,8 @@ impl Client {
             ))));
         }
         local::set_position(&tx, page.to, &hash, &digest)?;
+        let clock = self.observe_stamps(log.iter().map(|c| &c.change.hlc));
+        local::set_meta(&tx, "clock", clock.as_str())?;
         tx.commit()?;
         drop(db);
         if !touched.is_empty() {
@@ -511,12 +527,20 @@ impl Client {
             lines += 1;
             match serde_json::from_slice::<BootstrapLine>(line).map_err(bad)? {
                 BootstrapLine::Entity(state) => {
+                    let newest = match &state.meta {
+                        Meta::Fields { t, u, .. } => t.as_ref().max(u.as_ref()),
+                        Meta::Last { hlc } => Some(hlc),
+                    };
+                    self.observe_stamps(newest);
                     let h = state.entity_hash();
                     if let Some(h) = &h {
                         digest.add(h);
                     }
                     local::put_confirmed(&tx, &state, h.as_ref())?;
                     entities += 1;
+                    if entities % 10_000 == 0 {
+                        self.progress(Progress::Bootstrap { entities });
+                    }
                 }
                 BootstrapLine::Change(c) => local::put_append(&tx, c.seq, &c.to_wire_json())?,
             }
@@ -547,6 +571,7 @@ impl Client {
             )));
         }
         local::set_position(&tx, header.cursor, &header.state_hash, &digest)?;
+        local::set_meta(&tx, "clock", self.observe_stamps(None).as_str())?;
         local::set_policies(&tx, &header.policies)?;
         local::confirm_up_to(&tx, header.cursor)?;
         tx.commit()?;
@@ -598,7 +623,8 @@ fn lost(change: &Change, conflict: Conflict) -> LostChange {
         change_id: change.change_id.as_str().to_owned(),
         collection: change.collection.clone(),
         entity_id: change.entity_id.clone(),
-        conflict,
+        conflict: Some(conflict),
+        message: None,
     }
 }
 

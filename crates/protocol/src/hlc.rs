@@ -140,6 +140,22 @@ impl HlcClock {
         }
     }
 
+    /// Takes in a stamp received from elsewhere (a pulled change): later
+    /// stamps of this clock are greater than it, so an edit made after reading
+    /// a value always wins over that value.
+    pub fn observe_stamp(&mut self, stamp: &Hlc) {
+        let theirs = (stamp.physical_ms(), stamp.counter());
+        if theirs > (self.physical_ms, self.counter) {
+            (self.physical_ms, self.counter) = theirs;
+        }
+    }
+
+    /// The clock's position as a stamp of this device (the last issued, or
+    /// newer if a later time or stamp was observed); resume from it after a restart.
+    pub fn position(&self) -> Hlc {
+        Hlc::new(self.physical_ms, self.counter, &self.device)
+    }
+
     /// The physical part of the last stamp issued or time observed.
     pub fn physical_ms(&self) -> u64 {
         self.physical_ms
@@ -195,6 +211,20 @@ mod tests {
         let d = clock.tick(1001);
         assert_eq!(d.physical_ms(), 5000);
         assert!(c < d);
+    }
+
+    #[test]
+    fn a_stamp_issued_after_observing_one_is_greater() {
+        let mut clock = HlcClock::new(DeviceId::parse("zz").unwrap());
+        clock.tick(1000);
+        let seen = Hlc::parse("0000000005000-00007-aa").unwrap();
+        clock.observe_stamp(&seen);
+        let next = clock.tick(1000);
+        assert!(next > seen, "{next} should be greater than {seen}");
+        assert_eq!(next.as_str(), "0000000005000-00008-zz");
+        let older = Hlc::parse("0000000004000-00009-aa").unwrap();
+        clock.observe_stamp(&older);
+        assert_eq!(clock.position().as_str(), "0000000005000-00008-zz");
     }
 
     #[test]

@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
-use deltasync_client::{Client, ClientError, ClientOptions};
+use std::sync::Arc;
+
+use deltasync_client::{Client, ClientError, ClientOptions, Progress};
+use indicatif::ProgressBar;
 use serde_json::{Map, Value, json};
 
 /// Flags of `deltasync client`.
@@ -108,7 +111,24 @@ pub fn run(args: ClientArgs) -> ExitCode {
 }
 
 fn execute(args: ClientArgs) -> Result<ExitCode, ClientError> {
-    let options = ClientOptions { server: args.server, token: args.token, ..Default::default() };
+    // A spinner on stderr for long syncs; indicatif draws nothing when stderr is not a terminal.
+    let bar = ProgressBar::new_spinner();
+    let shown = bar.clone();
+    let progress = move |p: Progress| {
+        shown.set_message(match p {
+            Progress::Sync { pushed, pulled, cursor } => {
+                format!("sync: pushed {pushed}, pulled {pulled}, at seq {cursor}")
+            }
+            Progress::Bootstrap { entities } => format!("bootstrap: {entities} entities loaded"),
+        });
+        shown.tick();
+    };
+    let options = ClientOptions {
+        server: args.server,
+        token: args.token,
+        progress: Some(Arc::new(progress)),
+        ..Default::default()
+    };
     let client = Client::open(&args.db, options)?;
     match args.command {
         ClientCommand::Put { collection, id, json } => print(&client.put(&collection, &id, object(&json)?)?),
@@ -128,7 +148,9 @@ fn execute(args: ClientArgs) -> Result<ExitCode, ClientError> {
                 .enable_all()
                 .build()
                 .map_err(|e| ClientError::Invalid(format!("cannot start the async runtime: {e}")))?;
-            let report = runtime.block_on(client.sync())?;
+            let report = runtime.block_on(client.sync());
+            bar.finish_and_clear();
+            let report = report?;
             if let Some(m) = &report.mismatch {
                 eprintln!("warning: local state did not match the server's ({m}); healed by re-bootstrapping");
             }

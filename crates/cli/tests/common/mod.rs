@@ -202,3 +202,4 @@ pub async fn bootstrap_lines(c: &reqwest::Client, url: &str, device: &str) -> Ve
 pub fn temp_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+pub mod devices;
