@@ -303,7 +303,8 @@ fn decode_entry(raw: RawEntry) -> Result<OutboxEntry> {
 }
 
 fn query_entries(conn: &Connection, where_clause: &str, args: impl rusqlite::Params) -> Result<Vec<OutboxEntry>> {
-    let sql = format!("SELECT {OUTBOX_COLUMNS} WHERE {where_clause} ORDER BY id");
+    let order = if where_clause.contains("ORDER BY") { "" } else { " ORDER BY id" };
+    let sql = format!("SELECT {OUTBOX_COLUMNS} WHERE {where_clause}{order}");
     let mut stmt = conn.prepare_cached(&sql)?;
     let raws = stmt.query_map(args, read_entry)?.collect::<rusqlite::Result<Vec<_>>>()?;
     raws.into_iter().map(decode_entry).collect()
@@ -344,9 +345,21 @@ pub fn all_entries(conn: &Connection) -> Result<Vec<OutboxEntry>> {
     query_entries(conn, "1", [])
 }
 
-/// The entries not yet acknowledged, in order.
-pub fn pending_entries(conn: &Connection) -> Result<Vec<OutboxEntry>> {
-    query_entries(conn, "status = 'pending'", [])
+/// Up to `limit` entries not yet acknowledged whose id is above `after`, in order.
+pub fn pending_entries_after(conn: &Connection, after: i64, limit: u32) -> Result<Vec<OutboxEntry>> {
+    query_entries(conn, "status = 'pending' AND id > ?1 ORDER BY id LIMIT ?2", params![after, limit])
+}
+
+/// Whether a change of the same entity made after `entry` is still unacknowledged.
+pub fn has_pending_after(conn: &Connection, entry: &OutboxEntry) -> Result<bool> {
+    Ok(conn
+        .prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM outbox WHERE collection = ?1 AND entity_id = ?2 AND id > ?3
+             AND status = 'pending')",
+        )?
+        .query_row(params![entry.change.collection.as_str(), entry.change.entity_id.as_str(), entry.id], |r| {
+            r.get(0)
+        })?)
 }
 
 /// Counts of pending (pending and sent) and failed entries.

@@ -23,7 +23,8 @@ pub struct RunnerOptions {
     /// Hold a long-poll pull open between syncs, so other devices' changes
     /// arrive within milliseconds (default off).
     pub live: bool,
-    /// How long each long poll waits on the server (default 30 s, at most 60 s).
+    /// How long each long poll waits on the server (default 30 s; the server
+    /// counts whole seconds, so it is taken as at least 1 s and at most 60 s).
     pub wait: Duration,
 }
 
@@ -112,7 +113,7 @@ async fn run(
         loop {
             let long_poll = async {
                 if options.live && failures == 0 {
-                    client.wait_for_changes(options.wait).await
+                    client.wait_for_changes(options.wait.max(Duration::from_secs(1))).await
                 } else {
                     std::future::pending().await
                 }

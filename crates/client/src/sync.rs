@@ -224,22 +224,31 @@ impl Client {
         let mut blocked: HashSet<(String, String)> = HashSet::new();
         let mut in_batch: HashSet<(String, String)> = HashSet::new();
         let mut batch = Vec::new();
-        for entry in local::pending_entries(&db)? {
-            if batch.len() >= max {
-                break;
+        let mut after = 0;
+        'scan: loop {
+            // Read the outbox a chunk at a time: a batch needs only its first
+            // few hundred eligible entries, however long the outbox is.
+            let chunk = local::pending_entries_after(&db, after, 1000)?;
+            let Some(last) = chunk.last() else { break };
+            after = last.id;
+            for entry in chunk {
+                if batch.len() >= max {
+                    break 'scan;
+                }
+                let key = (entry.change.collection.as_str().to_owned(), entry.change.entity_id.as_str().to_owned());
+                if blocked.contains(&key) {
+                    continue;
+                }
+                let waiting = !manual && entry.next_attempt_at > now;
+                let one_per_entity =
+                    policies.of(&key.0) == deltasync_protocol::Policy::Reject && in_batch.contains(&key);
+                if waiting || run.excluded.contains(&entry.id) || one_per_entity {
+                    blocked.insert(key);
+                    continue;
+                }
+                in_batch.insert(key);
+                batch.push(entry);
             }
-            let key = (entry.change.collection.as_str().to_owned(), entry.change.entity_id.as_str().to_owned());
-            if blocked.contains(&key) {
-                continue;
-            }
-            let waiting = !manual && entry.next_attempt_at > now;
-            let one_per_entity = policies.of(&key.0) == deltasync_protocol::Policy::Reject && in_batch.contains(&key);
-            if waiting || run.excluded.contains(&entry.id) || one_per_entity {
-                blocked.insert(key);
-                continue;
-            }
-            in_batch.insert(key);
-            batch.push(entry);
         }
         Ok((batch, state.cursor))
     }
@@ -258,6 +267,7 @@ impl Client {
         let retries = entry.retries + 1;
         if retries >= MAX_RETRIES {
             let message = format!("refused {retries} times; last: {message}");
+            local::mark_retry(db, entry.id, retries, 0, &message)?;
             local::mark_failed(db, entry.id, &message, None)?;
             report.failed += 1;
             report.conflicts += 1;
@@ -631,7 +641,7 @@ fn lost(change: &Change, conflict: Conflict) -> LostChange {
 /// Once `entry` has its seq, the pending changes of the same entity made on
 /// top of it (same `base_version`) are based on that seq.
 fn rebase_followers(conn: &Connection, entry: &OutboxEntry, seq: u64) -> Result<()> {
-    if entry.change.op == Op::Append {
+    if entry.change.op == Op::Append || !local::has_pending_after(conn, entry)? {
         return Ok(());
     }
     for mut follower in local::active_for_entity(conn, &entry.change.collection, &entry.change.entity_id)? {
