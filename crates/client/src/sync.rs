@@ -140,8 +140,14 @@ impl Client {
         let mut run = RunState::default();
         let mut batch_size = self.inner.options.batch_size.max(1);
         let mut heals = 0;
+        // Whether the server may hold changes this device has not pulled yet:
+        // true until an answer says otherwise, and again after every heal.
+        let mut more_to_pull = true;
         loop {
             let (batch, cursor) = self.next_batch(batch_size, manual, &run)?;
+            if batch.is_empty() && !more_to_pull {
+                break;
+            }
             let changes: Vec<&Change> = batch.iter().map(|e| &e.change).collect();
             let body = SyncBody {
                 device_id: self.device_id().as_str(),
@@ -153,6 +159,7 @@ impl Client {
                 Ok(resp) => resp,
                 Err(ClientError::Server { status: 410, message, .. }) => {
                     self.heal_or_give_up(&api, &mut report, &mut heals, None, &message).await?;
+                    more_to_pull = true;
                     continue;
                 }
                 Err(ClientError::Server { status: 400 | 413, message, details, .. }) if !batch.is_empty() => {
@@ -191,13 +198,12 @@ impl Client {
                 Ok(()) => {}
                 Err(Mismatch(reason)) => {
                     self.heal_or_give_up(&api, &mut report, &mut heals, Some(reason.clone()), &reason).await?;
+                    more_to_pull = true;
                     continue;
                 }
             }
             self.progress(Progress::Sync { pushed: report.pushed, pulled: report.pulled, cursor: page.to });
-            if batch.is_empty() && !has_more {
-                break;
-            }
+            more_to_pull = has_more;
         }
         let now = self.wall_ms();
         let db = self.db();
