@@ -2,26 +2,53 @@
 //!
 //! It starts `deltasync serve` itself (a child process on a fresh SQLite file
 //! in a temporary directory, so its memory can be read from /proc) unless
-//! `--url` names a running server, then runs each workload and prints a
-//! table; `--out FILE` also writes the figures as JSON.
+//! `--url` names a running server, runs each workload with a progress bar,
+//! then prints a table against the project's targets; `--out FILE` also
+//! writes the figures as JSON.
 
-use std::io::{BufRead, BufReader};
+mod server;
+mod wire;
+mod workloads;
+
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
-use clap::Args;
+use anyhow::Context;
+use clap::{Args, ValueEnum};
 use serde::Serialize;
-use serde_json::{Value, json};
+use serde_json::{Map, Value, json};
+
+use server::ChildServer;
+
+/// A workload of the benchmark.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Workload {
+    /// Bytes on the wire of a one-field edit synced through POST /v1/sync by the client SDK.
+    Wire,
+    /// New entities pushed in batches from 1 device, then from --devices devices at once.
+    Push,
+    /// One-field patches to existing entities.
+    Update,
+    /// A fresh device pulls the whole log, 10,000 changes per page.
+    Pull,
+    /// Device A pushes one change while device B waits in a long poll.
+    Propagation,
+    /// A fresh device streams a snapshot of --bootstrap-entities entities.
+    Bootstrap,
+}
 
 /// Flags of `deltasync bench`.
 #[derive(Args, Debug)]
+#[command(after_help = "Every push is acknowledged only after it is durable (the server's group commit with \
+synchronous=FULL).\nThe bench client runs on the same machine as the server and shares its cores.\n\
+Example: deltasync bench --out bench.json    (all workloads, about two minutes in a release build)")]
 pub struct BenchArgs {
     /// Benchmark a running server instead of starting one (its memory is then not measured).
     #[arg(long, value_name = "URL")]
     url: Option<String>,
-    /// How many entities the push workloads create.
+    /// Which workloads to run (comma-separated); all by default.
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Workload::Wire, Workload::Push, Workload::Update, Workload::Pull, Workload::Propagation, Workload::Bootstrap])]
+    workloads: Vec<Workload>,
+    /// How many entities each push workload creates.
     #[arg(long, default_value_t = 100_000)]
     entities: usize,
     /// Changes per push request.
@@ -30,99 +57,81 @@ pub struct BenchArgs {
     /// Concurrent devices of the multi-device push.
     #[arg(long, default_value_t = 8)]
     devices: usize,
+    /// One-field patches of the update workload.
+    #[arg(long, default_value_t = 20_000)]
+    updates: usize,
+    /// Entities in the dataset the bootstrap workload streams (the dataset is filled up to it first).
+    #[arg(long, default_value_t = 1_000_000)]
+    bootstrap_entities: usize,
+    /// Trials of the propagation workload.
+    #[arg(long, default_value_t = 500)]
+    trials: usize,
     /// Write the figures as JSON to this file.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
 }
 
-/// One measured workload.
-#[derive(Debug, Serialize)]
-struct Figure {
-    workload: String,
-    changes: usize,
-    seconds: f64,
-    changes_per_sec: f64,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    mb_per_sec: Option<f64>,
+/// What a figure should reach.
+#[derive(Debug, Clone, Copy, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Target {
+    /// At least this much.
+    AtLeast(f64),
+    /// At most this much.
+    AtMost(f64),
 }
 
-struct ChildServer {
-    child: Child,
-    url: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn start_server() -> anyhow::Result<ChildServer> {
-    let dir = tempfile::tempdir()?;
-    let db = dir.path().join("bench.db");
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["serve", "--listen", "127.0.0.1:0", "--database"])
-        .arg(format!("sqlite://{}", db.display()))
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("cannot start deltasync serve")?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
-    let url = line.trim().strip_prefix("deltasync listening on ").context("unexpected serve output")?.to_owned();
-    Ok(ChildServer { child, url, _dir: dir })
-}
-
-fn entity_data(i: usize) -> Value {
-    json!({"title": format!("Task number {i} with a reasonably long title"), "done": i % 3 == 0,
-           "priority": i % 5, "tags": ["work", "home", format!("t{}", i % 17)], "estimate": (i % 100) as f64 / 4.0})
-}
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-async fn push_all(
-    c: &reqwest::Client,
-    url: &str,
-    device: &str,
-    prefix: &str,
-    count: usize,
-    batch: usize,
-) -> anyhow::Result<()> {
-    let mut counter = 0u32;
-    let mut ms = now_ms();
-    for start in (0..count).step_by(batch) {
-        let changes: Vec<Value> = (start..(start + batch).min(count))
-            .map(|i| {
-                counter += 1;
-                if counter > 99_999 {
-                    counter = 0;
-                    ms += 1;
-                }
-                json!({"change_id": format!("{prefix}-{i}"), "collection": "tasks", "entity_id": format!("{prefix}-{i}"),
-                       "op": "upsert", "data": entity_data(i), "hlc": format!("{ms:013}-{counter:05}-{device}")})
-            })
-            .collect();
-        let r = c.post(format!("{url}/v1/push")).json(&json!({"device_id": device, "changes": changes})).send().await?;
-        if !r.status().is_success() {
-            bail!("push answered {}: {}", r.status(), r.text().await?);
+impl Target {
+    fn met(self, value: f64) -> bool {
+        match self {
+            Target::AtLeast(t) => value >= t,
+            Target::AtMost(t) => value <= t,
         }
-        r.bytes().await?;
     }
-    Ok(())
+
+    fn show(self, unit: &str) -> String {
+        match self {
+            Target::AtLeast(t) => format!("≥ {} {unit}", human(t)),
+            Target::AtMost(t) => format!("≤ {} {unit}", human(t)),
+        }
+    }
 }
 
-fn figure(workload: &str, changes: usize, elapsed: Duration, bytes: Option<usize>) -> Figure {
-    let seconds = elapsed.as_secs_f64();
-    Figure {
-        workload: workload.to_owned(),
-        changes,
-        seconds,
-        changes_per_sec: changes as f64 / seconds,
-        mb_per_sec: bytes.map(|b| b as f64 / 1e6 / seconds),
+fn human(v: f64) -> String {
+    if v >= 100.0 { format!("{v:.0}") } else { format!("{v:.2}") }
+}
+
+/// One measured figure.
+#[derive(Debug, Serialize)]
+pub struct Figure {
+    /// What was measured.
+    pub workload: String,
+    /// The headline number.
+    pub value: f64,
+    /// Its unit.
+    pub unit: &'static str,
+    /// The project's target for it, if any.
+    pub target: Option<Target>,
+    /// Whether the target is met.
+    pub met: Option<bool>,
+    /// Every other number measured with it.
+    pub details: Map<String, Value>,
+}
+
+impl Figure {
+    /// A figure with its target.
+    pub fn new(
+        workload: impl Into<String>,
+        value: f64,
+        unit: &'static str,
+        target: Option<Target>,
+        details: Value,
+    ) -> Self {
+        let details = match details {
+            Value::Object(m) => m,
+            _ => Map::new(),
+        };
+        Figure { workload: workload.into(), value, unit, target, met: target.map(|t| t.met(value)), details }
     }
 }
 
@@ -130,65 +139,56 @@ fn figure(workload: &str, changes: usize, elapsed: Duration, bytes: Option<usize
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let server = if args.url.is_none() { Some(start_server()?) } else { None };
+        let server = if args.url.is_none() { Some(ChildServer::start()?) } else { None };
         let url = args.url.clone().or_else(|| server.as_ref().map(|s| s.url.clone())).expect("a url");
-        let url = url.trim_end_matches('/').to_owned();
-        let c = reqwest::Client::new();
-        let run_id = now_ms();
-        let mut figures = Vec::new();
-
-        eprintln!("push: {} entities from 1 device, batches of {}", args.entities, args.batch);
-        let t = Instant::now();
-        push_all(&c, &url, "bench-1", &format!("a{run_id}"), args.entities, args.batch).await?;
-        figures.push(figure("push, 1 device", args.entities, t.elapsed(), None));
-
-        eprintln!("push: {} entities from {} devices at once", args.entities, args.devices);
-        let per_device = args.entities / args.devices.max(1);
-        let t = Instant::now();
-        let tasks: Vec<_> = (0..args.devices)
-            .map(|d| {
-                let c = c.clone();
-                let url = url.clone();
-                let batch = args.batch;
-                tokio::spawn(async move {
-                    push_all(&c, &url, &format!("bench-d{d}"), &format!("b{run_id}-{d}"), per_device, batch).await
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await??;
+        let mut bench = workloads::Bench::new(url.trim_end_matches('/'), server.as_ref().map(ChildServer::pid));
+        let has = |w| args.workloads.contains(&w);
+        if has(Workload::Wire) {
+            bench.wire().await?;
         }
-        figures.push(figure(&format!("push, {} devices", args.devices), per_device * args.devices, t.elapsed(), None));
-
-        eprintln!("pull: the whole log, pages of 10000");
-        let t = Instant::now();
-        let (mut cursor, mut pulled, mut bytes) = (0u64, 0usize, 0usize);
-        loop {
-            let r = c.get(format!("{url}/v1/pull?device_id=bench-reader&cursor={cursor}&limit=10000")).send().await?;
-            if !r.status().is_success() {
-                bail!("pull answered {}", r.status());
-            }
-            let body = r.bytes().await?;
-            bytes += body.len();
-            let page: Value = serde_json::from_slice(&body)?;
-            pulled += page["changes"].as_array().map_or(0, Vec::len);
-            cursor = page["cursor"].as_u64().context("no cursor")?;
-            if !page["has_more"].as_bool().unwrap_or(false) {
-                break;
-            }
+        if has(Workload::Push) {
+            bench.push(args.entities, args.batch, args.devices).await?;
         }
-        figures.push(figure("pull, 10000 per page", pulled, t.elapsed(), Some(bytes)));
-
-        println!("{:<24} {:>10} {:>10} {:>14} {:>8}", "workload", "changes", "seconds", "changes/s", "MB/s");
-        for f in &figures {
-            let mb = f.mb_per_sec.map_or(String::from("-"), |m| format!("{m:.1}"));
-            println!("{:<24} {:>10} {:>10.2} {:>14.0} {:>8}", f.workload, f.changes, f.seconds, f.changes_per_sec, mb);
+        if has(Workload::Update) {
+            bench.update(args.updates, args.batch).await?;
         }
+        if has(Workload::Pull) {
+            bench.pull().await?;
+        }
+        if has(Workload::Propagation) {
+            bench.propagation(args.trials).await?;
+        }
+        if has(Workload::Bootstrap) {
+            bench.bootstrap(args.bootstrap_entities, args.batch, args.devices).await?;
+        }
+        bench.memory();
+        print_table(&bench.figures);
         if let Some(path) = &args.out {
-            std::fs::write(path, serde_json::to_vec_pretty(&json!({"figures": figures}))?)
+            let machine = json!({
+                "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+                "os": std::env::consts::OS,
+                "arch": std::env::consts::ARCH,
+            });
+            let report = json!({"machine": machine, "figures": bench.figures});
+            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
                 .with_context(|| format!("cannot write {}", path.display()))?;
+            eprintln!("figures written to {}", path.display());
         }
         drop(server);
         Ok(())
     })
+}
+
+fn print_table(figures: &[Figure]) {
+    println!("{:<34} {:>16} {:>18}  met", "workload", "measured", "target");
+    for f in figures {
+        let measured = format!("{} {}", human(f.value), f.unit);
+        let target = f.target.map_or(String::from("-"), |t| t.show(f.unit));
+        let met = match f.met {
+            Some(true) => "yes",
+            Some(false) => "NO",
+            None => "-",
+        };
+        println!("{:<34} {:>16} {:>18}  {met}", f.workload, measured, target);
+    }
 }

@@ -1,0 +1,407 @@
+//! The workloads. Each records one or more [`Figure`]s.
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use deltasync_client::{Client, ClientOptions};
+use futures_util::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{Value, json};
+
+use super::server::{RssSampler, proc_status_kib};
+use super::{Figure, Target};
+
+/// Issues increasing HLC stamps for one simulated device.
+struct Stamps {
+    device: String,
+    ms: u64,
+    counter: u32,
+}
+
+impl Stamps {
+    fn new(device: &str) -> Self {
+        Stamps { device: device.to_owned(), ms: 0, counter: 0 }
+    }
+
+    fn next(&mut self) -> String {
+        let now = now_ms();
+        if now > self.ms {
+            self.ms = now;
+            self.counter = 0;
+        } else if self.counter >= 99_999 {
+            self.ms += 1;
+            self.counter = 0;
+        } else {
+            self.counter += 1;
+        }
+        format!("{:013}-{:05}-{}", self.ms, self.counter, self.device)
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// About 150 bytes of JSON: a title, a flag, a number, a small array of tags.
+fn entity_data(i: usize) -> String {
+    format!(
+        r#"{{"title":"Task number {i} with a reasonably long title","done":{},"priority":{},"tags":["work","home","t{}"],"estimate":{}}}"#,
+        i % 3 == 0,
+        i % 5,
+        i % 17,
+        (i % 100) as f64 / 4.0
+    )
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let bar = ProgressBar::new(len);
+    bar.set_style(
+        ProgressStyle::with_template("{msg:<28} [{bar:30}] {human_pos}/{human_len} ({per_sec}, {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_message(what.to_owned());
+    bar
+}
+
+/// The benchmark's state: the server, an HTTP client, and the figures so far.
+pub struct Bench {
+    http: reqwest::Client,
+    url: String,
+    server_pid: Option<u32>,
+    run_id: u64,
+    /// Entities created so far by this run.
+    entities: usize,
+    /// The figures measured.
+    pub figures: Vec<Figure>,
+}
+
+impl Bench {
+    /// A bench against `url`; `server_pid` when the server is our child.
+    pub fn new(url: &str, server_pid: Option<u32>) -> Bench {
+        let http = reqwest::Client::builder().tcp_nodelay(true).build().expect("HTTP client");
+        Bench { http, url: url.to_owned(), server_pid, run_id: now_ms(), entities: 0, figures: Vec::new() }
+    }
+
+    /// Pushes `count` changes made by `change(i)` (entity id, data JSON) in batches; returns the head after.
+    async fn push_changes(
+        &self,
+        device: &str,
+        count: usize,
+        batch: usize,
+        progress: &ProgressBar,
+        change: impl Fn(usize) -> (String, String),
+    ) -> anyhow::Result<u64> {
+        let mut stamps = Stamps::new(device);
+        let mut head = 0;
+        for start in (0..count).step_by(batch.max(1)) {
+            let end = (start + batch).min(count);
+            let mut body = String::with_capacity((end - start) * 300 + 64);
+            write!(body, r#"{{"device_id":"{device}","changes":["#)?;
+            for i in start..end {
+                let (entity, data) = change(i);
+                if i > start {
+                    body.push(',');
+                }
+                write!(
+                    body,
+                    r#"{{"change_id":"{device}-{}-{i}","collection":"tasks","entity_id":"{entity}","op":"upsert","data":{data},"hlc":"{}"}}"#,
+                    self.run_id,
+                    stamps.next()
+                )?;
+            }
+            body.push_str("]}");
+            let r = self
+                .http
+                .post(format!("{}/v1/push", self.url))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                bail!("push answered {}: {}", r.status(), r.text().await?);
+            }
+            let answer: Value = serde_json::from_slice(&r.bytes().await?)?;
+            head = answer["cursor"].as_u64().context("push answer without cursor")?;
+            progress.inc((end - start) as u64);
+        }
+        Ok(head)
+    }
+
+    /// Pushes `count` new entities from `devices` devices at once; returns the seconds taken.
+    async fn push_new(&mut self, label: &str, count: usize, batch: usize, devices: usize) -> anyhow::Result<f64> {
+        let progress = bar(count as u64, label);
+        let per_device = count / devices.max(1);
+        let first = self.entities;
+        let t = Instant::now();
+        let mut tasks = Vec::new();
+        for d in 0..devices.max(1) {
+            let this = Bench {
+                http: self.http.clone(),
+                url: self.url.clone(),
+                server_pid: None,
+                run_id: self.run_id,
+                entities: 0,
+                figures: Vec::new(),
+            };
+            let progress = progress.clone();
+            let base = first + d * per_device;
+            let n = if d + 1 == devices.max(1) { count - d * per_device } else { per_device };
+            tasks.push(tokio::spawn(async move {
+                let device = format!("bench-{}", base);
+                this.push_changes(&device, n, batch, &progress, |i| (format!("e{}", base + i), entity_data(base + i)))
+                    .await
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        let seconds = t.elapsed().as_secs_f64();
+        progress.finish_and_clear();
+        self.entities += count;
+        Ok(seconds)
+    }
+
+    /// push: new entities from 1 device, then from `devices` devices at once.
+    pub async fn push(&mut self, entities: usize, batch: usize, devices: usize) -> anyhow::Result<()> {
+        let s = self.push_new("push, 1 device", entities, batch, 1).await?;
+        self.figures.push(Figure::new(
+            "push, 1 device",
+            entities as f64 / s,
+            "changes/s",
+            Some(Target::AtLeast(60_000.0)),
+            json!({"changes": entities, "seconds": s, "batch": batch}),
+        ));
+        let s = self.push_new(&format!("push, {devices} devices"), entities, batch, devices).await?;
+        self.figures.push(Figure::new(
+            format!("push, {devices} devices"),
+            entities as f64 / s,
+            "changes/s",
+            Some(Target::AtLeast(100_000.0)),
+            json!({"changes": entities, "seconds": s, "batch": batch, "devices": devices}),
+        ));
+        Ok(())
+    }
+
+    /// update: one-field patches to existing entities.
+    pub async fn update(&mut self, updates: usize, batch: usize) -> anyhow::Result<()> {
+        if self.entities == 0 {
+            let s = self.push_new("seeding entities", updates, batch, 1).await?;
+            let _ = s;
+        }
+        let existing = self.entities;
+        let progress = bar(updates as u64, "update, one field");
+        let t = Instant::now();
+        self.push_changes("bench-updater", updates, batch, &progress, |i| {
+            (format!("e{}", i % existing), format!(r#"{{"done":{}}}"#, i % 2 == 0))
+        })
+        .await?;
+        let s = t.elapsed().as_secs_f64();
+        progress.finish_and_clear();
+        self.figures.push(Figure::new(
+            "update, one field",
+            updates as f64 / s,
+            "changes/s",
+            Some(Target::AtLeast(60_000.0)),
+            json!({"changes": updates, "seconds": s, "batch": batch}),
+        ));
+        Ok(())
+    }
+
+    /// The dataset's head, from /v1/status.
+    async fn head(&self) -> anyhow::Result<u64> {
+        let r = self.http.get(format!("{}/v1/status", self.url)).send().await?;
+        let status: Value = serde_json::from_slice(&r.bytes().await?)?;
+        status["head"].as_u64().context("status without head")
+    }
+
+    /// pull: a fresh device pulls the whole log.
+    pub async fn pull(&mut self) -> anyhow::Result<()> {
+        let head = self.head().await?;
+        let progress = bar(head, "pull, 10000 per page");
+        let t = Instant::now();
+        let (mut cursor, mut pulled, mut bytes) = (0u64, 0u64, 0usize);
+        loop {
+            let r = self
+                .http
+                .get(format!("{}/v1/pull?device_id=bench-reader-{}&cursor={cursor}&limit=10000", self.url, self.run_id))
+                .send()
+                .await?;
+            if !r.status().is_success() {
+                bail!("pull answered {}", r.status());
+            }
+            let body = r.bytes().await?;
+            bytes += body.len();
+            let page: Value = serde_json::from_slice(&body)?;
+            let n = page["changes"].as_array().map_or(0, Vec::len) as u64;
+            pulled += n;
+            progress.inc(n);
+            cursor = page["cursor"].as_u64().context("no cursor")?;
+            if !page["has_more"].as_bool().unwrap_or(false) {
+                break;
+            }
+        }
+        let s = t.elapsed().as_secs_f64();
+        progress.finish_and_clear();
+        self.figures.push(Figure::new(
+            "pull, 10000 per page",
+            pulled as f64 / s,
+            "changes/s",
+            Some(Target::AtLeast(300_000.0)),
+            json!({"changes": pulled, "seconds": s, "bytes": bytes, "mb_per_sec": bytes as f64 / 1e6 / s}),
+        ));
+        Ok(())
+    }
+
+    /// propagation: A pushes one change while B waits in a long poll; time from A's send to B's answer.
+    pub async fn propagation(&mut self, trials: usize) -> anyhow::Result<()> {
+        let progress = bar(trials as u64, "propagation, long poll");
+        let mut head = self.head().await?;
+        let mut stamps = Stamps::new("bench-prop-a");
+        let mut latencies = Vec::with_capacity(trials);
+        for trial in 0..trials {
+            let http = self.http.clone();
+            let url = format!("{}/v1/pull?device_id=bench-prop-b&cursor={head}&limit=100&wait=30", self.url);
+            let waiter = tokio::spawn(async move {
+                let r = http.get(url).send().await?;
+                let body = r.bytes().await?;
+                let at = Instant::now();
+                let page: Value = serde_json::from_slice(&body)?;
+                anyhow::Ok((at, page["cursor"].as_u64().unwrap_or(0)))
+            });
+            // Let B's request reach the server and start waiting.
+            tokio::time::sleep(Duration::from_millis(3)).await;
+            let body = format!(
+                r#"{{"device_id":"bench-prop-a","changes":[{{"change_id":"prop-{}-{trial}","collection":"tasks","entity_id":"prop","op":"upsert","data":{{"n":{trial}}},"hlc":"{}"}}]}}"#,
+                self.run_id,
+                stamps.next()
+            );
+            let sent = Instant::now();
+            let r = self
+                .http
+                .post(format!("{}/v1/push", self.url))
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await?;
+            let answer: Value = serde_json::from_slice(&r.bytes().await?)?;
+            head = answer["cursor"].as_u64().context("push answer without cursor")?;
+            let (received, cursor) = waiter.await??;
+            if cursor != head {
+                bail!("the long poll returned cursor {cursor}, expected {head}");
+            }
+            latencies.push(received.saturating_duration_since(sent));
+            progress.inc(1);
+        }
+        progress.finish_and_clear();
+        latencies.sort();
+        let pct = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1];
+        let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+        let (p50, p99) = (ms(pct(0.50)), ms(pct(0.99)));
+        let details = json!({"trials": trials, "p50_ms": p50, "p99_ms": p99, "max_ms": ms(*latencies.last().unwrap())});
+        self.figures.push(Figure::new(
+            "propagation p50, long poll",
+            p50,
+            "ms",
+            Some(Target::AtMost(1.0)),
+            details.clone(),
+        ));
+        self.figures.push(Figure::new("propagation p99, long poll", p99, "ms", Some(Target::AtMost(5.0)), details));
+        Ok(())
+    }
+
+    /// bootstrap: fills the dataset up to `entities`, then a fresh device streams it.
+    pub async fn bootstrap(&mut self, entities: usize, batch: usize, devices: usize) -> anyhow::Result<()> {
+        if self.entities < entities {
+            self.push_new("filling for bootstrap", entities - self.entities, batch, devices).await?;
+        }
+        let baseline = self.server_pid.map(|pid| proc_status_kib(pid, "VmRSS:"));
+        let sampler = self.server_pid.map(RssSampler::start);
+        let progress = bar(self.entities as u64, "bootstrap");
+        let t = Instant::now();
+        let r = self.http.get(format!("{}/v1/bootstrap?device_id=bench-boot-{}", self.url, self.run_id)).send().await?;
+        if !r.status().is_success() {
+            bail!("bootstrap answered {}", r.status());
+        }
+        let mut stream = r.bytes_stream();
+        let (mut lines, mut bytes) = (0u64, 0usize);
+        let mut tail = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            bytes += chunk.len();
+            let n = chunk.iter().filter(|b| **b == b'\n').count() as u64;
+            lines += n;
+            progress.inc(n);
+            tail = chunk[chunk.len().saturating_sub(64)..].to_vec();
+        }
+        let s = t.elapsed().as_secs_f64();
+        progress.finish_and_clear();
+        let peak = sampler.map(RssSampler::finish);
+        let last = String::from_utf8_lossy(&tail);
+        if !last.contains("\"end\"") {
+            bail!("the bootstrap stream did not end with its end line");
+        }
+        let streamed = lines.saturating_sub(2);
+        self.figures.push(Figure::new(
+            "bootstrap",
+            s,
+            "s",
+            Some(Target::AtMost(4.0)),
+            json!({"entities": streamed, "entities_per_sec": streamed as f64 / s, "bytes": bytes}),
+        ));
+        if let (Some(base), Some(peak)) = (baseline, peak) {
+            let growth = peak.saturating_sub(base) as f64 / 1024.0;
+            self.figures.push(Figure::new(
+                "bootstrap, server RSS growth",
+                growth,
+                "MiB",
+                Some(Target::AtMost(100.0)),
+                json!({"baseline_mib": base as f64 / 1024.0, "peak_mib": peak as f64 / 1024.0}),
+            ));
+        }
+        Ok(())
+    }
+
+    /// wire: bytes of a one-field edit synced by the client SDK through `POST /v1/sync`.
+    pub async fn wire(&mut self) -> anyhow::Result<()> {
+        let upstream = self.url.trim_start_matches("http://").to_owned();
+        let (relay, counts) = super::wire::start_relay(upstream).await?;
+        let dir = tempfile::tempdir()?;
+        let client =
+            Client::open(dir.path().join("wire.db"), ClientOptions { server: Some(relay), ..Default::default() })?;
+        let fields = json!({"title": "Buy milk", "done": false, "priority": 2});
+        client.patch("tasks", "wire-1", fields.as_object().cloned().unwrap_or_default())?;
+        client.sync().await?;
+        client.patch("tasks", "wire-1", json!({"done": true}).as_object().cloned().unwrap_or_default())?;
+        let (up0, down0) = counts.read();
+        let report = client.sync().await?;
+        let (up1, down1) = counts.read();
+        if report.pushed != 1 {
+            bail!("the wire sync pushed {} changes, expected 1", report.pushed);
+        }
+        let (up, down) = (up1 - up0, down1 - down0);
+        self.figures.push(Figure::new(
+            "wire, one-field edit via /v1/sync",
+            (up + down) as f64,
+            "B",
+            Some(Target::AtMost(700.0)),
+            json!({"request_bytes": up, "response_bytes": down}),
+        ));
+        Ok(())
+    }
+
+    /// memory: the server's peak RSS over the whole run (VmHWM).
+    pub fn memory(&mut self) {
+        if let Some(pid) = self.server_pid {
+            let peak = proc_status_kib(pid, "VmHWM:") as f64 / 1024.0;
+            self.figures.push(Figure::new(
+                "server peak RSS, whole run",
+                peak,
+                "MiB",
+                Some(Target::AtMost(100.0)),
+                json!({}),
+            ));
+        }
+    }
+}
