@@ -219,6 +219,20 @@ enum Done {
 }
 
 fn run_group(conn: &Connection, jobs: Vec<Job>, notifier: &Notifier) {
+    // A group of cursor updates only is committed without an fsync: a cursor
+    // lost to a power cut only makes compaction keep more. The next push's
+    // FULL commit syncs the WAL, these frames included.
+    let touches_only = jobs.iter().all(|j| matches!(j, Job::Touch { .. }));
+    if touches_only {
+        let _ = conn.execute_batch("PRAGMA synchronous = NORMAL");
+    }
+    run_group_in_transaction(conn, jobs, notifier);
+    if touches_only {
+        let _ = conn.execute_batch("PRAGMA synchronous = FULL");
+    }
+}
+
+fn run_group_in_transaction(conn: &Connection, jobs: Vec<Job>, notifier: &Notifier) {
     let mut done = Vec::with_capacity(jobs.len());
     let mut heads: HashMap<UserId, u64> = HashMap::new();
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
