@@ -54,6 +54,15 @@ fn entity_data(i: usize) -> String {
     )
 }
 
+/// The `p` quantile (0..=1) of `samples` (sorted in place); zero when there are none.
+fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    samples.sort();
+    samples[((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1]
+}
+
 fn bar(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
@@ -260,6 +269,7 @@ impl Bench {
         let mut head = self.head().await?;
         let mut stamps = Stamps::new("bench-prop-a");
         let mut latencies = Vec::with_capacity(trials);
+        let mut acks = Vec::with_capacity(trials);
         for trial in 0..trials {
             let http = self.http.clone();
             let url = format!("{}/v1/pull?device_id=bench-prop-b&cursor={head}&limit=100&wait=30", self.url);
@@ -286,6 +296,7 @@ impl Bench {
                 .send()
                 .await?;
             let answer: Value = serde_json::from_slice(&r.bytes().await?)?;
+            acks.push(sent.elapsed());
             head = answer["cursor"].as_u64().context("push answer without cursor")?;
             let (received, cursor) = waiter.await??;
             if cursor != head {
@@ -295,11 +306,11 @@ impl Bench {
             progress.inc(1);
         }
         progress.finish_and_clear();
-        latencies.sort();
-        let pct = |p: f64| latencies[((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1];
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-        let (p50, p99) = (ms(pct(0.50)), ms(pct(0.99)));
-        let details = json!({"trials": trials, "p50_ms": p50, "p99_ms": p99, "max_ms": ms(*latencies.last().unwrap())});
+        let (p50, p99) = (ms(percentile(&mut latencies, 0.50)), ms(percentile(&mut latencies, 0.99)));
+        let ack_p50 = ms(percentile(&mut acks, 0.50));
+        let details = json!({"trials": trials, "p50_ms": p50, "p99_ms": p99,
+            "max_ms": ms(percentile(&mut latencies, 1.0)), "push_ack_p50_ms": ack_p50});
         self.figures.push(Figure::new(
             "propagation p50, long poll",
             p50,
