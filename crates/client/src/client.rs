@@ -32,6 +32,11 @@ pub struct ClientOptions {
     pub token: Option<String>,
     /// The most changes sent in one request (the server's `max_batch` is 1000 by default).
     pub batch_size: usize,
+    /// Speak HTTP/2 to an `http://` server without negotiating it first (h2c
+    /// "prior knowledge"): header compression makes a small sync about 200
+    /// bytes lighter. Only for servers reached directly (a `deltasync serve`
+    /// speaks both); `https://` servers negotiate HTTP/2 by themselves.
+    pub http2_prior_knowledge: bool,
     /// The most seqs asked for per page.
     pub page_limit: u64,
     /// The wall clock in ms since the epoch; replaceable for tests.
@@ -66,6 +71,7 @@ impl Default for ClientOptions {
             server: None,
             token: None,
             batch_size: 500,
+            http2_prior_knowledge: false,
             page_limit: deltasync_protocol::wire::MAX_PULL_LIMIT,
             wall_clock: Arc::new(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)),
             progress: None,
@@ -156,6 +162,21 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A new change id: the 128 bits of a UUIDv7 in 26 characters of Crockford's
+/// base32 (the ULID spelling). Ids sort by creation time, so the server's
+/// idempotency index grows at its end, and they are 10 bytes shorter on the
+/// wire than the hyphenated UUID.
+fn time_ordered_id() -> String {
+    const ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
+    let mut n = uuid::Uuid::now_v7().as_u128();
+    let mut out = [0u8; 26];
+    for digit in out.iter_mut().rev() {
+        *digit = ALPHABET[(n & 31) as usize];
+        n >>= 5;
+    }
+    out.iter().map(|&b| b as char).collect()
+}
+
 /// JSON values compared as the protocol does: by their canonical form (`1.0` equals `1`).
 fn same_value(a: Option<&Value>, b: &Value) -> bool {
     a.is_some_and(|a| a == b || json::to_jcs(a) == json::to_jcs(b))
@@ -172,7 +193,11 @@ impl Client {
             local::set_meta(&conn, "server_url", url.trim_end_matches('/'))?;
         }
         let state = local::sync_state(&conn)?;
-        let api = state.server_url.as_deref().map(|url| ServerApi::new(url, options.token.clone())).transpose()?;
+        let api = state
+            .server_url
+            .as_deref()
+            .map(|url| ServerApi::new(url, options.token.clone(), options.http2_prior_knowledge))
+            .transpose()?;
         let clock = match local::clock(&conn)? {
             Some(last) => HlcClock::resume(state.device_id.clone(), &last),
             None => HlcClock::new(state.device_id.clone()),
@@ -281,7 +306,7 @@ impl Client {
         let base_version = active.iter().filter_map(|e| e.seq).max().unwrap_or(confirmed_version);
         let hlc = self.tick();
         let change = Change {
-            change_id: ChangeId::parse(uuid::Uuid::now_v7().to_string())?,
+            change_id: ChangeId::parse(time_ordered_id())?,
             collection: collection.clone(),
             entity_id: entity_id.clone(),
             op,
@@ -456,4 +481,20 @@ fn export_entry(entry: &OutboxEntry) -> Value {
         obj.insert("conflict".into(), conflict);
     }
     Value::Object(obj)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn change_ids_are_26_characters_and_sort_by_creation() {
+        let ids: Vec<String> = (0..200).map(|_| time_ordered_id()).collect();
+        assert!(ids.iter().all(|id| id.len() == 26 && ChangeId::parse(id.as_str()).is_ok()));
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(ids, sorted, "UUIDv7s made in order must sort in order");
+        let unique: std::collections::HashSet<_> = ids.iter().collect();
+        assert_eq!(unique.len(), ids.len());
+    }
 }

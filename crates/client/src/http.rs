@@ -17,9 +17,10 @@ pub struct SyncBody<'a> {
     /// The device's cursor.
     pub cursor: u64,
     /// The changes to push.
-    pub changes: &'a [&'a Change],
-    /// The most seqs the answer may cover.
-    pub limit: u64,
+    pub changes: &'a [Change],
+    /// The most seqs the answer may cover (the server's default, 1000, when absent).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub limit: Option<u64>,
 }
 
 /// A connection to one deltasync server.
@@ -32,16 +33,18 @@ pub struct ServerApi {
 
 impl ServerApi {
     /// A client for the server at `base` (`http://host:port`, trailing slash allowed).
-    pub fn new(base: &str, token: Option<String>) -> Result<Self> {
+    /// With `http2_prior_knowledge`, `http://` servers are spoken to in HTTP/2 directly.
+    pub fn new(base: &str, token: Option<String>, http2_prior_knowledge: bool) -> Result<Self> {
         let base = base.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(ClientError::Invalid(format!("server URL must start with http:// or https://, got {base:?}")));
         }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(10))
-            .read_timeout(Duration::from_secs(120))
-            .build()
-            .map_err(|e| ClientError::Invalid(format!("cannot build the HTTP client: {e}")))?;
+        let mut builder =
+            reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).read_timeout(Duration::from_secs(120));
+        if http2_prior_knowledge {
+            builder = builder.http2_prior_knowledge();
+        }
+        let http = builder.build().map_err(|e| ClientError::Invalid(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self { http, base, token })
     }
 

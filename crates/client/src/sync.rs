@@ -148,12 +148,14 @@ impl Client {
             if batch.is_empty() && !more_to_pull {
                 break;
             }
-            let changes: Vec<&Change> = batch.iter().map(|e| &e.change).collect();
+            let policies = local::sync_state(&self.db())?.policies.unwrap_or_default();
+            let changes: Vec<Change> = batch.iter().map(|e| sendable(&e.change, &policies)).collect();
             let body = SyncBody {
                 device_id: self.device_id().as_str(),
                 cursor,
                 changes: &changes,
-                limit: self.inner.options.page_limit,
+                // Pages while pushing use the server's default; catching up uses the largest.
+                limit: batch.is_empty().then_some(self.inner.options.page_limit),
             };
             let resp = match api.sync(&body).await {
                 Ok(resp) => resp,
@@ -632,6 +634,15 @@ struct Page {
 mod bytes_chunk {
     /// A chunk of a streamed body, or the error that ended it.
     pub type Chunk = crate::error::Result<bytes::Bytes>;
+}
+
+/// The change as sent: `base_version` only where the `reject` policy reads it.
+fn sendable(change: &Change, policies: &Policies) -> Change {
+    let mut c = change.clone();
+    if policies.of(c.collection.as_str()) != deltasync_protocol::Policy::Reject {
+        c.base_version = None;
+    }
+    c
 }
 
 fn lost(change: &Change, conflict: Conflict) -> LostChange {

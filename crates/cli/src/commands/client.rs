@@ -34,6 +34,9 @@ pub struct ClientArgs {
     /// Bearer token for a server running with --auth jwt (see `deltasync token`).
     #[arg(long, env = "DELTASYNC_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// Speak HTTP/2 to an http:// server directly (h2c with prior knowledge; smaller requests).
+    #[arg(long, env = "DELTASYNC_HTTP2")]
+    http2: bool,
     #[command(subcommand)]
     command: ClientCommand,
 }
@@ -126,6 +129,7 @@ fn execute(args: ClientArgs) -> Result<ExitCode, ClientError> {
     let options = ClientOptions {
         server: args.server,
         token: args.token,
+        http2_prior_knowledge: args.http2,
         progress: Some(Arc::new(progress)),
         ..Default::default()
     };

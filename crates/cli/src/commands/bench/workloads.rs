@@ -384,17 +384,26 @@ impl Bench {
         Ok(())
     }
 
-    /// wire: bytes of a one-field edit synced by the client SDK through `POST /v1/sync`.
+    /// wire: bytes of a one-field edit synced by the client SDK through `POST /v1/sync`,
+    /// over HTTP/1.1 and over HTTP/2.
     pub async fn wire(&mut self) -> anyhow::Result<()> {
+        for http2 in [false, true] {
+            self.wire_with(http2).await?;
+        }
+        Ok(())
+    }
+
+    async fn wire_with(&mut self, http2: bool) -> anyhow::Result<()> {
         let upstream = self.url.trim_start_matches("http://").to_owned();
         let (relay, counts) = super::wire::start_relay(upstream).await?;
         let dir = tempfile::tempdir()?;
-        let client =
-            Client::open(dir.path().join("wire.db"), ClientOptions { server: Some(relay), ..Default::default() })?;
+        let options = ClientOptions { server: Some(relay), http2_prior_knowledge: http2, ..Default::default() };
+        let client = Client::open(dir.path().join("wire.db"), options)?;
+        let entity = if http2 { "wire-2" } else { "wire-1" };
         let fields = json!({"title": "Buy milk", "done": false, "priority": 2});
-        client.patch("tasks", "wire-1", fields.as_object().cloned().unwrap_or_default())?;
+        client.patch("tasks", entity, fields.as_object().cloned().unwrap_or_default())?;
         client.sync().await?;
-        client.patch("tasks", "wire-1", json!({"done": true}).as_object().cloned().unwrap_or_default())?;
+        client.patch("tasks", entity, json!({"done": true}).as_object().cloned().unwrap_or_default())?;
         let (up0, down0) = counts.read();
         let report = client.sync().await?;
         let (up1, down1) = counts.read();
@@ -402,8 +411,9 @@ impl Bench {
             bail!("the wire sync pushed {} changes, expected 1", report.pushed);
         }
         let (up, down) = (up1 - up0, down1 - down0);
+        let workload = if http2 { "wire, one-field edit, HTTP/2" } else { "wire, one-field edit, HTTP/1.1" };
         self.figures.push(Figure::new(
-            "wire, one-field edit via /v1/sync",
+            workload,
             (up + down) as f64,
             "B",
             Some(Target::AtMost(700.0)),
