@@ -5,7 +5,8 @@
 //! that are waiting (up to a bound), runs each inside its own savepoint of
 //! one transaction, commits once with `synchronous = FULL`, and only then
 //! answers every job: an acknowledgement always means durable, and many
-//! devices share one fsync.
+//! devices share one fsync. A checkpointer thread copies committed WAL frames
+//! into the database file in the background, so the writer never pauses for it.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -139,13 +140,20 @@ impl SqliteStore {
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(map_err)?;
         conn.pragma_update(None, "journal_mode", "WAL").map_err(map_err)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(map_err)?;
+        // Checkpoints run on their own thread (see `checkpointer`); the writer
+        // only checkpoints itself if the WAL grows past about 80 MiB.
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES).map_err(map_err)?;
         migrate(&conn)?;
+        let checkpoints = Checkpointer::start(path)?;
         let notifier = Arc::new(Notifier::default());
         let (tx, rx) = mpsc::channel(1024);
         let writer_notifier = notifier.clone();
         let writer = std::thread::Builder::new()
             .name("deltasync-writer".into())
-            .spawn(move || writer_loop(conn, rx, &writer_notifier))
+            .spawn(move || {
+                writer_loop(conn, rx, &writer_notifier, &checkpoints);
+                checkpoints.finish();
+            })
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
             readers: Arc::new(ReadPool { path: path.to_owned(), idle: Mutex::new(Vec::new()) }),
@@ -195,7 +203,57 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, notifier: &Notifier) {
+/// WAL pages past which the writer checkpoints by itself (a safety valve; the
+/// checkpointer thread normally keeps the WAL far smaller).
+const WRITER_AUTOCHECKPOINT_PAGES: i64 = 20_000;
+/// How long the checkpointer lets commits accumulate before copying them.
+const CHECKPOINT_DELAY: std::time::Duration = std::time::Duration::from_millis(20);
+
+/// Copies committed WAL frames into the database file on its own thread and
+/// connection, so that the writer never stops to do it between commits. A
+/// checkpoint moves data that is already durable in the WAL: acknowledgements
+/// do not wait for it.
+struct Checkpointer {
+    wake: std::sync::mpsc::SyncSender<()>,
+    thread: JoinHandle<()>,
+}
+
+impl Checkpointer {
+    fn start(path: &Path) -> Result<Checkpointer, StoreError> {
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open SQLite database {}: {e}", path.display())))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(map_err)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(map_err)?;
+        let (wake, rx) = std::sync::mpsc::sync_channel::<()>(1);
+        let thread = std::thread::Builder::new()
+            .name("deltasync-checkpoint".into())
+            .spawn(move || {
+                while rx.recv().is_ok() {
+                    std::thread::sleep(CHECKPOINT_DELAY);
+                    while rx.try_recv().is_ok() {}
+                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        tracing::warn!(error = %e, "WAL checkpoint failed; it will be retried after the next commit");
+                    }
+                }
+                let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
+            })
+            .map_err(|e| StoreError::Internal(format!("cannot start the checkpoint thread: {e}")))?;
+        Ok(Checkpointer { wake, thread })
+    }
+
+    /// Says that a commit added frames to the WAL.
+    fn committed(&self) {
+        let _ = self.wake.try_send(());
+    }
+
+    /// Runs a last checkpoint and stops the thread.
+    fn finish(self) {
+        drop(self.wake);
+        let _ = self.thread.join();
+    }
+}
+
+fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, notifier: &Notifier, checkpoints: &Checkpointer) {
     while let Some(first) = rx.blocking_recv() {
         let mut weight = first.weight();
         let mut jobs = vec![first];
@@ -209,6 +267,7 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, notifier: &Notifie
             }
         }
         run_group(&conn, jobs, notifier);
+        checkpoints.committed();
     }
     tracing::debug!("writer stopped: every queued write is committed");
 }
