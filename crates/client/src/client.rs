@@ -264,7 +264,7 @@ impl Client {
 
     /// The policies learned from the server (the defaults before the first sync).
     pub(crate) fn policies(conn: &Connection) -> Result<Policies> {
-        Ok(local::sync_state(conn)?.policies.unwrap_or_default())
+        Ok(local::policies(conn)?.unwrap_or_default())
     }
 
     /// Subscribes to change events: one per local write and one per page of server changes.

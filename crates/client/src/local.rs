@@ -123,10 +123,7 @@ pub fn sync_state(conn: &Connection) -> Result<SyncState> {
             id
         }
     };
-    let policies = match meta(conn, "policies")? {
-        None => None,
-        Some(s) => Some(serde_json::from_str(&s).map_err(|e| ClientError::LocalCorrupt(format!("policies: {e}")))?),
-    };
+    let policies = policies(conn)?;
     Ok(SyncState {
         device_id,
         server_url: meta(conn, "server_url")?,
@@ -144,6 +141,13 @@ pub fn set_position(conn: &Connection, cursor: u64, hash: &StateHash, digest: &S
     set_meta(conn, "state_hash", &hash.to_hex())?;
     set_meta(conn, "state_digest", &digest.to_hex())?;
     Ok(())
+}
+
+/// The policies learned from the server, if any yet.
+pub fn policies(conn: &Connection) -> Result<Option<Policies>> {
+    meta(conn, "policies")?
+        .map(|s| serde_json::from_str(&s).map_err(|e| ClientError::LocalCorrupt(format!("policies: {e}"))))
+        .transpose()
 }
 
 /// Records the policies learned from the server.

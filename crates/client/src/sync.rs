@@ -148,7 +148,7 @@ impl Client {
             if batch.is_empty() && !more_to_pull {
                 break;
             }
-            let policies = local::sync_state(&self.db())?.policies.unwrap_or_default();
+            let policies = Self::policies(&self.db())?;
             let changes: Vec<Change> = batch.iter().map(|e| sendable(&e.change, &policies)).collect();
             let body = SyncBody {
                 device_id: self.device_id().as_str(),

@@ -47,33 +47,26 @@ pub async fn start_relay(upstream: String) -> anyhow::Result<(String, Arc<Counts
 async fn relay(inbound: TcpStream, outbound: TcpStream, counts: Arc<Counts>) -> anyhow::Result<()> {
     inbound.set_nodelay(true)?;
     outbound.set_nodelay(true)?;
-    let (mut ir, mut iw) = inbound.into_split();
-    let (mut or, mut ow) = outbound.into_split();
-    let c = counts.clone();
-    let up = async move {
-        let mut buf = vec![0u8; 16384];
-        loop {
-            let n = ir.read(&mut buf).await?;
-            if n == 0 {
-                ow.shutdown().await?;
-                return anyhow::Ok(());
-            }
-            c.up.fetch_add(n as u64, Ordering::SeqCst);
-            ow.write_all(&buf[..n]).await?;
-        }
-    };
-    let down = async move {
-        let mut buf = vec![0u8; 16384];
-        loop {
-            let n = or.read(&mut buf).await?;
-            if n == 0 {
-                iw.shutdown().await?;
-                return anyhow::Ok(());
-            }
-            counts.down.fetch_add(n as u64, Ordering::SeqCst);
-            iw.write_all(&buf[..n]).await?;
-        }
-    };
-    let (a, b) = tokio::join!(up, down);
+    let (ir, iw) = inbound.into_split();
+    let (or, ow) = outbound.into_split();
+    let (a, b) = tokio::join!(pump(ir, ow, &counts.up), pump(or, iw, &counts.down));
     a.and(b).context("relay")
+}
+
+/// Copies one direction until end of stream, counting the bytes.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    count: &AtomicU64,
+) -> anyhow::Result<()> {
+    let mut buf = vec![0u8; 16384];
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            to.shutdown().await?;
+            return Ok(());
+        }
+        count.fetch_add(n as u64, Ordering::SeqCst);
+        to.write_all(&buf[..n]).await?;
+    }
 }

@@ -101,6 +101,22 @@ impl Bench {
         Bench { http, url: url.to_owned(), server_pid, run_id: now_ms(), entities: 0, figures: Vec::new() }
     }
 
+    /// Sends one `POST /v1/push` body and returns the head it answers.
+    async fn post_push(&self, body: String) -> anyhow::Result<u64> {
+        let r = self
+            .http
+            .post(format!("{}/v1/push", self.url))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        if !r.status().is_success() {
+            bail!("push answered {}: {}", r.status(), r.text().await?);
+        }
+        let answer: Value = serde_json::from_slice(&r.bytes().await?)?;
+        answer["cursor"].as_u64().context("push answer without cursor")
+    }
+
     /// Pushes `count` changes made by `change(i)` (entity id, data JSON) in batches; returns the head after.
     async fn push_changes(
         &self,
@@ -129,18 +145,7 @@ impl Bench {
                 )?;
             }
             body.push_str("]}");
-            let r = self
-                .http
-                .post(format!("{}/v1/push", self.url))
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await?;
-            if !r.status().is_success() {
-                bail!("push answered {}: {}", r.status(), r.text().await?);
-            }
-            let answer: Value = serde_json::from_slice(&r.bytes().await?)?;
-            head = answer["cursor"].as_u64().context("push answer without cursor")?;
+            head = self.post_push(body).await?;
             progress.inc((end - start) as u64);
         }
         Ok(head)
@@ -298,16 +303,8 @@ impl Bench {
                 stamps.next()
             );
             let sent = Instant::now();
-            let r = self
-                .http
-                .post(format!("{}/v1/push", self.url))
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await?;
-            let answer: Value = serde_json::from_slice(&r.bytes().await?)?;
+            head = self.post_push(body).await?;
             acks.push(sent.elapsed());
-            head = answer["cursor"].as_u64().context("push answer without cursor")?;
             let (received, cursor) = waiter.await??;
             if cursor != head {
                 bail!("the long poll returned cursor {cursor}, expected {head}");
