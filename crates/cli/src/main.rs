@@ -16,6 +16,8 @@ struct Cli {
 enum Command {
     /// Run the sync server (embedded SQLite by default; no set-up needed).
     Serve(commands::serve::ServeArgs),
+    /// Apply missing schema migrations to a database and exit (serve also does it at start).
+    Migrate(commands::migrate::MigrateArgs),
     /// Mint an HS256 token for a server running with `--auth jwt`.
     Token(commands::token::TokenArgs),
     /// Act as a device: local writes and reads, sync, status (JSON on stdout).
@@ -29,6 +31,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Client(args) => return commands::client::run(args),
         Command::Serve(args) => commands::serve::run(args),
+        Command::Migrate(args) => commands::migrate::run(args),
         Command::Token(args) => commands::token::run(args),
         Command::Bench(args) => commands::bench::run(args),
     };

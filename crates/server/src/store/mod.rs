@@ -2,11 +2,14 @@
 //!
 //! The server speaks to a [`Store`] in terms of datasets, batches, pages and
 //! snapshots, never SQL, so each backend can serialise writes its own way:
-//! [`sqlite::SqliteStore`] through one writer thread with group commit.
+//! [`sqlite::SqliteStore`] through one writer thread with group commit,
+//! [`postgres::PostgresStore`] through a row lock per dataset.
 //! Every table is keyed by `user_id` first, so the schema can be distributed
 //! by user.
 
 pub mod notify;
+pub mod postgres;
+mod rows;
 mod schema;
 pub mod sqlite;
 
@@ -24,7 +27,7 @@ pub use crate::batch::DatasetHead;
 /// A boxed future, so that [`Store`] can be used as a trait object.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Why a store operation failed. Maps SQLite (and later PostgreSQL) errors to one set of kinds.
+/// Why a store operation failed. Maps SQLite and PostgreSQL errors to one set of kinds.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
@@ -54,6 +57,9 @@ pub enum StoreError {
         /// The newest version this build knows.
         known: i64,
     },
+    /// The database URL cannot be used as given (operator's fault).
+    #[error("the database URL is invalid: {0}")]
+    InvalidDatabaseUrl(String),
     /// The server is shutting down and takes no more writes.
     #[error("the server is shutting down")]
     ShuttingDown,
@@ -67,6 +73,15 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, StoreError::Unavailable(_) | StoreError::ShuttingDown)
     }
+}
+
+/// What a migration run did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Migrated {
+    /// The schema version found.
+    pub from: i64,
+    /// The schema version now.
+    pub to: i64,
 }
 
 /// A validated push, ready for the store.

@@ -30,4 +30,12 @@ impl Notifier {
             }
         }
     }
+
+    /// Wakes every waiter, with the head unchanged: used when notifications may have been missed.
+    pub fn wake_all(&self) {
+        let heads = self.heads.lock().expect("notifier lock");
+        for tx in heads.values() {
+            tx.send_modify(|_| {});
+        }
+    }
 }

@@ -1,10 +1,11 @@
 //! The SQL schema, as numbered migrations. Every table is keyed by `user_id` first.
 //!
-//! The same statements run on SQLite and PostgreSQL except where a type name
-//! differs; migration `n` turns schema `n - 1` into schema `n`.
+//! Each store has its own list, because type names differ, but the lists
+//! move in step: migration `n` turns schema `n - 1` into schema `n` on both,
+//! with the same tables, columns and keys.
 
-/// The migrations, in order; the schema version is the number applied.
-pub const MIGRATIONS: &[&str] = &[
+/// The SQLite migrations, in order; the schema version is the number applied.
+pub const SQLITE_MIGRATIONS: &[&str] = &[
     // 1: the change log, entities, devices, datasets, conflicts and collection policies.
     r#"
     CREATE TABLE datasets (
@@ -80,3 +81,96 @@ pub const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     "#,
 ];
+
+/// The PostgreSQL migrations, in step with [`SQLITE_MIGRATIONS`].
+///
+/// Text that is part of a key or an ordering uses the `C` collation, so that
+/// rows sort by their bytes exactly as on SQLite, whatever the database's
+/// locale. JSON is kept as `TEXT`, not `jsonb`, because the hashes cover its
+/// exact canonical bytes.
+pub const POSTGRES_MIGRATIONS: &[&str] = &[
+    // 1: the change log, entities, devices, datasets, conflicts and collection policies.
+    r#"
+    CREATE TABLE datasets (
+        user_id       TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+        head          BIGINT  NOT NULL,
+        state_hash    BYTEA   NOT NULL,
+        state_digest  BYTEA   NOT NULL,
+        horizon       BIGINT  NOT NULL DEFAULT 0,
+        conflict_seq  BIGINT  NOT NULL DEFAULT 0
+    );
+
+    CREATE TABLE changes (
+        user_id       TEXT COLLATE "C" NOT NULL,
+        seq           BIGINT  NOT NULL,
+        change_id     TEXT COLLATE "C" NOT NULL,
+        device_id     TEXT COLLATE "C" NOT NULL,
+        collection    TEXT COLLATE "C" NOT NULL,
+        entity_id     TEXT COLLATE "C" NOT NULL,
+        op            TEXT    NOT NULL,
+        data          TEXT,
+        hlc           TEXT COLLATE "C" NOT NULL,
+        base_version  BIGINT,
+        server_time   BIGINT  NOT NULL,
+        state_hash    BYTEA   NOT NULL,
+        state_digest  BYTEA   NOT NULL,
+        PRIMARY KEY (user_id, seq)
+    );
+    CREATE UNIQUE INDEX changes_by_change_id ON changes (user_id, change_id);
+
+    CREATE TABLE entities (
+        user_id       TEXT COLLATE "C" NOT NULL,
+        collection    TEXT COLLATE "C" NOT NULL,
+        entity_id     TEXT COLLATE "C" NOT NULL,
+        data          TEXT    NOT NULL,
+        version       BIGINT  NOT NULL,
+        deleted       BOOLEAN NOT NULL,
+        meta          TEXT    NOT NULL,
+        entity_hash   BYTEA,
+        PRIMARY KEY (user_id, collection, entity_id)
+    );
+
+    CREATE TABLE devices (
+        user_id       TEXT COLLATE "C" NOT NULL,
+        device_id     TEXT COLLATE "C" NOT NULL,
+        cursor        BIGINT  NOT NULL DEFAULT 0,
+        last_seen     BIGINT  NOT NULL,
+        PRIMARY KEY (user_id, device_id)
+    );
+
+    CREATE TABLE conflicts (
+        user_id       TEXT COLLATE "C" NOT NULL,
+        id            BIGINT  NOT NULL,
+        change_id     TEXT    NOT NULL,
+        device_id     TEXT    NOT NULL,
+        collection    TEXT    NOT NULL,
+        entity_id     TEXT    NOT NULL,
+        op            TEXT    NOT NULL,
+        data          TEXT,
+        hlc           TEXT    NOT NULL,
+        seq           BIGINT,
+        reason        TEXT    NOT NULL,
+        fields        TEXT,
+        current       TEXT,
+        server_time   BIGINT  NOT NULL,
+        PRIMARY KEY (user_id, id)
+    );
+
+    CREATE TABLE collections (
+        user_id       TEXT COLLATE "C" NOT NULL,
+        collection    TEXT COLLATE "C" NOT NULL,
+        policy        TEXT    NOT NULL,
+        PRIMARY KEY (user_id, collection)
+    );
+    "#,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_stores_have_the_same_schema_versions() {
+        assert_eq!(SQLITE_MIGRATIONS.len(), POSTGRES_MIGRATIONS.len());
+    }
+}

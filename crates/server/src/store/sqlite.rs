@@ -16,16 +16,16 @@ use std::thread::JoinHandle;
 use bytes::Bytes;
 use deltasync_protocol::change::{WireParts, write_wire_json};
 use deltasync_protocol::json;
-use deltasync_protocol::merge::ConflictReason;
-use deltasync_protocol::wire::{ConflictRecord, DeviceStatus, Policies};
-use deltasync_protocol::{DeviceId, EntityState, Meta, Op, StateDigest, StateHash, UserId};
+use deltasync_protocol::wire::{DeviceStatus, Policies};
+use deltasync_protocol::{DeviceId, EntityState, StateDigest, StateHash, UserId};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::notify::Notifier;
-use super::schema::MIGRATIONS;
+use super::rows::{self, ConflictRow, corrupt};
+use super::schema::SQLITE_MIGRATIONS as MIGRATIONS;
 use super::{
-    BootstrapStream, BoxFuture, ChangePage, ConflictPage, DatasetHead, DatasetStatus, PageOutcome, PushBatch,
+    BootstrapStream, BoxFuture, ChangePage, ConflictPage, DatasetHead, DatasetStatus, Migrated, PageOutcome, PushBatch,
     PushOutcome, Store, StoreError,
 };
 use crate::batch::{EntityKey, PushPlan, Rules, Snapshot, batch_keys, plan_push};
@@ -45,10 +45,6 @@ fn map_err(e: rusqlite::Error) -> StoreError {
         Some(DatabaseCorrupt | NotADatabase) => StoreError::Corrupt(e.to_string()),
         _ => StoreError::Internal(e.to_string()),
     }
-}
-
-fn corrupt(what: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(what.to_string())
 }
 
 fn text<'r>(r: &'r rusqlite::Row<'_>, i: usize) -> Result<&'r str, StoreError> {
@@ -167,6 +163,15 @@ impl SqliteStore {
         self.jobs.lock().expect("jobs lock").clone().ok_or(StoreError::ShuttingDown)
     }
 
+    /// Applies missing migrations to the database at `path` (creating it if needed) and says which.
+    pub fn migrate(path: &Path) -> Result<Migrated, StoreError> {
+        let conn = Connection::open(path)
+            .map_err(|e| StoreError::Unavailable(format!("cannot open SQLite database {}: {e}", path.display())))?;
+        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(map_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL").map_err(map_err)?;
+        migrate(&conn)
+    }
+
     async fn read<T: Send + 'static>(
         &self,
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
@@ -183,7 +188,7 @@ impl SqliteStore {
     }
 }
 
-fn migrate(conn: &Connection) -> Result<(), StoreError> {
+fn migrate(conn: &Connection) -> Result<Migrated, StoreError> {
     conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)").map_err(map_err)?;
     let current: i64 =
         conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0)).map_err(map_err)?;
@@ -200,7 +205,7 @@ fn migrate(conn: &Connection) -> Result<(), StoreError> {
         tx.commit().map_err(map_err)?;
         tracing::info!(version, "applied schema migration");
     }
-    Ok(())
+    Ok(Migrated { from: current, to: known })
 }
 
 /// WAL pages past which the writer checkpoints by itself (a safety valve; the
@@ -374,11 +379,11 @@ fn read_head(conn: &Connection, user: &UserId) -> Result<DatasetHead, StoreError
     let Some((head, hash, digest, horizon, conflict_seq)) = row else {
         return Ok(DatasetHead::default());
     };
+    let (state_hash, state_digest) = rows::hashes(&hash, &digest, "datasets")?;
     Ok(DatasetHead {
         seq: head as u64,
-        state_hash: StateHash::from_slice(&hash).ok_or_else(|| corrupt("datasets.state_hash is not 32 bytes"))?,
-        state_digest: StateDigest::from_slice(&digest)
-            .ok_or_else(|| corrupt("datasets.state_digest is not 32 bytes"))?,
+        state_hash,
+        state_digest,
         horizon: horizon as u64,
         conflict_seq: conflict_seq as u64,
     })
@@ -397,16 +402,7 @@ fn load_entity(conn: &Connection, user: &UserId, key: &EntityKey) -> Result<Opti
         .optional()
         .map_err(map_err)?;
     let Some((data, version, deleted, meta)) = row else { return Ok(None) };
-    let data = serde_json::from_str(&data).map_err(|e| corrupt(format!("entity data: {e}")))?;
-    let meta: Meta = serde_json::from_str(&meta).map_err(|e| corrupt(format!("entity meta: {e}")))?;
-    Ok(Some(EntityState {
-        collection: key.0.clone(),
-        entity_id: key.1.clone(),
-        data,
-        version: version as u64,
-        deleted,
-        meta,
-    }))
+    rows::decode_entity(key, &data, version, deleted, &meta).map(Some)
 }
 
 fn apply_push(conn: &Connection, batch: &PushBatch, policies: &Policies) -> Result<PushOutcome, StoreError> {
@@ -487,17 +483,15 @@ fn write_plan(
             )
             .map_err(map_err)?;
         for (e, hash) in &plan.entities {
-            let mut data = Vec::with_capacity(64);
-            json::write_object(&mut data, &e.data);
-            let meta = serde_json::to_string(&e.meta).map_err(|e| StoreError::Internal(e.to_string()))?;
+            let encoded = rows::encode_entity(e)?;
             stmt.execute(params![
                 u,
                 e.collection.as_str(),
                 e.entity_id.as_str(),
-                String::from_utf8(data).expect("UTF-8"),
+                encoded.data,
                 e.version as i64,
                 e.deleted,
-                meta,
+                encoded.meta,
                 hash.map(|h| h.to_vec()),
             ])
             .map_err(map_err)?;
@@ -582,10 +576,7 @@ fn hashes_at(
         .map_err(map_err)?
         .query_row(params![user.as_str(), seq as i64], |r| Ok((r.get::<_, Vec<u8>>(0)?, r.get::<_, Vec<u8>>(1)?)))
         .map_err(map_err)?;
-    Ok((
-        StateHash::from_slice(&hash).ok_or_else(|| corrupt("changes.state_hash is not 32 bytes"))?,
-        StateDigest::from_slice(&digest).ok_or_else(|| corrupt("changes.state_digest is not 32 bytes"))?,
-    ))
+    rows::hashes(&hash, &digest, "changes")
 }
 
 fn read_page(conn: &mut Connection, user: &UserId, cursor: u64, limit: u64) -> Result<PageOutcome, StoreError> {
@@ -604,9 +595,9 @@ fn read_page(conn: &mut Connection, user: &UserId, cursor: u64, limit: u64) -> R
                  FROM changes WHERE user_id = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq",
             )
             .map_err(map_err)?;
-        let mut rows = stmt.query(params![user.as_str(), cursor as i64, end as i64]).map_err(map_err)?;
+        let mut found = stmt.query(params![user.as_str(), cursor as i64, end as i64]).map_err(map_err)?;
         let mut buf = Vec::with_capacity(256);
-        while let Some(r) = rows.next().map_err(map_err)? {
+        while let Some(r) = found.next().map_err(map_err)? {
             buf.clear();
             let parts = wire_parts(r)?;
             let seq = parts.seq;
@@ -615,10 +606,7 @@ fn read_page(conn: &mut Connection, user: &UserId, cursor: u64, limit: u64) -> R
             if seq == end {
                 let hash: Vec<u8> = r.get(10).map_err(map_err)?;
                 let digest: Vec<u8> = r.get(11).map_err(map_err)?;
-                last_hashes = Some((
-                    StateHash::from_slice(&hash).ok_or_else(|| corrupt("changes.state_hash is not 32 bytes"))?,
-                    StateDigest::from_slice(&digest).ok_or_else(|| corrupt("changes.state_digest is not 32 bytes"))?,
-                ));
+                last_hashes = Some(rows::hashes(&hash, &digest, "changes")?);
             }
         }
     }
@@ -658,64 +646,37 @@ fn read_status(conn: &mut Connection, user: &UserId) -> Result<DatasetStatus, St
 
 fn read_conflicts(conn: &mut Connection, user: &UserId, since: u64, limit: u64) -> Result<ConflictPage, StoreError> {
     let mut stmt = conn
-        .prepare_cached(
-            "SELECT id, change_id, device_id, collection, entity_id, op, data, hlc, seq, reason, fields, current, server_time
-             FROM conflicts WHERE user_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
-        )
+        .prepare_cached(&format!(
+            "SELECT {} FROM conflicts WHERE user_id = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            rows::CONFLICT_COLUMNS
+        ))
         .map_err(map_err)?;
-    let rows = stmt
+    let found = stmt
         .query_map(params![user.as_str(), since as i64, (limit + 1) as i64], |r| {
-            Ok((
-                r.get::<_, i64>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, String>(3)?,
-                r.get::<_, String>(4)?,
-                r.get::<_, String>(5)?,
-                r.get::<_, Option<String>>(6)?,
-                r.get::<_, String>(7)?,
-                r.get::<_, Option<i64>>(8)?,
-                r.get::<_, String>(9)?,
-                r.get::<_, Option<String>>(10)?,
-                r.get::<_, Option<String>>(11)?,
-                r.get::<_, i64>(12)?,
-            ))
+            Ok(ConflictRow {
+                id: r.get(0)?,
+                change_id: r.get(1)?,
+                device_id: r.get(2)?,
+                collection: r.get(3)?,
+                entity_id: r.get(4)?,
+                op: r.get(5)?,
+                data: r.get(6)?,
+                hlc: r.get(7)?,
+                seq: r.get(8)?,
+                reason: r.get(9)?,
+                fields: r.get(10)?,
+                current: r.get(11)?,
+                server_time: r.get(12)?,
+            })
         })
         .map_err(map_err)?;
     let mut records = Vec::new();
-    for row in rows {
-        let (id, change_id, device_id, collection, entity_id, op, data, hlc, seq, reason, fields, current, server_time) =
-            row.map_err(map_err)?;
-        let parse = |s: Option<String>| -> Result<Option<serde_json::Value>, StoreError> {
-            s.map(|s| serde_json::from_str(&s)).transpose().map_err(|e| corrupt(format!("conflict record: {e}")))
-        };
-        records.push(ConflictRecord {
-            id: id as u64,
-            change_id,
-            device_id,
-            collection,
-            entity_id,
-            op: Op::parse(&op).ok_or_else(|| corrupt(format!("conflict record op {op:?}")))?,
-            data: parse(data)?,
-            hlc,
-            seq: seq.map(|s| s as u64),
-            reason: parse_reason(&reason)?,
-            fields: fields
-                .map(|f| serde_json::from_str(&f))
-                .transpose()
-                .map_err(|e| corrupt(format!("conflict fields: {e}")))?,
-            current: parse(current)?,
-            server_time: server_time as u64,
-        });
+    for row in found {
+        records.push(row.map_err(map_err)?.decode()?);
     }
     let has_more = records.len() as u64 > limit;
     records.truncate(limit as usize);
     Ok(ConflictPage { records, has_more })
-}
-
-fn parse_reason(s: &str) -> Result<ConflictReason, StoreError> {
-    serde_json::from_value(serde_json::Value::String(s.to_owned()))
-        .map_err(|_| corrupt(format!("conflict reason {s:?}")))
 }
 
 /// Streams one consistent snapshot: entities, then appends, as NDJSON lines.
@@ -742,23 +703,17 @@ fn stream_snapshot(
                  ORDER BY collection, entity_id",
             )
             .map_err(map_err)?;
-        let mut rows = stmt.query([user.as_str()]).map_err(map_err)?;
-        while let Some(r) = rows.next().map_err(map_err)? {
-            chunk.extend_from_slice(b"{\"entity\":{\"collection\":");
-            json::write_str(&mut chunk, text(r, 0)?);
-            chunk.extend_from_slice(b",\"entity_id\":");
-            json::write_str(&mut chunk, text(r, 1)?);
-            chunk.extend_from_slice(b",\"data\":");
-            chunk.extend_from_slice(r.get_ref(2).map_err(map_err)?.as_bytes().map_err(corrupt)?);
-            chunk.extend_from_slice(b",\"version\":");
-            chunk.extend_from_slice(r.get::<_, i64>(3).map_err(map_err)?.to_string().as_bytes());
-            chunk.extend_from_slice(if r.get::<_, bool>(4).map_err(map_err)? {
-                b",\"deleted\":true,\"meta\":"
-            } else {
-                b",\"deleted\":false,\"meta\":"
-            });
-            chunk.extend_from_slice(r.get_ref(5).map_err(map_err)?.as_bytes().map_err(corrupt)?);
-            chunk.extend_from_slice(b"}}\n");
+        let mut found = stmt.query([user.as_str()]).map_err(map_err)?;
+        while let Some(r) = found.next().map_err(map_err)? {
+            rows::write_entity_line(
+                &mut chunk,
+                text(r, 0)?,
+                text(r, 1)?,
+                r.get_ref(2).map_err(map_err)?.as_bytes().map_err(corrupt)?,
+                r.get(3).map_err(map_err)?,
+                r.get(4).map_err(map_err)?,
+                r.get_ref(5).map_err(map_err)?.as_bytes().map_err(corrupt)?,
+            );
             if chunk.len() >= BOOTSTRAP_CHUNK_BYTES && !flush(&mut chunk) {
                 return Ok(());
             }
@@ -771,11 +726,9 @@ fn stream_snapshot(
                  FROM changes WHERE user_id = ?1 AND op = 'append' ORDER BY seq",
             )
             .map_err(map_err)?;
-        let mut rows = stmt.query([user.as_str()]).map_err(map_err)?;
-        while let Some(r) = rows.next().map_err(map_err)? {
-            chunk.extend_from_slice(b"{\"change\":");
-            write_wire_json(&mut chunk, &wire_parts(r)?);
-            chunk.extend_from_slice(b"}\n");
+        let mut found = stmt.query([user.as_str()]).map_err(map_err)?;
+        while let Some(r) = found.next().map_err(map_err)? {
+            rows::write_append_line(&mut chunk, &wire_parts(r)?);
             if chunk.len() >= BOOTSTRAP_CHUNK_BYTES && !flush(&mut chunk) {
                 return Ok(());
             }
@@ -794,20 +747,7 @@ fn read_collection_policies(conn: &mut Connection) -> Result<Vec<(String, String
 
 impl Store for SqliteStore {
     fn check_policies<'a>(&'a self, policies: &'a Policies) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            let stored = self.read(read_collection_policies).await?;
-            for (collection, policy) in stored {
-                let configured = policies.of(&collection);
-                if configured.as_str() != policy {
-                    return Err(StoreError::PolicyChanged {
-                        collection,
-                        stored: policy,
-                        configured: configured.to_string(),
-                    });
-                }
-            }
-            Ok(())
-        })
+        Box::pin(async move { rows::check_policies(self.read(read_collection_policies).await?, policies) })
     }
 
     fn push(&self, batch: PushBatch, policies: Policies) -> BoxFuture<'_, Result<PushOutcome, StoreError>> {
