@@ -100,9 +100,9 @@ fn with_base(mut change: Value, base_version: u64) -> Value {
 
 // ---------------------------------------------------------------- push basics
 
-#[tokio::test]
-async fn push_results_in_order_gapless_seqs_and_duplicates() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn push_results_in_order_gapless_seqs_and_duplicates);
+async fn push_results_in_order_gapless_seqs_and_duplicates(backend: &Backend) {
+    let server = Server::start(backend);
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     let a = push(
@@ -185,9 +185,9 @@ async fn push_results_in_order_gapless_seqs_and_duplicates() {
     assert_eq!(e["state_hash"], s["state_hash"]);
 }
 
-#[tokio::test]
-async fn concurrent_pushes_get_gapless_seqs_and_one_winner_per_change_id() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn concurrent_pushes_get_gapless_seqs_and_one_winner_per_change_id);
+async fn concurrent_pushes_get_gapless_seqs_and_one_winner_per_change_id(backend: &Backend) {
+    let server = Server::start(backend);
     let url = server.url.clone();
     let t = base();
     let mut tasks = Vec::new();
@@ -237,9 +237,9 @@ async fn concurrent_pushes_get_gapless_seqs_and_one_winner_per_change_id() {
     }
 }
 
-#[tokio::test]
-async fn stored_changes_carry_every_member_and_the_hashes_chain() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn stored_changes_carry_every_member_and_the_hashes_chain);
+async fn stored_changes_carry_every_member_and_the_hashes_chain(backend: &Backend) {
+    let server = Server::start(backend);
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     let mut hashes = vec![(ZERO64.to_owned(), ZERO64.to_owned())];
@@ -298,9 +298,9 @@ async fn stored_changes_carry_every_member_and_the_hashes_chain() {
     assert_eq!(lines[0]["state_hash"], hashes[5].0);
 }
 
-#[tokio::test]
-async fn a_refused_change_id_is_not_reserved() {
-    let server = Server::start_with(cfg("[collections.docs]\npolicy = \"reject\"\n"));
+store_test!(#[tokio::test] async fn a_refused_change_id_is_not_reserved);
+async fn a_refused_change_id_is_not_reserved(backend: &Backend) {
+    let server = Server::start_with(backend, cfg("[collections.docs]\npolicy = \"reject\"\n"));
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     let a = push(&c, url, "d", vec![with_base(upsert("r1", "docs", "d1", json!({"v": 1}), &hlc(t, 0, "d")), 0)]).await;
@@ -336,9 +336,9 @@ async fn a_refused_change_id_is_not_reserved() {
 
 // ---------------------------------------------------------------- merge policies
 
-#[tokio::test]
-async fn fields_policy_merges_field_by_field() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn fields_policy_merges_field_by_field);
+async fn fields_policy_merges_field_by_field(backend: &Backend) {
+    let server = Server::start(backend);
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     let h = |k: u64, d: &str| hlc(t + k, 0, d);
@@ -420,8 +420,8 @@ async fn fields_policy_merges_field_by_field() {
     assert_eq!(got, ["f2", "f3", "f4", "f7", "f13"], "{recs:?}");
 }
 
-#[tokio::test]
-async fn fields_policy_state_does_not_depend_on_arrival_order() {
+store_test!(#[tokio::test] async fn fields_policy_state_does_not_depend_on_arrival_order);
+async fn fields_policy_state_does_not_depend_on_arrival_order(backend: &Backend) {
     let t = base();
     let h = |k: u64, d: &str| hlc(t + k, 0, d);
     let changes = vec![
@@ -441,7 +441,7 @@ async fn fields_policy_state_does_not_depend_on_arrival_order() {
         vec![(0..changes.len()).collect(), (0..changes.len()).rev().collect(), vec![3, 7, 1, 10, 5, 0, 8, 2, 6, 9, 4]];
     let mut states = Vec::new();
     for (n, order) in orders.iter().enumerate() {
-        let server = Server::start();
+        let server = Server::start(backend);
         let c = client();
         for &i in order {
             push(&c, &server.url, "d", vec![changes[i].clone()]).await;
@@ -464,9 +464,9 @@ async fn fields_policy_state_does_not_depend_on_arrival_order() {
     assert_eq!(states[0].2[2][2], json!({"k": {"n": [1]}}), "z");
 }
 
-#[tokio::test]
-async fn entity_policy_is_whole_entity_lww() {
-    let server = Server::start_with(cfg("[collections.notes]\npolicy = \"entity\"\n"));
+store_test!(#[tokio::test] async fn entity_policy_is_whole_entity_lww);
+async fn entity_policy_is_whole_entity_lww(backend: &Backend) {
+    let server = Server::start_with(backend, cfg("[collections.notes]\npolicy = \"entity\"\n"));
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     let h = |k: u64| hlc(t + k, 0, "d");
@@ -521,9 +521,9 @@ async fn entity_policy_is_whole_entity_lww() {
     assert_eq!(got, ["n2", "n4", "n6", "n9"]);
 }
 
-#[tokio::test]
-async fn server_policy_applies_in_arrival_order_without_conflicts() {
-    let server = Server::start_with(cfg("[collections.log]\npolicy = \"server\"\n"));
+store_test!(#[tokio::test] async fn server_policy_applies_in_arrival_order_without_conflicts);
+async fn server_policy_applies_in_arrival_order_without_conflicts(backend: &Backend) {
+    let server = Server::start_with(backend, cfg("[collections.log]\npolicy = \"server\"\n"));
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     let h = |k: u64| hlc(t + k, 0, "d");
@@ -559,9 +559,9 @@ async fn server_policy_applies_in_arrival_order_without_conflicts() {
     assert!(all_conflicts(&c, url).await.is_empty());
 }
 
-#[tokio::test]
-async fn reject_policy_checks_base_version() {
-    let server = Server::start_with(cfg("[collections.docs]\npolicy = \"reject\"\n"));
+store_test!(#[tokio::test] async fn reject_policy_checks_base_version);
+async fn reject_policy_checks_base_version(backend: &Backend) {
+    let server = Server::start_with(backend, cfg("[collections.docs]\npolicy = \"reject\"\n"));
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     let h = |k: u64| hlc(t + k, 0, "d");
@@ -647,10 +647,12 @@ async fn reject_policy_checks_base_version() {
     assert_eq!(recs[2]["current"], before);
 }
 
-#[tokio::test]
-async fn default_policy_applies_to_unnamed_collections() {
-    let server =
-        Server::start_with(cfg("[server]\ndefault_policy = \"entity\"\n\n[collections.f]\npolicy = \"fields\"\n"));
+store_test!(#[tokio::test] async fn default_policy_applies_to_unnamed_collections);
+async fn default_policy_applies_to_unnamed_collections(backend: &Backend) {
+    let server = Server::start_with(
+        backend,
+        cfg("[server]\ndefault_policy = \"entity\"\n\n[collections.f]\npolicy = \"fields\"\n"),
+    );
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     for coll in ["other", "f"] {
@@ -668,9 +670,9 @@ async fn default_policy_applies_to_unnamed_collections() {
 
 // ---------------------------------------------------------------- append
 
-#[tokio::test]
-async fn append_is_logged_but_never_touches_entity_state() {
-    let server = Server::start_with(cfg("[collections.docs]\npolicy = \"reject\"\n"));
+store_test!(#[tokio::test] async fn append_is_logged_but_never_touches_entity_state);
+async fn append_is_logged_but_never_touches_entity_state(backend: &Backend) {
+    let server = Server::start_with(backend, cfg("[collections.docs]\npolicy = \"reject\"\n"));
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     push(&c, url, "d", vec![upsert("u1", "tasks", "e", json!({"a": 1}), &hlc(t + 10, 0, "d"))]).await;
@@ -720,14 +722,13 @@ async fn append_is_logged_but_never_touches_entity_state() {
 
 // ---------------------------------------------------------------- fixed policies
 
-/// Starts `deltasync serve` on `db` with `config` and expects it to exit with a failure.
-fn spawn_expect_failure(db: &Path, config: &str) -> (ExitStatus, String, String) {
+/// Starts `deltasync serve` on `database` (a `--database` URL) with `config` and expects it to exit with a failure.
+fn spawn_expect_failure(database: &str, config: &str) -> (ExitStatus, String, String) {
     let dir = tempfile::tempdir().unwrap();
     let cfg_path = dir.path().join("config.toml");
     std::fs::write(&cfg_path, config).unwrap();
     let mut child = Command::new(binary())
-        .args(["serve", "--listen", "127.0.0.1:0", "--database"])
-        .arg(format!("sqlite://{}", db.display()))
+        .args(["serve", "--listen", "127.0.0.1:0", "--database", database])
         .arg("--config")
         .arg(&cfg_path)
         .env("RUST_LOG", "warn")
@@ -755,11 +756,11 @@ fn spawn_expect_failure(db: &Path, config: &str) -> (ExitStatus, String, String)
     (out.status, String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
 
-#[tokio::test]
-async fn a_collections_policy_is_fixed_once_it_has_changes() {
+store_test!(#[tokio::test] async fn a_collections_policy_is_fixed_once_it_has_changes);
+async fn a_collections_policy_is_fixed_once_it_has_changes(backend: &Backend) {
     let first = "[collections.notes]\npolicy = \"entity\"\n\n[collections.refused]\npolicy = \"reject\"\n";
-    let mut server = Server::start_with(cfg(first));
-    let db = server.db.clone();
+    let mut server = Server::start_with(backend, cfg(first));
+    let database = server.database.clone();
     let c = client();
     let t = base();
     let a = push(
@@ -777,7 +778,7 @@ async fn a_collections_policy_is_fixed_once_it_has_changes() {
     assert!(server.terminate().success());
 
     let refuses = |config: &str, collection: &str| {
-        let (status, _stdout, stderr) = spawn_expect_failure(&db, config);
+        let (status, _stdout, stderr) = spawn_expect_failure(&database, config);
         assert!(!status.success(), "started with {config:?}");
         assert!(
             stderr.contains(collection),
@@ -794,26 +795,31 @@ async fn a_collections_policy_is_fixed_once_it_has_changes() {
     // Same effective policies (tasks named explicitly; refused has no changes) start fine.
     let same = "[server]\ndefault_policy = \"server\"\n\n[collections.notes]\npolicy = \"entity\"\n\n\
                 [collections.tasks]\npolicy = \"fields\"\n\n[collections.fresh]\npolicy = \"reject\"\n";
-    let mut again =
-        Server::start_with(Options { db: Some(db.clone()), config: Some(same.into()), ..Options::default() });
+    let mut again = Server::start_with(
+        backend,
+        Options { database: Some(database.clone()), config: Some(same.into()), ..Options::default() },
+    );
     let s = status(&c, &again.url).await;
     assert_eq!(s["head"], 2);
     assert!(again.terminate().success());
     // And the unchanged configuration restarts fine.
-    let again = Server::start_with(Options { db: Some(db.clone()), config: Some(first.into()), ..Options::default() });
+    let again = Server::start_with(
+        backend,
+        Options { database: Some(database.clone()), config: Some(first.into()), ..Options::default() },
+    );
     assert_eq!(status(&c, &again.url).await["head"], 2);
     drop(server);
 }
 
-#[tokio::test]
-async fn a_refused_policy_change_never_announces_listening() {
+store_test!(#[tokio::test] async fn a_refused_policy_change_never_announces_listening);
+async fn a_refused_policy_change_never_announces_listening(backend: &Backend) {
     // A server that refuses to start must not first print `deltasync listening on …`:
     // scripts and supervisors (and this harness) take that line as "started".
-    let mut server = Server::start_with(cfg("[collections.notes]\npolicy = \"entity\"\n"));
+    let mut server = Server::start_with(backend, cfg("[collections.notes]\npolicy = \"entity\"\n"));
     let c = client();
     push(&c, &server.url, "d", vec![upsert("p1", "notes", "n", json!({"a": 1}), &hlc(base(), 0, "d"))]).await;
     assert!(server.terminate().success());
-    let (status, stdout, stderr) = spawn_expect_failure(&server.db, "[collections.notes]\npolicy = \"server\"\n");
+    let (status, stdout, stderr) = spawn_expect_failure(&server.database, "[collections.notes]\npolicy = \"server\"\n");
     assert!(!status.success());
     assert!(stderr.contains("notes"), "{stderr}");
     assert!(!stdout.contains("listening"), "announced listening before refusing to start; stdout: {stdout:?}");
@@ -821,9 +827,9 @@ async fn a_refused_policy_change_never_announces_listening() {
 
 // ---------------------------------------------------------------- clock skew
 
-#[tokio::test]
-async fn clock_skew_is_refused_without_consuming_a_seq() {
-    let server = Server::start_with(cfg("[server]\nmax_clock_drift_ms = 1000\n"));
+store_test!(#[tokio::test] async fn clock_skew_is_refused_without_consuming_a_seq);
+async fn clock_skew_is_refused_without_consuming_a_seq(backend: &Backend) {
+    let server = Server::start_with(backend, cfg("[server]\nmax_clock_drift_ms = 1000\n"));
     let (c, url) = (client(), server.url.as_str());
     let now = now_ms();
     let a = push(
@@ -856,9 +862,9 @@ async fn clock_skew_is_refused_without_consuming_a_seq() {
 
 // ---------------------------------------------------------------- conflicts endpoint
 
-#[tokio::test]
-async fn conflict_records_hold_the_losing_change_in_full() {
-    let server = Server::start_with(cfg("[collections.docs]\npolicy = \"reject\"\n"));
+store_test!(#[tokio::test] async fn conflict_records_hold_the_losing_change_in_full);
+async fn conflict_records_hold_the_losing_change_in_full(backend: &Backend) {
+    let server = Server::start_with(backend, cfg("[collections.docs]\npolicy = \"reject\"\n"));
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     push(&c, url, "A", vec![upsert("w1", "tasks", "e", json!({"a": 1, "b": 1}), &hlc(t + 10, 0, "A"))]).await;
@@ -948,9 +954,9 @@ async fn conflict_records_hold_the_losing_change_in_full() {
     assert_eq!((far["conflicts"].clone(), far["cursor"].clone()), (json!([]), json!(999)));
 }
 
-#[tokio::test]
-async fn conflicts_limit_defaults_to_100_and_is_clamped_to_1000() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn conflicts_limit_defaults_to_100_and_is_clamped_to_1000);
+async fn conflicts_limit_defaults_to_100_and_is_clamped_to_1000(backend: &Backend) {
+    let server = Server::start(backend);
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     push(&c, url, "w", vec![upsert("win", "tasks", "e", json!({"a": 0}), &hlc(t + 10_000, 0, "w"))]).await;
@@ -977,9 +983,9 @@ async fn conflicts_limit_defaults_to_100_and_is_clamped_to_1000() {
 
 // ---------------------------------------------------------------- pull
 
-#[tokio::test]
-async fn pull_pages_in_order_with_cursor_and_has_more() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn pull_pages_in_order_with_cursor_and_has_more);
+async fn pull_pages_in_order_with_cursor_and_has_more(backend: &Backend) {
+    let server = Server::start(backend);
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     let mut hashes = vec![ZERO64.to_owned()];
@@ -1027,7 +1033,7 @@ async fn pull_pages_in_order_with_cursor_and_has_more() {
     assert_eq!(p["cursor"], 5);
     assert_eq!(p["changes"][0]["data"], json!({"i": 1}));
     // Empty dataset.
-    let empty = Server::start();
+    let empty = Server::start(backend);
     let (_, p) = get(&c, &empty.url, "/v1/pull?device_id=r").await;
     assert_eq!(p["changes"], json!([]));
     assert_eq!((p["cursor"].as_u64(), p["has_more"].as_bool()), (Some(0), Some(false)));
@@ -1035,9 +1041,9 @@ async fn pull_pages_in_order_with_cursor_and_has_more() {
     assert_eq!(p["state_digest"], ZERO64);
 }
 
-#[tokio::test]
-async fn pull_limit_defaults_to_1000_and_is_clamped_to_10000() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn pull_limit_defaults_to_1000_and_is_clamped_to_10000);
+async fn pull_limit_defaults_to_1000_and_is_clamped_to_10000(backend: &Backend) {
+    let server = Server::start(backend);
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     for b in 0..11u64 {
@@ -1064,10 +1070,10 @@ async fn pull_limit_defaults_to_1000_and_is_clamped_to_10000() {
     assert_eq!(p["cursor"], 10_000);
 }
 
-#[tokio::test]
-async fn limits_and_waits_beyond_64_bits_are_clamped_not_refused() {
+store_test!(#[tokio::test] async fn limits_and_waits_beyond_64_bits_are_clamped_not_refused);
+async fn limits_and_waits_beyond_64_bits_are_clamped_not_refused(backend: &Backend) {
     // §6: a limit or wait above its maximum is clamped; only zero, negative or non-integer is a 400.
-    let server = Server::start();
+    let server = Server::start(backend);
     let (c, url) = (client(), server.url.as_str());
     push(&c, url, "w", vec![upsert("c1", "tasks", "e", json!({"a": 1}), &hlc(base(), 0, "w"))]).await;
     let huge = "100000000000000000000";
@@ -1091,9 +1097,9 @@ async fn limits_and_waits_beyond_64_bits_are_clamped_not_refused() {
     assert!(refused.is_empty(), "limits above the maximum must be clamped:\n{}", refused.join("\n"));
 }
 
-#[tokio::test]
-async fn pull_wait_returns_as_soon_as_a_change_arrives() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn pull_wait_returns_as_soon_as_a_change_arrives);
+async fn pull_wait_returns_as_soon_as_a_change_arrives(backend: &Backend) {
+    let server = Server::start(backend);
     let (c, url) = (client(), server.url.clone());
     push(&c, &url, "w", vec![upsert("c1", "tasks", "e", json!({"a": 1}), &hlc(base(), 0, "w"))]).await;
     let waiter = {
@@ -1131,9 +1137,9 @@ async fn pull_wait_returns_as_soon_as_a_change_arrives() {
 
 // ---------------------------------------------------------------- 410
 
-#[tokio::test]
-async fn cursor_above_head_is_reset_required_and_sync_applies_nothing() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn cursor_above_head_is_reset_required_and_sync_applies_nothing);
+async fn cursor_above_head_is_reset_required_and_sync_applies_nothing(backend: &Backend) {
+    let server = Server::start(backend);
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     push(
@@ -1175,9 +1181,9 @@ async fn cursor_above_head_is_reset_required_and_sync_applies_nothing() {
 
 // ---------------------------------------------------------------- sync
 
-#[tokio::test]
-async fn sync_pushes_then_pulls_leaving_out_its_own_changes() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn sync_pushes_then_pulls_leaving_out_its_own_changes);
+async fn sync_pushes_then_pulls_leaving_out_its_own_changes(backend: &Backend) {
+    let server = Server::start(backend);
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     push(
@@ -1265,9 +1271,9 @@ fn device<'a>(status: &'a Value, id: &str) -> &'a Value {
         .unwrap_or_else(|| panic!("device {id} not registered: {status}"))
 }
 
-#[tokio::test]
-async fn device_cursors_are_the_highest_given() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn device_cursors_are_the_highest_given);
+async fn device_cursors_are_the_highest_given(backend: &Backend) {
+    let server = Server::start(backend);
     let (c, url) = (client(), server.url.as_str());
     let t = base();
     let started = now_ms();
@@ -1299,12 +1305,13 @@ async fn device_cursors_are_the_highest_given() {
     assert_eq!(s["devices"].as_array().unwrap().len(), want.len(), "{s}");
 }
 
-#[tokio::test]
-async fn status_reports_user_head_hashes_horizon_and_policies() {
-    let server = Server::start_with(cfg(
-        "[server]\ndefault_policy = \"server\"\n\n[collections.notes]\npolicy = \"entity\"\n\n\
-         [collections.docs]\npolicy = \"reject\"\n",
-    ));
+store_test!(#[tokio::test] async fn status_reports_user_head_hashes_horizon_and_policies);
+async fn status_reports_user_head_hashes_horizon_and_policies(backend: &Backend) {
+    let server = Server::start_with(
+        backend,
+        cfg("[server]\ndefault_policy = \"server\"\n\n[collections.notes]\npolicy = \"entity\"\n\n\
+         [collections.docs]\npolicy = \"reject\"\n"),
+    );
     let (c, url) = (client(), server.url.as_str());
     let s = status(&c, url).await;
     assert_eq!(s["user_id"], "local");
@@ -1324,15 +1331,15 @@ async fn status_reports_user_head_hashes_horizon_and_policies() {
     assert_eq!(s["horizon"], 0);
     // Collections only used, not configured, are not listed.
     assert_eq!(s["policies"]["collections"], json!({"notes": "entity", "docs": "reject"}));
-    let plain = Server::start();
+    let plain = Server::start(backend);
     assert_eq!(status(&c, &plain.url).await["policies"], json!({"default": "fields", "collections": {}}));
 }
 
 // ---------------------------------------------------------------- bootstrap
 
-#[tokio::test]
-async fn bootstrap_streams_header_entities_appends_and_end() {
-    let server = Server::start_with(cfg("[collections.notes]\npolicy = \"entity\"\n"));
+store_test!(#[tokio::test] async fn bootstrap_streams_header_entities_appends_and_end);
+async fn bootstrap_streams_header_entities_appends_and_end(backend: &Backend) {
+    let server = Server::start_with(backend, cfg("[collections.notes]\npolicy = \"entity\"\n"));
     let (c, url) = (client(), server.url.as_str());
     // Empty dataset.
     let r = c.get(format!("{url}/v1/bootstrap")).send().await.unwrap();
@@ -1405,9 +1412,9 @@ async fn bootstrap_streams_header_entities_appends_and_end() {
 
 // ---------------------------------------------------------------- plumbing
 
-#[tokio::test]
-async fn healthz_unknown_paths_and_wrong_methods() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn healthz_unknown_paths_and_wrong_methods);
+async fn healthz_unknown_paths_and_wrong_methods(backend: &Backend) {
+    let server = Server::start(backend);
     let (c, url) = (client(), server.url.as_str());
     let r = c.get(format!("{url}/healthz")).send().await.unwrap();
     assert_eq!(r.status().as_u16(), 200);
@@ -1464,10 +1471,10 @@ async fn as_user(token: &str, req: reqwest::RequestBuilder) -> (u16, Value) {
     (s, serde_json::from_str(&text).unwrap_or(Value::String(text)))
 }
 
-#[tokio::test]
-async fn jwt_auth_refuses_bad_tokens_and_separates_users() {
+store_test!(#[tokio::test] async fn jwt_auth_refuses_bad_tokens_and_separates_users);
+async fn jwt_auth_refuses_bad_tokens_and_separates_users(backend: &Backend) {
     const SECRET: &str = "s3cret-alpha";
-    let server = Server::start_with(Options { jwt_secret: Some(SECRET.into()), ..Options::default() });
+    let server = Server::start_with(backend, Options { jwt_secret: Some(SECRET.into()), ..Options::default() });
     let (c, url) = (client(), server.url.as_str());
     let alice = mint("alice", &server.secret_file());
     let bob = mint("bob", &server.secret_file());

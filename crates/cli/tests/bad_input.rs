@@ -11,8 +11,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const CONFIG: &str = "[server]\nmax_batch = 3\nmax_data_bytes = 100\nmax_body_bytes = 2000\n";
 
-fn start() -> Server {
-    Server::start_with(Options { config: Some(CONFIG.into()), ..Options::default() })
+fn start(backend: &Backend) -> Server {
+    Server::start_with(backend, Options { config: Some(CONFIG.into()), ..Options::default() })
 }
 
 fn stamp(k: u64) -> String {
@@ -191,9 +191,9 @@ fn bad_changes() -> Vec<(String, String)> {
     v
 }
 
-#[tokio::test]
-async fn every_bad_change_is_refused_whole_on_push_and_sync() {
-    let server = start();
+store_test!(#[tokio::test] async fn every_bad_change_is_refused_whole_on_push_and_sync);
+async fn every_bad_change_is_refused_whole_on_push_and_sync(backend: &Backend) {
+    let server = start(backend);
     let (c, url) = (client(), server.url.as_str());
     seed(&c, url).await;
     let before = snapshot(&c, url).await;
@@ -229,9 +229,9 @@ async fn every_bad_change_is_refused_whole_on_push_and_sync() {
     assert_eq!(snapshot(&c, url).await, before);
 }
 
-#[tokio::test]
-async fn a_batch_with_only_its_last_change_bad_writes_nothing() {
-    let server = start();
+store_test!(#[tokio::test] async fn a_batch_with_only_its_last_change_bad_writes_nothing);
+async fn a_batch_with_only_its_last_change_bad_writes_nothing(backend: &Backend) {
+    let server = start(backend);
     let (c, url) = (client(), server.url.as_str());
     seed(&c, url).await;
     let before = snapshot(&c, url).await;
@@ -265,9 +265,9 @@ async fn a_batch_with_only_its_last_change_bad_writes_nothing() {
     assert_eq!(a["results"][1]["status"], "applied");
 }
 
-#[tokio::test]
-async fn malformed_bodies_are_refused() {
-    let server = start();
+store_test!(#[tokio::test] async fn malformed_bodies_are_refused);
+async fn malformed_bodies_are_refused(backend: &Backend) {
+    let server = start(backend);
     let (c, url) = (client(), server.url.as_str());
     seed(&c, url).await;
     let before = snapshot(&c, url).await;
@@ -322,9 +322,9 @@ async fn malformed_bodies_are_refused() {
     assert_eq!(snapshot(&c, url).await, before);
 }
 
-#[tokio::test]
-async fn wrong_content_types_are_refused() {
-    let server = start();
+store_test!(#[tokio::test] async fn wrong_content_types_are_refused);
+async fn wrong_content_types_are_refused(backend: &Backend) {
+    let server = start(backend);
     let (c, url) = (client(), server.url.as_str());
     seed(&c, url).await;
     let before = snapshot(&c, url).await;
@@ -347,9 +347,9 @@ async fn wrong_content_types_are_refused() {
     assert_eq!(s, 200, "{text}");
 }
 
-#[tokio::test]
-async fn boundary_values_are_accepted() {
-    let server = start();
+store_test!(#[tokio::test] async fn boundary_values_are_accepted);
+async fn boundary_values_are_accepted(backend: &Backend) {
+    let server = start(backend);
     let (c, url) = (client(), server.url.as_str());
     let accepted = |changes: Vec<Value>| {
         let (c, url) = (c.clone(), url.to_owned());
@@ -388,9 +388,9 @@ async fn boundary_values_are_accepted() {
     assert_eq!(st["head"], 10);
 }
 
-#[tokio::test]
-async fn limits_answer_413_naming_the_key() {
-    let server = start();
+store_test!(#[tokio::test] async fn limits_answer_413_naming_the_key);
+async fn limits_answer_413_naming_the_key(backend: &Backend) {
+    let server = start(backend);
     let (c, url) = (client(), server.url.as_str());
     seed(&c, url).await;
     let before = snapshot(&c, url).await;
@@ -440,9 +440,9 @@ fn padded_push(len: usize) -> Vec<u8> {
     body
 }
 
-#[tokio::test]
-async fn oversized_bodies_get_a_readable_413() {
-    let server = start();
+store_test!(#[tokio::test] async fn oversized_bodies_get_a_readable_413);
+async fn oversized_bodies_get_a_readable_413(backend: &Backend) {
+    let server = start(backend);
     let (c, url) = (client(), server.url.as_str());
     seed(&c, url).await;
     let before = snapshot(&c, url).await;
@@ -504,9 +504,9 @@ async fn raw_http(addr: &str, request: &[u8], timeout: Duration) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-#[tokio::test]
-async fn expect_100_continue_over_the_limit_is_answered_without_the_body() {
-    let server = start();
+store_test!(#[tokio::test] async fn expect_100_continue_over_the_limit_is_answered_without_the_body);
+async fn expect_100_continue_over_the_limit_is_answered_without_the_body(backend: &Backend) {
+    let server = start(backend);
     let c = client();
     seed(&c, &server.url).await;
     let before = snapshot(&c, &server.url).await;
@@ -543,9 +543,9 @@ async fn expect_100_continue_over_the_limit_is_answered_without_the_body() {
     assert_eq!(st["head"], before["status"]["head"].as_u64().unwrap() + 1);
 }
 
-#[tokio::test]
-async fn bad_query_parameters_are_refused() {
-    let server = start();
+store_test!(#[tokio::test] async fn bad_query_parameters_are_refused);
+async fn bad_query_parameters_are_refused(backend: &Backend) {
+    let server = start(backend);
     let (c, url) = (client(), server.url.as_str());
     seed(&c, url).await;
     let before = snapshot(&c, url).await;

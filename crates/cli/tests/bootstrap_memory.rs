@@ -38,9 +38,12 @@ fn data_of(i: usize) -> Value {
     json!({"title": format!("entity {i}"), "n": i, "body": body_of(i)})
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn bootstrap_of_200k_entities_streams_with_bounded_memory() {
-    let server = Server::start();
+store_test!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn bootstrap_of_200k_entities_streams_with_bounded_memory
+);
+async fn bootstrap_of_200k_entities_streams_with_bounded_memory(backend: &Backend) {
+    let server = Server::start(backend);
     let url = server.url.clone();
 
     // Load: 200 pushes of 1000 upserts from 4 concurrent devices.

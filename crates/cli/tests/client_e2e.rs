@@ -8,8 +8,8 @@ mod common;
 
 use std::collections::HashMap;
 
-use common::Server;
 use common::devices::*;
+use common::{Backend, Server};
 use serde_json::{Value, json};
 
 /// `list` output for `(id, data)` pairs, in the given order.
@@ -25,8 +25,8 @@ fn pending_ids(d: &Device) -> Vec<String> {
 /// Three devices write offline (same and different entities and fields, deletes,
 /// revivals), then sync in `order` (indices into [A, B, C]) after a restart.
 /// `expected_lost[i]` is what device i's first sync must report as lost.
-fn offline_scenario(order: &[usize], expected_lost: [Vec<Lost>; 3]) {
-    let mut server = Server::start();
+fn offline_scenario(backend: &Backend, order: &[usize], expected_lost: [Vec<Lost>; 3]) {
+    let mut server = Server::start(backend);
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     let b = Device::new(dir.path(), "b");
@@ -182,9 +182,10 @@ fn offline_scenario(order: &[usize], expected_lost: [Vec<Lost>; 3]) {
     assert_eq!(log.len(), 4 + steps.len(), "the log holds the base and every offline write");
 }
 
-#[test]
-fn offline_writes_on_three_devices_converge_syncing_a_b_c_a_b() {
+store_test!(#[test] fn offline_writes_on_three_devices_converge_syncing_a_b_c_a_b);
+fn offline_writes_on_three_devices_converge_syncing_a_b_c_a_b(backend: &Backend) {
     offline_scenario(
+        backend,
         &[0, 1, 2, 0, 1],
         [
             vec![],
@@ -195,9 +196,10 @@ fn offline_writes_on_three_devices_converge_syncing_a_b_c_a_b() {
     );
 }
 
-#[test]
-fn offline_writes_on_three_devices_converge_syncing_c_a_b_c_a() {
+store_test!(#[test] fn offline_writes_on_three_devices_converge_syncing_c_a_b_c_a);
+fn offline_writes_on_three_devices_converge_syncing_c_a_b_c_a(backend: &Backend) {
     offline_scenario(
+        backend,
         &[2, 0, 1, 2, 0],
         [
             // A's title (1) loses to C's (3), its z (8) to C's delete (9), its k (14) to C's (15).
@@ -213,12 +215,12 @@ fn offline_writes_on_three_devices_converge_syncing_c_a_b_c_a() {
     );
 }
 
-#[test]
-fn reject_policy_refuses_the_second_offline_edit_and_keeps_it_as_failed() {
-    let mut server = Server::start_with(common::Options {
-        config: Some("[collections.docs]\npolicy = \"reject\"\n".into()),
-        ..Default::default()
-    });
+store_test!(#[test] fn reject_policy_refuses_the_second_offline_edit_and_keeps_it_as_failed);
+fn reject_policy_refuses_the_second_offline_edit_and_keeps_it_as_failed(backend: &Backend) {
+    let mut server = Server::start_with(
+        backend,
+        common::Options { config: Some("[collections.docs]\npolicy = \"reject\"\n".into()), ..Default::default() },
+    );
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     let b = Device::new(dir.path(), "b");
@@ -328,12 +330,12 @@ fn reject_policy_refuses_the_second_offline_edit_and_keeps_it_as_failed() {
     assert_eq!(b.get("docs", "d1"), Some(json!({"title": "C2", "body": "y2"})));
 }
 
-#[test]
-fn entity_policy_keeps_the_newest_whole_change() {
-    let server = Server::start_with(common::Options {
-        config: Some("[collections.notes]\npolicy = \"entity\"\n".into()),
-        ..Default::default()
-    });
+store_test!(#[test] fn entity_policy_keeps_the_newest_whole_change);
+fn entity_policy_keeps_the_newest_whole_change(backend: &Backend) {
+    let server = Server::start_with(
+        backend,
+        common::Options { config: Some("[collections.notes]\npolicy = \"entity\"\n".into()), ..Default::default() },
+    );
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     let b = Device::new(dir.path(), "b");
@@ -377,8 +379,8 @@ fn entity_policy_keeps_the_newest_whole_change() {
 /// Two devices share `e1 = {x: "0", y: "0"}`; A edits x (pending) and B edits
 /// x and y, B's edit `b_newer` than A's or not, and B syncs first. A's edit
 /// shows on A until its sync, then LWW decides.
-fn pending_edit_meets_a_pull(b_newer: bool) {
-    let server = Server::start();
+fn pending_edit_meets_a_pull(backend: &Backend, b_newer: bool) {
+    let server = Server::start(backend);
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     let b = Device::new(dir.path(), "b");
@@ -419,26 +421,26 @@ fn pending_edit_meets_a_pull(b_newer: bool) {
     assert_converged(&[&a, &b], &server.url, None, &[("items", Some(listing(&[("e1", expected)])))]);
 }
 
-#[test]
-fn a_pending_edit_loses_to_a_newer_remote_edit_pulled_at_sync() {
-    pending_edit_meets_a_pull(true);
+store_test!(#[test] fn a_pending_edit_loses_to_a_newer_remote_edit_pulled_at_sync);
+fn a_pending_edit_loses_to_a_newer_remote_edit_pulled_at_sync(backend: &Backend) {
+    pending_edit_meets_a_pull(backend, true);
 }
 
-#[test]
-fn a_pending_edit_wins_over_an_older_remote_edit_pulled_at_sync() {
-    pending_edit_meets_a_pull(false);
+store_test!(#[test] fn a_pending_edit_wins_over_an_older_remote_edit_pulled_at_sync);
+fn a_pending_edit_wins_over_an_older_remote_edit_pulled_at_sync(backend: &Backend) {
+    pending_edit_meets_a_pull(backend, false);
 }
 
+store_test!(#[test] fn pending_edits_survive_pulls_of_the_same_entity_and_merge_by_lww);
 /// A's edits of e3 and e4 wait behind changes the server refuses (data over its
 /// `max_data_bytes`), so several syncs pull B's edits of the same entities while
 /// A's stay pending; reads merge them by LWW all along, and once the refused
 /// changes are set aside as failed, A's edits go and end as LWW says.
-#[test]
-fn pending_edits_survive_pulls_of_the_same_entity_and_merge_by_lww() {
-    let server = Server::start_with(common::Options {
-        config: Some("[server]\nmax_data_bytes = 512\n".into()),
-        ..Default::default()
-    });
+fn pending_edits_survive_pulls_of_the_same_entity_and_merge_by_lww(backend: &Backend) {
+    let server = Server::start_with(
+        backend,
+        common::Options { config: Some("[server]\nmax_data_bytes = 512\n".into()), ..Default::default() },
+    );
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     let b = Device::new(dir.path(), "b");
@@ -509,9 +511,10 @@ fn pending_edits_survive_pulls_of_the_same_entity_and_merge_by_lww() {
     assert_eq!(lost_changes.len(), 3, "sync report `lost` omits changes counted in `conflicts`: {r}");
 }
 
-#[test]
-fn jwt_auth_token_flag_and_environment_fallbacks() {
-    let server = Server::start_with(common::Options { jwt_secret: Some("e2e-secret".into()), ..Default::default() });
+store_test!(#[test] fn jwt_auth_token_flag_and_environment_fallbacks);
+fn jwt_auth_token_flag_and_environment_fallbacks(backend: &Backend) {
+    let server =
+        Server::start_with(backend, common::Options { jwt_secret: Some("e2e-secret".into()), ..Default::default() });
     let secret = server.secret_file();
     let mint = |user: &str| {
         let (status, out, err) = common::run_cli(&["token", "--user", user, "--secret-file", secret.to_str().unwrap()]);
@@ -573,9 +576,9 @@ fn jwt_auth_token_flag_and_environment_fallbacks() {
     assert_eq!(b.status()["state_hash"], st["state_hash"]);
 }
 
-#[test]
-fn put_patch_delete_get_list_follow_the_command_line_contract() {
-    let server = Server::start();
+store_test!(#[test] fn put_patch_delete_get_list_follow_the_command_line_contract);
+fn put_patch_delete_get_list_follow_the_command_line_contract(backend: &Backend) {
+    let server = Server::start(backend);
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     let outbox_len = || a.export_pending().len();
@@ -678,9 +681,9 @@ fn put_patch_delete_get_list_follow_the_command_line_contract() {
     assert_eq!(a.run(None, &["list", "bad collection!"]).error()["error"], "invalid_input");
 }
 
-#[test]
-fn a_device_far_behind_syncs_across_several_verified_pages() {
-    let server = Server::start();
+store_test!(#[test] fn a_device_far_behind_syncs_across_several_verified_pages);
+fn a_device_far_behind_syncs_across_several_verified_pages(backend: &Backend) {
+    let server = Server::start(backend);
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     a.put("bulk", "mine", json!({"v": 0}));
@@ -734,12 +737,12 @@ fn a_device_far_behind_syncs_across_several_verified_pages() {
     assert_converged(&[&a, &b], &server.url, None, &[("bulk", None)]);
 }
 
+store_test!(#[test] fn numbers_read_the_same_on_every_device_after_sync);
 /// Numbers are values, not literals (§3: each is taken as the nearest double):
 /// once synced, the device that wrote `1.50` must read what every other device
 /// reads, so that `get` and `list` print the same text everywhere.
-#[test]
-fn numbers_read_the_same_on_every_device_after_sync() {
-    let server = Server::start();
+fn numbers_read_the_same_on_every_device_after_sync(backend: &Backend) {
+    let server = Server::start(backend);
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     let b = Device::new(dir.path(), "b");

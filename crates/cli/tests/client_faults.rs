@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::devices::*;
-use common::{Server, now_ms};
+use common::{Backend, Server, now_ms};
 use deltasync_protocol::StateDigest;
 use deltasync_protocol::digest::entity_hash;
 use serde_json::{Map, Value, json};
@@ -93,9 +93,9 @@ fn log_counts(url: &str) -> HashMap<String, usize> {
     counts
 }
 
-#[test]
-fn a_push_whose_answer_is_lost_after_commit_is_retried_and_answered_duplicate() {
-    let server = Server::start();
+store_test!(#[test] fn a_push_whose_answer_is_lost_after_commit_is_retried_and_answered_duplicate);
+fn a_push_whose_answer_is_lost_after_commit_is_retried_and_answered_duplicate(backend: &Backend) {
+    let server = Server::start(backend);
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     let b = Device::new(dir.path(), "b");
@@ -156,9 +156,9 @@ impl Rng {
     }
 }
 
-#[test]
-fn client_processes_killed_around_a_write_lose_nothing_acknowledged_and_half_write_nothing() {
-    let server = Server::start();
+store_test!(#[test] fn client_processes_killed_around_a_write_lose_nothing_acknowledged_and_half_write_nothing);
+fn client_processes_killed_around_a_write_lose_nothing_acknowledged_and_half_write_nothing(backend: &Backend) {
+    let server = Server::start(backend);
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     let b = Device::new(dir.path(), "b");
@@ -331,9 +331,9 @@ fn two_synced_devices(server: &Server, dir: &std::path::Path) -> (Device, Device
     (a, b, late)
 }
 
-#[test]
-fn a_tampered_state_hash_is_detected_and_healed_keeping_pending_changes() {
-    let server = Server::start();
+store_test!(#[test] fn a_tampered_state_hash_is_detected_and_healed_keeping_pending_changes);
+fn a_tampered_state_hash_is_detected_and_healed_keeping_pending_changes(backend: &Backend) {
+    let server = Server::start(backend);
     let dir = tempfile::tempdir().unwrap();
     let (a, b, late) = two_synced_devices(&server, dir.path());
     let good = a.meta("state_hash").unwrap();
@@ -344,9 +344,9 @@ fn a_tampered_state_hash_is_detected_and_healed_keeping_pending_changes() {
     heal_and_check(&server, &a, &b, &late, "hash");
 }
 
-#[test]
-fn tampered_entity_data_with_a_matching_local_digest_is_detected_and_healed() {
-    let server = Server::start();
+store_test!(#[test] fn tampered_entity_data_with_a_matching_local_digest_is_detected_and_healed);
+fn tampered_entity_data_with_a_matching_local_digest_is_detected_and_healed(backend: &Backend) {
+    let server = Server::start(backend);
     let dir = tempfile::tempdir().unwrap();
     let (a, b, late) = two_synced_devices(&server, dir.path());
 
@@ -378,18 +378,18 @@ fn tampered_entity_data_with_a_matching_local_digest_is_detected_and_healed() {
     assert_eq!(a.get("tasks", "t1"), Some(json!({"v": 1, "title": "one"})), "the tampered data survived the heal");
 }
 
-#[test]
-fn a_tampered_digest_alone_is_detected_and_healed() {
-    let server = Server::start();
+store_test!(#[test] fn a_tampered_digest_alone_is_detected_and_healed);
+fn a_tampered_digest_alone_is_detected_and_healed(backend: &Backend) {
+    let server = Server::start(backend);
     let dir = tempfile::tempdir().unwrap();
     let (a, b, late) = two_synced_devices(&server, dir.path());
     a.sqlite().execute("UPDATE meta SET value = ?1 WHERE key = 'state_digest'", [&"ab".repeat(32)]).unwrap();
     heal_and_check(&server, &a, &b, &late, "digest");
 }
 
-#[test]
-fn a_change_stamped_by_a_clock_far_ahead_is_restamped_and_delivered() {
-    let server = Server::start();
+store_test!(#[test] fn a_change_stamped_by_a_clock_far_ahead_is_restamped_and_delivered);
+fn a_change_stamped_by_a_clock_far_ahead_is_restamped_and_delivered(backend: &Backend) {
+    let server = Server::start(backend);
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     let b = Device::new(dir.path(), "b");
@@ -427,9 +427,9 @@ fn a_change_stamped_by_a_clock_far_ahead_is_restamped_and_delivered() {
     assert_converged(&[&a, &b], &server.url, None, &[("tasks", None)]);
 }
 
-#[test]
-fn a_server_that_lost_its_data_makes_the_client_rebootstrap_and_resend_pending_changes() {
-    let mut old = Server::start();
+store_test!(#[test] fn a_server_that_lost_its_data_makes_the_client_rebootstrap_and_resend_pending_changes);
+fn a_server_that_lost_its_data_makes_the_client_rebootstrap_and_resend_pending_changes(backend: &Backend) {
+    let mut old = Server::start(backend);
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     a.put("tasks", "t1", json!({"v": 1}));
@@ -438,7 +438,7 @@ fn a_server_that_lost_its_data_makes_the_client_rebootstrap_and_resend_pending_c
     old.kill();
 
     // A new, empty server: A's cursor (2) is above its head (0).
-    let server = Server::start();
+    let server = Server::start(backend);
     a.patch("tasks", "t3", json!({"v": 3}));
     let r = a.sync(&server.url);
     assert_eq!(r["healed"], true, "{r}");
@@ -455,9 +455,9 @@ fn a_server_that_lost_its_data_makes_the_client_rebootstrap_and_resend_pending_c
     assert_eq!((r["healed"].clone(), r["verified"].clone()), (json!(false), json!(true)), "{r}");
 }
 
-#[test]
-fn concurrent_sync_processes_on_one_database_deliver_each_change_once() {
-    let server = Server::start();
+store_test!(#[test] fn concurrent_sync_processes_on_one_database_deliver_each_change_once);
+fn concurrent_sync_processes_on_one_database_deliver_each_change_once(backend: &Backend) {
+    let server = Server::start(backend);
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     let b = Device::new(dir.path(), "b");
@@ -503,14 +503,14 @@ fn concurrent_sync_processes_on_one_database_deliver_each_change_once() {
     }
 }
 
+store_test!(#[test] fn a_lost_answer_under_the_reject_policy_does_not_make_the_next_edit_fail);
 /// Under `reject`, an edit made on top of a change whose answer was lost is
 /// sent, after the retry is answered duplicate, on the version that change made.
-#[test]
-fn a_lost_answer_under_the_reject_policy_does_not_make_the_next_edit_fail() {
-    let server = Server::start_with(common::Options {
-        config: Some("[collections.docs]\npolicy = \"reject\"\n".into()),
-        ..Default::default()
-    });
+fn a_lost_answer_under_the_reject_policy_does_not_make_the_next_edit_fail(backend: &Backend) {
+    let server = Server::start_with(
+        backend,
+        common::Options { config: Some("[collections.docs]\npolicy = \"reject\"\n".into()), ..Default::default() },
+    );
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     let b = Device::new(dir.path(), "b");
@@ -536,13 +536,13 @@ fn a_lost_answer_under_the_reject_policy_does_not_make_the_next_edit_fail() {
     assert_converged(&[&a, &b], &server.url, None, &[("docs", Some(docs))]);
 }
 
+store_test!(#[test] fn an_edit_made_after_pulling_a_value_wins_over_it_even_when_its_writer_clock_ran_ahead);
 /// HLCs exist to capture causality: a device that has pulled a value and then
 /// overwrites it must stamp its write above the value's HLC, even when the
 /// first writer's clock ran ahead (by less than the server's drift limit, so
 /// the server accepted its change).
-#[test]
-fn an_edit_made_after_pulling_a_value_wins_over_it_even_when_its_writer_clock_ran_ahead() {
-    let server = Server::start();
+fn an_edit_made_after_pulling_a_value_wins_over_it_even_when_its_writer_clock_ran_ahead(backend: &Backend) {
+    let server = Server::start(backend);
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     let b = Device::new(dir.path(), "b");

@@ -31,9 +31,12 @@ fn crate_chain(log: &[Value]) -> Vec<String> {
     heads
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sixteen_devices_pushing_at_once_give_a_gapless_log() {
-    let server = Server::start();
+store_test!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sixteen_devices_pushing_at_once_give_a_gapless_log
+);
+async fn sixteen_devices_pushing_at_once_give_a_gapless_log(backend: &Backend) {
+    let server = Server::start(backend);
     let url = server.url.clone();
     let started = Instant::now();
     let mut handles = Vec::new();
@@ -176,11 +179,14 @@ async fn sixteen_devices_pushing_at_once_give_a_gapless_log() {
     assert_eq!(boot.appends.len(), n / 10);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn retry_storm_logs_every_change_exactly_once() {
+store_test!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn retry_storm_logs_every_change_exactly_once
+);
+async fn retry_storm_logs_every_change_exactly_once(backend: &Backend) {
     const STORM_TASKS: usize = 12;
     const ROUNDS: usize = 3;
-    let server = Server::start();
+    let server = Server::start(backend);
     let url = server.url.clone();
     let base = now_ms() - 100_000;
     // One fixed set of changes that every task sends, with the same content.

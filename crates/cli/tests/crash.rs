@@ -254,9 +254,12 @@ async fn check_after_restart(c: &reqwest::Client, url: &str, sent: &[Sent]) -> V
     log
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigkill_mid_stream_loses_no_acknowledged_change_and_leaves_no_half_batch() {
-    let mut server = Server::start();
+store_test!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sigkill_mid_stream_loses_no_acknowledged_change_and_leaves_no_half_batch
+);
+async fn sigkill_mid_stream_loses_no_acknowledged_change_and_leaves_no_half_batch(backend: &Backend) {
+    let mut server = Server::start(backend);
     let started = Instant::now();
     let (handles, acked, stop) = start_pushers(&server.url, "k", false);
     wait_for_acks(&acked, 400).await;
@@ -299,9 +302,12 @@ async fn sigkill_mid_stream_loses_no_acknowledged_change_and_leaves_no_half_batc
     assert_eq!(after["state_hash"], chain_heads(&log2)[head as usize + 1].as_str());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_with_pushes_in_flight_exits_zero_and_keeps_every_acknowledged_change() {
-    let mut server = Server::start();
+store_test!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sigterm_with_pushes_in_flight_exits_zero_and_keeps_every_acknowledged_change
+);
+async fn sigterm_with_pushes_in_flight_exits_zero_and_keeps_every_acknowledged_change(backend: &Backend) {
+    let mut server = Server::start(backend);
     // Two pushers of small batches and two of large ones, so that requests are
     // certainly in the server's hands when the signal comes.
     let acked = Arc::new(AtomicUsize::new(0));
@@ -393,9 +399,12 @@ async fn sigterm_with_pushes_in_flight_exits_zero_and_keeps_every_acknowledged_c
     check_after_restart(&c, &server.url, &sent).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn sigterm_answers_a_waiting_long_poll_and_exits_promptly() {
-    let mut server = Server::start();
+store_test!(
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn sigterm_answers_a_waiting_long_poll_and_exits_promptly
+);
+async fn sigterm_answers_a_waiting_long_poll_and_exits_promptly(backend: &Backend) {
+    let mut server = Server::start(backend);
     let c = client();
     push(&c, &server.url, "d", vec![upsert("lp-1", "x", "a", json!({"v": 1}), &hlc(now_ms(), 0, "d"))]).await;
     let url = server.url.clone();

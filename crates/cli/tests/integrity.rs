@@ -242,9 +242,9 @@ fn model_digests(log: &[Value]) -> (Model, Vec<String>) {
     (model, digests)
 }
 
-#[tokio::test]
-async fn chain_recomputed_at_every_page_and_push_answer() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn chain_recomputed_at_every_page_and_push_answer);
+async fn chain_recomputed_at_every_page_and_push_answer(backend: &Backend) {
+    let server = Server::start(backend);
     let c = client();
     let (sent, answers) = push_varied_log(&c, &server.url).await;
 
@@ -302,9 +302,9 @@ async fn chain_recomputed_at_every_page_and_push_answer() {
     assert_eq!(hex::encode(sha256(&two)), chain_heads(&log)[1]);
 }
 
-#[tokio::test]
-async fn digest_recomputed_from_bootstrap_equals_header_status_and_last_page() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn digest_recomputed_from_bootstrap_equals_header_status_and_last_page);
+async fn digest_recomputed_from_bootstrap_equals_header_status_and_last_page(backend: &Backend) {
+    let server = Server::start(backend);
     let c = client();
     let _ = push_varied_log(&c, &server.url).await;
     let (log, pages) = pull_all(&c, &server.url, "auditor", 3).await;
@@ -352,9 +352,9 @@ async fn digest_recomputed_from_bootstrap_equals_header_status_and_last_page() {
     assert_eq!(boot.count, (boot.entities.len() + boot.appends.len()) as u64);
 }
 
-#[tokio::test]
-async fn empty_dataset_has_zero_hash_and_digest() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn empty_dataset_has_zero_hash_and_digest);
+async fn empty_dataset_has_zero_hash_and_digest(backend: &Backend) {
+    let server = Server::start(backend);
     let c = client();
     let st = status(&c, &server.url).await;
     assert_eq!(st["head"], 0);
@@ -379,9 +379,9 @@ async fn empty_dataset_has_zero_hash_and_digest() {
 /// The changes of one step, and the live entities `(entity_id, data)` expected after it.
 type Step = (Vec<Value>, Vec<(&'static str, Value)>);
 
-#[tokio::test]
-async fn digest_follows_deletes_and_revivals() {
-    let server = Server::start();
+store_test!(#[tokio::test] async fn digest_follows_deletes_and_revivals);
+async fn digest_follows_deletes_and_revivals(backend: &Backend) {
+    let server = Server::start(backend);
     let c = client();
     let mut clock = Clock::new();
     let d = "dev-1";

@@ -1,10 +1,17 @@
 //! Shared harness for end-to-end tests: start real `deltasync serve` processes
-//! on port 0 with their own SQLite files, and talk to them over HTTP.
+//! on port 0, each on a fresh store (a SQLite file in its own directory, or a
+//! schema of its own in the PostgreSQL database named by
+//! `DELTASYNC_TEST_POSTGRES`), and talk to them over HTTP.
+//!
+//! [`store_test!`] runs a test written once against both stores.
 #![allow(dead_code)]
 
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde_json::{Value, json};
@@ -19,13 +26,182 @@ pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
 }
 
+/// The environment variable naming the PostgreSQL database of the tests,
+/// e.g. `postgres://postgres@127.0.0.1:5432/test`.
+pub const POSTGRES_ENV: &str = "DELTASYNC_TEST_POSTGRES";
+
+/// Runs a test written once, as `fn name(backend: &Backend)` (sync or async),
+/// against both stores: as `name::sqlite` on a fresh SQLite file, and as
+/// `name::postgres` on the database named by `DELTASYNC_TEST_POSTGRES`; without
+/// that variable, `name::postgres` says it is skipped and passes. So
+/// `cargo test postgres` selects the PostgreSQL pass. Put it just above the function, with the test
+/// attribute the function would have had:
+///
+/// ```ignore
+/// store_test!(#[tokio::test] async fn pushes_round_trip);
+/// async fn pushes_round_trip(backend: &Backend) {
+///     let server = Server::start(backend);
+///     …
+/// }
+/// ```
+///
+/// The body stays a plain function, outside the macro, so that rustfmt and the
+/// compiler's diagnostics treat it as any other code.
+#[macro_export]
+macro_rules! store_test {
+    ($(#[$attr:meta])* async fn $name:ident) => {
+        mod $name {
+            $(#[$attr])*
+            async fn sqlite() {
+                super::$name(&$crate::common::Backend::Sqlite).await
+            }
+
+            $(#[$attr])*
+            async fn postgres() {
+                let Some(backend) = $crate::common::Backend::postgres() else { return };
+                super::$name(&backend).await
+            }
+        }
+    };
+    ($(#[$attr:meta])* fn $name:ident) => {
+        mod $name {
+            $(#[$attr])*
+            fn sqlite() {
+                super::$name(&$crate::common::Backend::Sqlite)
+            }
+
+            $(#[$attr])*
+            fn postgres() {
+                let Some(backend) = $crate::common::Backend::postgres() else { return };
+                super::$name(&backend)
+            }
+        }
+    };
+}
+
+/// The store a test server runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// A fresh SQLite file in the server's temporary directory.
+    Sqlite,
+    /// A fresh schema in the PostgreSQL database at `base_url`.
+    Postgres {
+        /// A `postgres://` URL without a search path, from `DELTASYNC_TEST_POSTGRES`.
+        base_url: String,
+    },
+}
+
+impl Backend {
+    /// The PostgreSQL backend named by `DELTASYNC_TEST_POSTGRES`; `None` (after
+    /// saying that the calling test is skipped) when that is unset or empty.
+    pub fn postgres() -> Option<Backend> {
+        match std::env::var(POSTGRES_ENV) {
+            Ok(url) if !url.trim().is_empty() => Some(Backend::Postgres { base_url: url.trim().to_owned() }),
+            _ => {
+                let thread = std::thread::current();
+                let test = thread.name().filter(|n| *n != "main").map(|n| format!(": {n}")).unwrap_or_default();
+                eprintln!("skipped: {POSTGRES_ENV} is not set{test}");
+                None
+            }
+        }
+    }
+
+    /// Whether this is the PostgreSQL backend.
+    pub fn is_postgres(&self) -> bool {
+        matches!(self, Backend::Postgres { .. })
+    }
+
+    /// A `--database` URL for a fresh, empty store, and for PostgreSQL the guard
+    /// that drops its schema. SQLite: `sqlite://<dir>/test.db`. PostgreSQL: a new
+    /// schema `t_<random hex>`, selected with `options=-csearch_path%3D…`.
+    pub fn fresh_database(&self, dir: &Path) -> (String, Option<PgSchema>) {
+        match self {
+            Backend::Sqlite => (format!("sqlite://{}", dir.join("test.db").display()), None),
+            Backend::Postgres { base_url } => {
+                let schema = PgSchema::create(base_url);
+                let sep = if base_url.contains('?') { '&' } else { '?' };
+                (format!("{base_url}{sep}options=-csearch_path%3D{}", schema.name), Some(schema))
+            }
+        }
+    }
+}
+
+/// A schema created for one test server; dropping the guard drops the schema
+/// and everything in it.
+#[derive(Debug)]
+pub struct PgSchema {
+    base_url: String,
+    name: String,
+}
+
+impl PgSchema {
+    /// Creates a schema with a fresh random name `t_<16 hex digits>`.
+    fn create(base_url: &str) -> PgSchema {
+        let name = format!("t_{:016x}", random_u64());
+        pg_execute(base_url, format!("CREATE SCHEMA {name}"))
+            .unwrap_or_else(|e| panic!("cannot create schema {name} in {base_url} ({POSTGRES_ENV}): {e}"));
+        PgSchema { base_url: base_url.to_owned(), name }
+    }
+
+    /// The schema's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for PgSchema {
+    fn drop(&mut self) {
+        // A killed server's sessions may still hold locks for a moment: wait for them, not forever.
+        let _ = pg_execute(
+            &self.base_url,
+            format!("SET lock_timeout = '60s'; DROP SCHEMA IF EXISTS {} CASCADE", self.name),
+        );
+    }
+}
+
+/// A random number: the std hasher's random keys over the time, the process and a counter.
+fn random_u64() -> u64 {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let mut h = RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos());
+    h.write_u32(std::process::id());
+    h.write_u64(COUNTER.fetch_add(1, Ordering::Relaxed));
+    h.finish()
+}
+
+/// Runs `sql` (one or more statements) on a connection of its own. The work is done
+/// on a thread of its own, with a runtime of its own, since callers may be inside a
+/// tokio runtime (where `block_on` panics).
+fn pg_execute(url: &str, sql: String) -> Result<(), String> {
+    let url = url.to_owned();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;
+        rt.block_on(async move {
+            let (client, connection) =
+                tokio_postgres::connect(&url, tokio_postgres::NoTls).await.map_err(|e| e.to_string())?;
+            let connection = tokio::spawn(connection);
+            let result = client.batch_execute(&sql).await.map_err(|e| e.to_string());
+            drop(client);
+            let _ = connection.await;
+            result
+        })
+    })
+    .join()
+    .map_err(|_| "the PostgreSQL thread panicked".to_owned())?
+}
+
 /// A running server process with its own temporary directory.
 pub struct Server {
     pub child: Child,
     pub url: String,
+    /// The `--database` URL it serves (pass it in [`Options::database`] to start
+    /// another server on the same data).
+    pub database: String,
     pub dir: tempfile::TempDir,
-    pub db: PathBuf,
     pub args: Vec<String>,
+    /// The fresh PostgreSQL schema this server made, dropped after the process
+    /// (fields drop after [`Server`]'s own `Drop`, which kills it).
+    schema: Option<PgSchema>,
 }
 
 /// Options for starting a server.
@@ -35,26 +211,30 @@ pub struct Options {
     pub config: Option<String>,
     /// HS256 secret: starts the server with --auth jwt.
     pub jwt_secret: Option<String>,
-    /// Use this database file instead of a fresh one.
-    pub db: Option<PathBuf>,
+    /// Serve this `--database` URL (e.g. another server's [`Server::database`])
+    /// instead of a fresh store.
+    pub database: Option<String>,
 }
 
 impl Server {
-    /// Starts a server with defaults (--auth none, fresh SQLite file).
-    pub fn start() -> Server {
-        Server::start_with(Options::default())
+    /// Starts a server with defaults (--auth none, a fresh store of `backend`).
+    pub fn start(backend: &Backend) -> Server {
+        Server::start_with(backend, Options::default())
     }
 
     /// Starts a server with options.
-    pub fn start_with(opts: Options) -> Server {
+    pub fn start_with(backend: &Backend, opts: Options) -> Server {
         let dir = tempfile::tempdir().unwrap();
-        let db = opts.db.clone().unwrap_or_else(|| dir.path().join("test.db"));
+        let (database, schema) = match &opts.database {
+            Some(database) => (database.clone(), None),
+            None => backend.fresh_database(dir.path()),
+        };
         let mut args = vec![
             "serve".to_owned(),
             "--listen".to_owned(),
             "127.0.0.1:0".to_owned(),
             "--database".to_owned(),
-            format!("sqlite://{}", db.display()),
+            database.clone(),
         ];
         if let Some(config) = &opts.config {
             let path = dir.path().join("config.toml");
@@ -71,7 +251,12 @@ impl Server {
             args.push(path.display().to_string());
         }
         let (child, url) = spawn(&args);
-        Server { child, url, dir, db, args }
+        Server { child, url, database, dir, args, schema }
+    }
+
+    /// The SQLite file it serves, if its store is SQLite.
+    pub fn sqlite_file(&self) -> Option<PathBuf> {
+        self.database.strip_prefix("sqlite://").map(PathBuf::from)
     }
 
     /// The path of the secret file (jwt servers only).
