@@ -10,7 +10,7 @@ use super::serve::Database;
 ahead of a deployment, e.g. once before starting several instances of a new version.")]
 pub struct MigrateArgs {
     /// The database: sqlite://PATH or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE.
-    #[arg(long, value_name = "URL", env = "DELTASYNC_DATABASE")]
+    #[arg(long, value_name = "URL", env = "DELTASYNC_DATABASE", hide_env_values = true)]
     database: String,
 }
 

@@ -32,7 +32,13 @@ pub struct ServeArgs {
     /// Where the data lives: sqlite://PATH (created if missing), or
     /// postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE for teams and for several
     /// instances sharing one database (add ?options=-csearch_path%3DSCHEMA to use a schema).
-    #[arg(long, default_value = "sqlite://deltasync.db", value_name = "URL", env = "DELTASYNC_DATABASE")]
+    #[arg(
+        long,
+        default_value = "sqlite://deltasync.db",
+        value_name = "URL",
+        env = "DELTASYNC_DATABASE",
+        hide_env_values = true
+    )]
     database: String,
     /// How requests are authenticated.
     #[arg(long, value_enum, default_value = "none")]

@@ -26,6 +26,18 @@ pub fn hashes(hash: &[u8], digest: &[u8], table: &str) -> Result<(StateHash, Sta
     ))
 }
 
+/// The chain head and digest at `seq` when they need no lookup: at the
+/// dataset's head, or at 0 (the empty log).
+pub fn hashes_without_lookup(seq: u64, head: &crate::batch::DatasetHead) -> Option<(StateHash, StateDigest)> {
+    if seq == head.seq {
+        Some((head.state_hash, head.state_digest))
+    } else if seq == 0 {
+        Some((StateHash::ZERO, StateDigest::ZERO))
+    } else {
+        None
+    }
+}
+
 /// An entity as stored: its data and meta as JSON text.
 pub struct EncodedEntity {
     /// The data object, canonical JSON.

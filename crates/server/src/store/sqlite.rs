@@ -565,11 +565,8 @@ fn hashes_at(
     seq: u64,
     head: &DatasetHead,
 ) -> Result<(StateHash, StateDigest), StoreError> {
-    if seq == head.seq {
-        return Ok((head.state_hash, head.state_digest));
-    }
-    if seq == 0 {
-        return Ok((StateHash::ZERO, StateDigest::ZERO));
+    if let Some(known) = rows::hashes_without_lookup(seq, head) {
+        return Ok(known);
     }
     let (hash, digest) = conn
         .prepare_cached("SELECT state_hash, state_digest FROM changes WHERE user_id = ?1 AND seq = ?2")
