@@ -1,16 +1,20 @@
 //! `deltasync bench` runs every workload end to end at a small size and writes
-//! a report with a figure for each. It checks the harness, not the speed.
+//! a report with a figure for each. It checks the harness, not the speed: on a
+//! fresh SQLite file, and on PostgreSQL (two server instances sharing the
+//! database named by `DELTASYNC_TEST_POSTGRES`, in a schema the bench makes and
+//! drops).
 
 mod common;
+
+use std::path::Path;
 
 use common::binary;
 use serde_json::Value;
 
-#[test]
-fn bench_runs_every_workload_and_reports_each_figure() {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("bench.json");
-    let status = std::process::Command::new(binary())
+/// Runs `deltasync bench` at a small size with `extra` flags; returns its JSON report and its stderr.
+fn run_bench(dir: &Path, extra: &[&str]) -> (Value, String) {
+    let out = dir.join("bench.json");
+    let output = std::process::Command::new(binary())
         .args([
             "bench",
             "--entities",
@@ -25,13 +29,20 @@ fn bench_runs_every_workload_and_reports_each_figure() {
             "2500",
             "--trials",
             "10",
-            "--out",
         ])
+        .args(extra)
+        .arg("--out")
         .arg(&out)
-        .status()
+        .stderr(std::process::Stdio::piped())
+        .output()
         .unwrap();
-    assert!(status.success(), "deltasync bench failed: {status}");
-    let report: Value = serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(output.status.success(), "deltasync bench failed: {}\nstderr:\n{stderr}", output.status);
+    (serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap(), stderr)
+}
+
+/// Checks that every workload reported its figure; `instances` servers shared the database.
+fn check_figures(report: &Value, instances: usize) {
     let figures = report["figures"].as_array().unwrap();
     let figure = |name: &str| {
         figures
@@ -40,23 +51,76 @@ fn bench_runs_every_workload_and_reports_each_figure() {
             .unwrap_or_else(|| panic!("no figure {name:?} in {report}"))
             .clone()
     };
-    for name in ["push, 1 device", "push, 4 devices", "update, one field", "pull, 10000 per page"] {
+    let (multi_push, propagation, rss) = match instances {
+        1 => ("push, 4 devices".to_owned(), "long poll".to_owned(), "server peak RSS, whole run".to_owned()),
+        n => (
+            format!("push, 4 devices over {n} instances"),
+            "long poll (instance 1 → 0)".to_owned(),
+            format!("server peak RSS, whole run (max of {n})"),
+        ),
+    };
+    for name in ["push, 1 device", &multi_push, "update, one field", "pull, 10000 per page"] {
         let f = figure(name);
         assert!(f["value"].as_f64().unwrap() > 0.0, "{f}");
         assert_eq!(f["unit"], "changes/s");
     }
+    assert_eq!(figure(&multi_push)["details"]["instances"], instances);
     // Every change pushed is pulled: 800 + 800 new entities, 300 updates, and the two wire syncs' 4 changes.
     assert_eq!(figure("pull, 10000 per page")["details"]["changes"], 800 + 800 + 300 + 4);
     let boot = figure("bootstrap");
     // Filled up to 2500 bench entities, plus the two wire entities and the propagation one.
     assert_eq!(boot["details"]["entities"], 2500 + 3, "{boot}");
-    let p50 = figure("propagation p50, long poll")["value"].as_f64().unwrap();
-    let p99 = figure("propagation p99, long poll")["value"].as_f64().unwrap();
+    let p50 = figure(&format!("propagation p50, {propagation}"));
+    let p99 = figure(&format!("propagation p99, {propagation}"));
+    let (p50, p99) = (p50["value"].as_f64().unwrap(), p99["value"].as_f64().unwrap());
     assert!(p50 > 0.0 && p99 >= p50);
+    let details = &figure(&format!("propagation p50, {propagation}"))["details"];
+    assert_eq!(details["wait_instance"], 0);
+    assert_eq!(details["push_instance"], usize::from(instances > 1));
     for name in ["wire, one-field edit, HTTP/1.1", "wire, one-field edit, HTTP/2"] {
         let bytes = figure(name)["value"].as_f64().unwrap();
         assert!((200.0..5000.0).contains(&bytes), "{name}: {bytes} bytes");
     }
-    assert!(figure("server peak RSS, whole run")["value"].as_f64().unwrap() > 1.0);
+    let rss = figure(&rss);
+    assert!(rss["value"].as_f64().unwrap() > 1.0);
+    assert_eq!(rss["details"]["per_instance_mib"].as_array().unwrap().len(), instances);
     assert!(figure("bootstrap, server RSS growth")["met"].is_boolean());
+    assert_eq!(report["instances"], instances);
+}
+
+#[test]
+fn bench_runs_every_workload_and_reports_each_figure() {
+    let dir = tempfile::tempdir().unwrap();
+    let (report, _) = run_bench(dir.path(), &[]);
+    assert_eq!(report["store"], "sqlite");
+    assert!(report["schema"].is_null());
+    check_figures(&report, 1);
+}
+
+#[test]
+fn bench_on_postgres_with_two_instances_reports_each_figure_and_drops_its_schema() {
+    let url = match std::env::var("DELTASYNC_TEST_POSTGRES") {
+        Ok(url) if !url.trim().is_empty() => url.trim().to_owned(),
+        _ => {
+            eprintln!("skipped: DELTASYNC_TEST_POSTGRES is not set");
+            return;
+        }
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (report, stderr) = run_bench(dir.path(), &["--database", &url, "--instances", "2"]);
+    assert_eq!(report["store"], "postgres");
+    check_figures(&report, 2);
+    let schema = report["schema"].as_str().unwrap_or_else(|| panic!("no schema in the report: {report}"));
+    assert!(schema.starts_with("bench_"), "{schema}");
+    assert!(stderr.contains(&format!("bench schema {schema} dropped")), "stderr:\n{stderr}");
+    let left = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+        tokio::spawn(connection);
+        client
+            .query("SELECT schema_name::text FROM information_schema.schemata WHERE schema_name = $1", &[&schema])
+            .await
+            .unwrap()
+            .len()
+    });
+    assert_eq!(left, 0, "schema {schema} is still in the database after the bench");
 }

@@ -1,23 +1,28 @@
 //! `deltasync bench`: a load generator that measures the server end to end.
 //!
-//! It starts `deltasync serve` itself (a child process on a fresh SQLite file
-//! in a temporary directory, so its memory can be read from /proc) unless
-//! `--url` names a running server, runs each workload with a progress bar,
-//! then prints a table against the project's targets; `--out FILE` also
-//! writes the figures as JSON.
+//! It starts `deltasync serve` itself (child processes, so their memory can
+//! be read from /proc) unless `--url` names a running server: one on a fresh
+//! SQLite file in a temporary directory by default, or `--instances N` on a
+//! fresh schema of the PostgreSQL database `--database postgres://…` names
+//! (dropped at the end). It runs each workload with a progress bar, then
+//! prints a table against the project's targets; `--out FILE` also writes the
+//! figures as JSON.
 
+mod postgres;
 mod server;
 mod wire;
 mod workloads;
 
 use std::path::PathBuf;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 use clap::{Args, ValueEnum};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
 
-use server::ChildServer;
+use postgres::BenchSchema;
+
+use server::Servers;
 
 /// A workload of the benchmark.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -38,13 +43,27 @@ pub enum Workload {
 
 /// Flags of `deltasync bench`.
 #[derive(Args, Debug)]
-#[command(after_help = "Every push is acknowledged only after it is durable (the server's group commit with \
-synchronous=FULL).\nThe bench client runs on the same machine as the server and shares its cores.\n\
-Example: deltasync bench --out bench.json    (all workloads, about two minutes in a release build)")]
+#[command(after_help = "Every push is acknowledged only after it is durable (on SQLite, the server's group \
+commit with synchronous=FULL; on PostgreSQL, its COMMIT).\nThe bench client runs on the same machine as the server and shares its cores.\n\
+With --database postgres://…, the bench creates a schema bench_<random> in that database, gives it to every \
+server it starts (options=-csearch_path=…), prints its name, and drops it with everything in it at the end, \
+also after an error or Ctrl-C.\n\
+Examples:\n  deltasync bench --out bench.json    (all workloads, about two minutes in a release build)\n  \
+deltasync bench --database postgres://postgres@127.0.0.1:5432/test --instances 2 --out bench-pg2.json")]
 pub struct BenchArgs {
     /// Benchmark a running server instead of starting one (its memory is then not measured).
-    #[arg(long, value_name = "URL")]
+    #[arg(long, value_name = "URL", conflicts_with_all = ["database", "instances"])]
     url: Option<String>,
+    /// The database of the servers the bench starts: postgres://USER@HOST:PORT/DB (a fresh schema is made in
+    /// it for the run and dropped after), or sqlite://PATH (a file that must not exist yet; it is left behind).
+    /// Without it: a fresh SQLite file in a temporary directory.
+    #[arg(long, value_name = "URL")]
+    database: Option<String>,
+    /// How many `deltasync serve` processes to start on that database (more than 1 needs postgres://). The
+    /// multi-device push and the bootstrap fill spread their devices round-robin over them; propagation waits
+    /// on instance 0 and pushes through instance 1; every other workload uses instance 0.
+    #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
+    instances: u32,
     /// Which workloads to run (comma-separated); all by default.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Workload::Wire, Workload::Push, Workload::Update, Workload::Pull, Workload::Propagation, Workload::Bootstrap])]
     workloads: Vec<Workload>,
@@ -135,52 +154,185 @@ impl Figure {
     }
 }
 
+/// Where the child servers keep their data.
+enum Store {
+    /// A fresh SQLite file in a temporary directory.
+    TempSqlite,
+    /// A SQLite file named on the command line, which must not exist yet.
+    Sqlite(PathBuf),
+    /// A PostgreSQL database, in which the run makes a schema of its own.
+    Postgres(String),
+    /// A running server named by --url: unknown.
+    External,
+}
+
+impl Store {
+    fn parse(args: &BenchArgs) -> anyhow::Result<Store> {
+        let store = match args.database.as_deref() {
+            _ if args.url.is_some() => Store::External,
+            None | Some("sqlite://") => Store::TempSqlite,
+            Some(url) if postgres::is_postgres(url) => Store::Postgres(url.to_owned()),
+            Some(url) => match url.strip_prefix("sqlite://") {
+                Some(path) => {
+                    let path = PathBuf::from(path);
+                    if path.exists() {
+                        bail!(
+                            "--database {url}: the file exists; the bench needs an empty database (name a new file, \
+                             or leave --database out for a temporary one)"
+                        );
+                    }
+                    Store::Sqlite(path)
+                }
+                None => bail!("--database must be postgres://USER@HOST:PORT/DB or sqlite://PATH, got {url:?}"),
+            },
+        };
+        if args.instances > 1 && !matches!(store, Store::Postgres(_)) {
+            bail!(
+                "--instances {} needs --database postgres://…: several servers can share only a PostgreSQL database",
+                args.instances
+            );
+        }
+        Ok(store)
+    }
+
+    /// `sqlite`, `postgres`, or `unknown` (a running server).
+    fn kind(&self) -> &'static str {
+        match self {
+            Store::TempSqlite | Store::Sqlite(_) => "sqlite",
+            Store::Postgres(_) => "postgres",
+            Store::External => "unknown",
+        }
+    }
+}
+
 /// Runs the benchmark.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
+    let store = Store::parse(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(async move {
-        let server = if args.url.is_none() { Some(ChildServer::start()?) } else { None };
-        let url = args.url.clone().or_else(|| server.as_ref().map(|s| s.url.clone())).expect("a url");
-        let mut bench = workloads::Bench::new(url.trim_end_matches('/'), server.as_ref().map(ChildServer::pid));
-        let has = |w| args.workloads.contains(&w);
-        if has(Workload::Wire) {
-            bench.wire().await?;
+        let schema = match &store {
+            Store::Postgres(url) => {
+                let schema = BenchSchema::create(url).await?;
+                eprintln!("bench schema: {} (dropped at the end)", schema.name);
+                Some(schema)
+            }
+            _ => None,
+        };
+        // The servers are stopped when `bench` ends or is abandoned on a signal,
+        // before the schema is dropped.
+        let outcome = tokio::select! {
+            r = bench(&args, &store, schema.as_ref()) => r,
+            signal = interrupted() => Err(anyhow::anyhow!("interrupted by {signal}")),
+        };
+        if let Some(schema) = schema {
+            let name = schema.name.clone();
+            match schema.drop_schema().await {
+                Ok(()) => eprintln!("bench schema {name} dropped"),
+                Err(e) if outcome.is_ok() => return Err(e),
+                Err(e) => eprintln!("bench: {e:#}"),
+            }
         }
-        if has(Workload::Push) {
-            bench.push(args.entities, args.batch, args.devices).await?;
-        }
-        if has(Workload::Update) {
-            bench.update(args.updates, args.batch).await?;
-        }
-        if has(Workload::Pull) {
-            bench.pull().await?;
-        }
-        if has(Workload::Propagation) {
-            bench.propagation(args.trials).await?;
-        }
-        if has(Workload::Bootstrap) {
-            bench.bootstrap(args.bootstrap_entities, args.batch, args.devices).await?;
-        }
-        bench.memory();
-        print_table(&bench.figures);
-        if let Some(path) = &args.out {
-            let machine = json!({
-                "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
-                "os": std::env::consts::OS,
-                "arch": std::env::consts::ARCH,
-            });
-            let report = json!({"machine": machine, "figures": bench.figures});
-            std::fs::write(path, serde_json::to_vec_pretty(&report)?)
-                .with_context(|| format!("cannot write {}", path.display()))?;
-            eprintln!("figures written to {}", path.display());
-        }
-        drop(server);
-        Ok(())
+        outcome
     })
 }
 
+/// Starts the servers, runs the workloads, prints and writes the figures.
+async fn bench(args: &BenchArgs, store: &Store, schema: Option<&BenchSchema>) -> anyhow::Result<()> {
+    let instances = args.instances as usize;
+    let servers = match store {
+        Store::External => None,
+        Store::TempSqlite => {
+            let dir = tempfile::tempdir()?;
+            let db = format!("sqlite://{}", dir.path().join("bench.db").display());
+            Some(Servers::start(&db, 1, Some(dir))?)
+        }
+        Store::Sqlite(path) => Some(Servers::start(&format!("sqlite://{}", path.display()), 1, None)?),
+        Store::Postgres(_) => {
+            let url = &schema.context("no schema")?.server_url;
+            Some(Servers::start(url, instances, None)?)
+        }
+    };
+    let urls = match (&servers, &args.url) {
+        (Some(s), _) => s.urls(),
+        (None, Some(url)) => vec![url.trim_end_matches('/').to_owned()],
+        (None, None) => bail!("no server to benchmark"),
+    };
+    let pids = servers.as_ref().map(Servers::pids).unwrap_or_default();
+    let mut bench = workloads::Bench::new(urls, pids);
+    let has = |w| args.workloads.contains(&w);
+    if has(Workload::Wire) {
+        bench.wire().await?;
+    }
+    if has(Workload::Push) {
+        bench.push(args.entities, args.batch, args.devices).await?;
+    }
+    if has(Workload::Update) {
+        bench.update(args.updates, args.batch).await?;
+    }
+    if has(Workload::Pull) {
+        bench.pull().await?;
+    }
+    if has(Workload::Propagation) {
+        bench.propagation(args.trials).await?;
+    }
+    if has(Workload::Bootstrap) {
+        bench.bootstrap(args.bootstrap_entities, args.batch, args.devices).await?;
+    }
+    bench.memory();
+    let instances = servers.as_ref().map_or(1, |s| s.instances.len());
+    drop(servers);
+    let plural = if instances == 1 { "" } else { "s" };
+    let title = match schema {
+        Some(s) => format!("store: {}, {instances} instance{plural}, schema {}", store.kind(), s.name),
+        None => format!("store: {}, {instances} instance{plural}", store.kind()),
+    };
+    println!("{title}");
+    print_table(&bench.figures);
+    if let Some(path) = &args.out {
+        let machine = json!({
+            "cpus": std::thread::available_parallelism().map_or(0, |n| n.get()),
+            "os": std::env::consts::OS,
+            "arch": std::env::consts::ARCH,
+        });
+        let report = json!({
+            "machine": machine,
+            "store": store.kind(),
+            "instances": instances,
+            "schema": schema.map(|s| s.name.as_str()),
+            "figures": bench.figures,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        eprintln!("figures written to {}", path.display());
+    }
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM; returns its name.
+async fn interrupted() -> &'static str {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => tokio::select! {
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+                _ = term.recv() => "SIGTERM",
+            },
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+                "SIGINT"
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+        "SIGINT"
+    }
+}
+
 fn print_table(figures: &[Figure]) {
-    println!("{:<34} {:>16} {:>18}  met", "workload", "measured", "target");
+    println!("{:<44} {:>16} {:>18}  met", "workload", "measured", "target");
     for f in figures {
         let measured = format!("{} {}", human(f.value), f.unit);
         let target = f.target.map_or(String::from("-"), |t| t.show(f.unit));
@@ -189,6 +341,6 @@ fn print_table(figures: &[Figure]) {
             Some(false) => "NO",
             None => "-",
         };
-        println!("{:<34} {:>16} {:>18}  {met}", f.workload, measured, target);
+        println!("{:<44} {:>16} {:>18}  {met}", f.workload, measured, target);
     }
 }

@@ -1,5 +1,6 @@
-//! The server under test: a child `deltasync serve` on a fresh SQLite file,
-//! and a sampler of its resident memory.
+//! The servers under test: `deltasync serve` children on one database (a
+//! fresh SQLite file, or a PostgreSQL schema made for the run), and a sampler
+//! of their resident memory.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -7,32 +8,32 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::Context;
+use anyhow::{Context, bail};
 
-/// A `deltasync serve` child process with its own temporary directory.
+/// A `deltasync serve` child process.
 pub struct ChildServer {
     child: Child,
     /// Its base URL.
     pub url: String,
-    _dir: tempfile::TempDir,
 }
 
 impl ChildServer {
-    /// Starts a server on port 0 and a fresh database.
-    pub fn start() -> anyhow::Result<ChildServer> {
-        let dir = tempfile::tempdir()?;
-        let db = dir.path().join("bench.db");
+    /// Starts a server on port 0 and `database` (a `--database` URL), and waits until it listens.
+    pub fn start(database: &str) -> anyhow::Result<ChildServer> {
         let mut child = Command::new(std::env::current_exe()?)
-            .args(["serve", "--listen", "127.0.0.1:0", "--database"])
-            .arg(format!("sqlite://{}", db.display()))
+            .args(["serve", "--listen", "127.0.0.1:0", "--database", database])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
             .context("cannot start deltasync serve")?;
         let mut line = String::new();
         BufReader::new(child.stdout.take().context("no stdout")?).read_line(&mut line)?;
-        let url = line.trim().strip_prefix("deltasync listening on ").context("unexpected serve output")?.to_owned();
-        Ok(ChildServer { child, url, _dir: dir })
+        let Some(url) = line.trim().strip_prefix("deltasync listening on ") else {
+            let _ = child.kill();
+            let status = child.wait()?;
+            bail!("deltasync serve did not start ({status}; its messages are above); it printed {line:?}");
+        };
+        Ok(ChildServer { url: url.to_owned(), child })
     }
 
     /// The process id.
@@ -45,6 +46,38 @@ impl Drop for ChildServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The child servers of a run, all on one database, and the temporary
+/// directory of its SQLite file if there is one.
+pub struct Servers {
+    /// The servers, instance 0 first. Dropped (killed) before the directory.
+    pub instances: Vec<ChildServer>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Servers {
+    /// Starts `count` servers on `database`, one after the other (so the
+    /// first has created the tables before the others open them).
+    /// `dir` is kept until the servers are stopped.
+    pub fn start(database: &str, count: usize, dir: Option<tempfile::TempDir>) -> anyhow::Result<Servers> {
+        let mut servers = Servers { instances: Vec::with_capacity(count), _dir: dir };
+        for i in 0..count {
+            let server = ChildServer::start(database).with_context(|| format!("instance {i}"))?;
+            servers.instances.push(server);
+        }
+        Ok(servers)
+    }
+
+    /// Their base URLs, instance 0 first.
+    pub fn urls(&self) -> Vec<String> {
+        self.instances.iter().map(|s| s.url.clone()).collect()
+    }
+
+    /// Their process ids, instance 0 first.
+    pub fn pids(&self) -> Vec<u32> {
+        self.instances.iter().map(ChildServer::pid).collect()
     }
 }
 

@@ -82,11 +82,13 @@ fn bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
-/// The benchmark's state: the server, an HTTP client, and the figures so far.
+/// The benchmark's state: the servers, an HTTP client, and the figures so far.
 pub struct Bench {
     http: reqwest::Client,
-    url: String,
-    server_pid: Option<u32>,
+    /// The base URL of each instance, instance 0 first; all share one database.
+    urls: Vec<String>,
+    /// Their process ids when they are our children (else empty).
+    server_pids: Vec<u32>,
     run_id: u64,
     /// Entities created so far by this run.
     entities: usize,
@@ -95,17 +97,40 @@ pub struct Bench {
 }
 
 impl Bench {
-    /// A bench against `url`; `server_pid` when the server is our child.
-    pub fn new(url: &str, server_pid: Option<u32>) -> Bench {
+    /// A bench against the instances at `urls` (at least one); `server_pids` when they are our children.
+    pub fn new(urls: Vec<String>, server_pids: Vec<u32>) -> Bench {
+        assert!(!urls.is_empty(), "a bench needs a server");
         let http = reqwest::Client::builder().tcp_nodelay(true).build().expect("HTTP client");
-        Bench { http, url: url.to_owned(), server_pid, run_id: now_ms(), entities: 0, figures: Vec::new() }
+        Bench { http, urls, server_pids, run_id: now_ms(), entities: 0, figures: Vec::new() }
     }
 
-    /// Sends one `POST /v1/push` body and returns the head it answers.
+    /// The URL of instance 0, which every single-server workload uses.
+    fn url(&self) -> &str {
+        &self.urls[0]
+    }
+
+    /// How many instances share the database.
+    fn instances(&self) -> usize {
+        self.urls.len()
+    }
+
+    /// A bench of the same run that talks to instance `i % instances` only (no figures, no pids).
+    fn on_instance(&self, i: usize) -> Bench {
+        Bench {
+            http: self.http.clone(),
+            urls: vec![self.urls[i % self.urls.len()].clone()],
+            server_pids: Vec::new(),
+            run_id: self.run_id,
+            entities: 0,
+            figures: Vec::new(),
+        }
+    }
+
+    /// Sends one `POST /v1/push` body to instance 0 and returns the head it answers.
     async fn post_push(&self, body: String) -> anyhow::Result<u64> {
         let r = self
             .http
-            .post(format!("{}/v1/push", self.url))
+            .post(format!("{}/v1/push", self.url()))
             .header("content-type", "application/json")
             .body(body)
             .send()
@@ -151,7 +176,8 @@ impl Bench {
         Ok(head)
     }
 
-    /// Pushes `count` new entities from `devices` devices at once; returns the seconds taken.
+    /// Pushes `count` new entities from `devices` devices at once, device `d`
+    /// through instance `d % instances`; returns the seconds taken.
     async fn push_new(&mut self, label: &str, count: usize, batch: usize, devices: usize) -> anyhow::Result<f64> {
         let progress = bar(count as u64, label);
         let per_device = count / devices.max(1);
@@ -159,14 +185,7 @@ impl Bench {
         let t = Instant::now();
         let mut tasks = Vec::new();
         for d in 0..devices.max(1) {
-            let this = Bench {
-                http: self.http.clone(),
-                url: self.url.clone(),
-                server_pid: None,
-                run_id: self.run_id,
-                entities: 0,
-                figures: Vec::new(),
-            };
+            let this = self.on_instance(d);
             let progress = progress.clone();
             let base = first + d * per_device;
             let n = if d + 1 == devices.max(1) { count - d * per_device } else { per_device };
@@ -195,13 +214,18 @@ impl Bench {
             Some(Target::AtLeast(60_000.0)),
             json!({"changes": entities, "seconds": s, "batch": batch}),
         ));
-        let s = self.push_new(&format!("push, {devices} devices"), entities, batch, devices).await?;
+        let instances = self.instances().min(devices.max(1));
+        let label = match instances {
+            1 => format!("push, {devices} devices"),
+            n => format!("push, {devices} devices over {n} instances"),
+        };
+        let s = self.push_new(&label, entities, batch, devices).await?;
         self.figures.push(Figure::new(
-            format!("push, {devices} devices"),
+            label,
             entities as f64 / s,
             "changes/s",
             Some(Target::AtLeast(100_000.0)),
-            json!({"changes": entities, "seconds": s, "batch": batch, "devices": devices}),
+            json!({"changes": entities, "seconds": s, "batch": batch, "devices": devices, "instances": instances}),
         ));
         Ok(())
     }
@@ -233,7 +257,7 @@ impl Bench {
 
     /// The dataset's head, from /v1/status.
     async fn head(&self) -> anyhow::Result<u64> {
-        let r = self.http.get(format!("{}/v1/status", self.url)).send().await?;
+        let r = self.http.get(format!("{}/v1/status", self.url())).send().await?;
         let status: Value = serde_json::from_slice(&r.bytes().await?)?;
         status["head"].as_u64().context("status without head")
     }
@@ -247,7 +271,11 @@ impl Bench {
         loop {
             let r = self
                 .http
-                .get(format!("{}/v1/pull?device_id=bench-reader-{}&cursor={cursor}&limit=10000", self.url, self.run_id))
+                .get(format!(
+                    "{}/v1/pull?device_id=bench-reader-{}&cursor={cursor}&limit=10000",
+                    self.url(),
+                    self.run_id
+                ))
                 .send()
                 .await?;
             if !r.status().is_success() {
@@ -279,15 +307,21 @@ impl Bench {
     }
 
     /// propagation: A pushes one change while B waits in a long poll; time from A's send to B's answer.
+    /// B waits on instance 0; A pushes through instance 1 when there is one, so the
+    /// change crosses from one server process to another through the database.
     pub async fn propagation(&mut self, trials: usize) -> anyhow::Result<()> {
-        let progress = bar(trials as u64, "propagation, long poll");
+        let (waits_on, pushes_to) = (0, usize::from(self.instances() > 1));
+        let pusher = self.on_instance(pushes_to);
+        let suffix =
+            if pushes_to == waits_on { String::new() } else { format!(" (instance {pushes_to} → {waits_on})") };
+        let progress = bar(trials as u64, &format!("propagation, long poll{suffix}"));
         let mut head = self.head().await?;
         let mut stamps = Stamps::new("bench-prop-a");
         let mut latencies = Vec::with_capacity(trials);
         let mut acks = Vec::with_capacity(trials);
         for trial in 0..trials {
             let http = self.http.clone();
-            let url = format!("{}/v1/pull?device_id=bench-prop-b&cursor={head}&limit=100&wait=30", self.url);
+            let url = format!("{}/v1/pull?device_id=bench-prop-b&cursor={head}&limit=100&wait=30", self.url());
             let waiter = tokio::spawn(async move {
                 let r = http.get(url).send().await?;
                 let body = r.bytes().await?;
@@ -303,7 +337,7 @@ impl Bench {
                 stamps.next()
             );
             let sent = Instant::now();
-            head = self.post_push(body).await?;
+            head = pusher.post_push(body).await?;
             acks.push(sent.elapsed());
             let (received, cursor) = waiter.await??;
             if cursor != head {
@@ -317,15 +351,22 @@ impl Bench {
         let (p50, p99) = (ms(percentile(&mut latencies, 0.50)), ms(percentile(&mut latencies, 0.99)));
         let ack_p50 = ms(percentile(&mut acks, 0.50));
         let details = json!({"trials": trials, "p50_ms": p50, "p99_ms": p99,
-            "max_ms": ms(percentile(&mut latencies, 1.0)), "push_ack_p50_ms": ack_p50});
+            "max_ms": ms(percentile(&mut latencies, 1.0)), "push_ack_p50_ms": ack_p50,
+            "wait_instance": waits_on, "push_instance": pushes_to});
         self.figures.push(Figure::new(
-            "propagation p50, long poll",
+            format!("propagation p50, long poll{suffix}"),
             p50,
             "ms",
             Some(Target::AtMost(1.0)),
             details.clone(),
         ));
-        self.figures.push(Figure::new("propagation p99, long poll", p99, "ms", Some(Target::AtMost(5.0)), details));
+        self.figures.push(Figure::new(
+            format!("propagation p99, long poll{suffix}"),
+            p99,
+            "ms",
+            Some(Target::AtMost(5.0)),
+            details,
+        ));
         Ok(())
     }
 
@@ -334,11 +375,14 @@ impl Bench {
         if self.entities < entities {
             self.push_new("filling for bootstrap", entities - self.entities, batch, devices).await?;
         }
-        let baseline = self.server_pid.map(|pid| proc_status_kib(pid, "VmRSS:"));
-        let sampler = self.server_pid.map(RssSampler::start);
+        // The stream comes from instance 0: its memory is the one sampled.
+        let server_pid = self.server_pids.first().copied();
+        let baseline = server_pid.map(|pid| proc_status_kib(pid, "VmRSS:"));
+        let sampler = server_pid.map(RssSampler::start);
         let progress = bar(self.entities as u64, "bootstrap");
         let t = Instant::now();
-        let r = self.http.get(format!("{}/v1/bootstrap?device_id=bench-boot-{}", self.url, self.run_id)).send().await?;
+        let r =
+            self.http.get(format!("{}/v1/bootstrap?device_id=bench-boot-{}", self.url(), self.run_id)).send().await?;
         if !r.status().is_success() {
             bail!("bootstrap answered {}", r.status());
         }
@@ -375,7 +419,7 @@ impl Bench {
                 growth,
                 "MiB",
                 Some(Target::AtMost(100.0)),
-                json!({"baseline_mib": base as f64 / 1024.0, "peak_mib": peak as f64 / 1024.0}),
+                json!({"baseline_mib": base as f64 / 1024.0, "peak_mib": peak as f64 / 1024.0, "instance": 0}),
             ));
         }
         Ok(())
@@ -391,7 +435,7 @@ impl Bench {
     }
 
     async fn wire_with(&mut self, http2: bool) -> anyhow::Result<()> {
-        let upstream = self.url.trim_start_matches("http://").to_owned();
+        let upstream = self.url().trim_start_matches("http://").to_owned();
         let (relay, counts) = super::wire::start_relay(upstream).await?;
         let dir = tempfile::tempdir()?;
         let options = ClientOptions { server: Some(relay), http2_prior_knowledge: http2, ..Default::default() };
@@ -419,17 +463,24 @@ impl Bench {
         Ok(())
     }
 
-    /// memory: the server's peak RSS over the whole run (VmHWM).
+    /// memory: each server's peak RSS over the whole run (VmHWM); the figure is the highest.
     pub fn memory(&mut self) {
-        if let Some(pid) = self.server_pid {
-            let peak = proc_status_kib(pid, "VmHWM:") as f64 / 1024.0;
-            self.figures.push(Figure::new(
-                "server peak RSS, whole run",
-                peak,
-                "MiB",
-                Some(Target::AtMost(100.0)),
-                json!({}),
-            ));
+        if self.server_pids.is_empty() {
+            return;
         }
+        let peaks: Vec<f64> =
+            self.server_pids.iter().map(|&pid| proc_status_kib(pid, "VmHWM:") as f64 / 1024.0).collect();
+        let peak = peaks.iter().copied().fold(0.0, f64::max);
+        let label = match peaks.len() {
+            1 => String::from("server peak RSS, whole run"),
+            n => format!("server peak RSS, whole run (max of {n})"),
+        };
+        self.figures.push(Figure::new(
+            label,
+            peak,
+            "MiB",
+            Some(Target::AtMost(100.0)),
+            json!({"per_instance_mib": peaks}),
+        ));
     }
 }
