@@ -2,7 +2,7 @@
 
 use clap::Args;
 
-use super::serve::Database;
+use super::database::Database;
 
 /// Flags of `deltasync migrate`.
 #[derive(Args, Debug)]

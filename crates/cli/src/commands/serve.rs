@@ -1,16 +1,14 @@
 //! `deltasync serve`: parse flags, open the store, run the server until SIGINT or SIGTERM.
 
 use std::path::PathBuf;
-use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 use deltasync_server::auth::{self, JwtVerifier};
-use deltasync_server::store::Migrated;
-use deltasync_server::store::postgres::PostgresStore;
-use deltasync_server::store::sqlite::SqliteStore;
-use deltasync_server::{Auth, Clock, Config, Store};
+use deltasync_server::{Auth, Clock, Config};
 use tracing_subscriber::EnvFilter;
+
+use super::database::Database;
 
 /// How the server authenticates requests.
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -49,71 +47,6 @@ pub struct ServeArgs {
     /// TOML configuration file: limits and per-collection merge policies (see config.example.toml).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
-}
-
-/// Where the data lives, as given by `--database`.
-#[derive(Debug, Clone)]
-pub enum Database {
-    /// An embedded SQLite file.
-    Sqlite(PathBuf),
-    /// A PostgreSQL connection URL.
-    Postgres(String),
-}
-
-impl Database {
-    /// Parses `sqlite://PATH` or `postgres://…` (also `postgresql://…`).
-    pub fn parse(url: &str) -> anyhow::Result<Database> {
-        if let Some(path) = url.strip_prefix("sqlite://") {
-            if path.is_empty() {
-                bail!("--database sqlite:// needs a file path, e.g. sqlite://deltasync.db");
-            }
-            return Ok(Database::Sqlite(PathBuf::from(path)));
-        }
-        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Ok(Database::Postgres(url.to_owned()));
-        }
-        bail!("--database must be sqlite://PATH or postgres://USER@HOST/DATABASE, got {url:?}")
-    }
-
-    /// The URL with any password hidden, for logs and messages.
-    pub fn describe(&self) -> String {
-        match self {
-            Database::Sqlite(path) => format!("sqlite://{}", path.display()),
-            Database::Postgres(url) => hide_password(url),
-        }
-    }
-
-    /// Opens the store, applying missing migrations.
-    pub async fn open(&self) -> anyhow::Result<Arc<dyn Store>> {
-        Ok(match self {
-            Database::Sqlite(path) => Arc::new(SqliteStore::open(path)?),
-            Database::Postgres(url) => Arc::new(
-                PostgresStore::connect(url)
-                    .await
-                    .with_context(|| format!("cannot open the PostgreSQL store at {}", self.describe()))?,
-            ),
-        })
-    }
-
-    /// Applies missing migrations and says which.
-    pub async fn migrate(&self) -> anyhow::Result<Migrated> {
-        Ok(match self {
-            Database::Sqlite(path) => SqliteStore::migrate(path)?,
-            Database::Postgres(url) => PostgresStore::migrate(url)
-                .await
-                .with_context(|| format!("cannot migrate the PostgreSQL database at {}", self.describe()))?,
-        })
-    }
-}
-
-/// `scheme://user:secret@host…` → `scheme://user:***@host…`.
-fn hide_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let Some((userinfo, host)) = rest.split_once('@') else { return url.to_owned() };
-    match userinfo.split_once(':') {
-        Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
-        None => url.to_owned(),
-    }
 }
 
 /// Runs the server.
@@ -163,23 +96,4 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn passwords_never_reach_the_logs() {
-        assert_eq!(hide_password("postgres://app:s3cret@db:5432/x"), "postgres://app:***@db:5432/x");
-        assert_eq!(hide_password("postgres://app@db/x"), "postgres://app@db/x");
-    }
-
-    #[test]
-    fn database_urls_are_recognised() {
-        assert!(matches!(Database::parse("sqlite://a.db").unwrap(), Database::Sqlite(_)));
-        assert!(matches!(Database::parse("postgresql://u@h/d").unwrap(), Database::Postgres(_)));
-        assert!(Database::parse("mysql://u@h/d").unwrap_err().to_string().contains("sqlite://PATH"));
-        assert!(Database::parse("sqlite://").is_err());
-    }
 }

@@ -171,7 +171,7 @@ impl Store {
         let store = match args.database.as_deref() {
             _ if args.url.is_some() => Store::External,
             None | Some("sqlite://") => Store::TempSqlite,
-            Some(url) if postgres::is_postgres(url) => Store::Postgres(url.to_owned()),
+            Some(url) if crate::commands::database::is_postgres(url) => Store::Postgres(url.to_owned()),
             Some(url) => match url.strip_prefix("sqlite://") {
                 Some(path) => {
                     let path = PathBuf::from(path);

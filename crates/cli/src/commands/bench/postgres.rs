@@ -7,30 +7,7 @@ use std::hash::{BuildHasher, Hasher};
 use anyhow::Context;
 use tokio_postgres::NoTls;
 
-/// Whether `url` names a PostgreSQL database.
-pub fn is_postgres(url: &str) -> bool {
-    url.starts_with("postgres://") || url.starts_with("postgresql://")
-}
-
-/// `url` with its password (if any) replaced by `***`, for messages.
-pub fn redact(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(authority_end);
-    match authority.rsplit_once('@') {
-        Some((userinfo, host)) if userinfo.contains(':') => {
-            let user = userinfo.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}{tail}")
-        }
-        _ => url.to_owned(),
-    }
-}
-
-/// `url` with `options=-csearch_path=SCHEMA` added to its query string.
-pub fn with_search_path(url: &str, schema: &str) -> String {
-    let sep = if url.contains('?') { '&' } else { '?' };
-    format!("{url}{sep}options=-csearch_path%3D{schema}")
-}
+use crate::commands::database::{redact, with_search_path};
 
 /// A schema created for this run.
 pub struct BenchSchema {
@@ -87,25 +64,6 @@ fn random_hex() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn search_path_joins_the_query_string() {
-        assert_eq!(
-            with_search_path("postgres://u@h:5432/db", "bench_1"),
-            "postgres://u@h:5432/db?options=-csearch_path%3Dbench_1"
-        );
-        assert_eq!(
-            with_search_path("postgres://u@h/db?sslmode=disable", "bench_1"),
-            "postgres://u@h/db?sslmode=disable&options=-csearch_path%3Dbench_1"
-        );
-    }
-
-    #[test]
-    fn redact_hides_only_the_password() {
-        assert_eq!(redact("postgres://u:secret@h:5432/db?x=1"), "postgres://u:***@h:5432/db?x=1");
-        assert_eq!(redact("postgres://u@h:5432/db"), "postgres://u@h:5432/db");
-        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
-    }
 
     #[test]
     fn schema_names_are_fresh_and_safe() {
