@@ -202,4 +202,25 @@ async fn a_postgres_restart_under_pushes_loses_nothing_acknowledged() {
     }
     let st = status(&c, &a.url).await;
     assert_eq!(st["state_hash"], heads[log.len()].as_str(), "the chain verifies after the restart");
+
+    // Instance A listens again: a long poll on it wakes on a push through B.
+    let head = log.len() as u64;
+    let waiter = {
+        let (c, url) = (c.clone(), a.url.clone());
+        tokio::spawn(async move { get(&c, &url, &format!("/v1/pull?device_id=waiter&cursor={head}&wait=30")).await })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let sent = Instant::now();
+    push(
+        &c,
+        &b.url,
+        "late",
+        vec![upsert("after-restart", "stream", "e0", json!({"late": true}), &hlc(now_ms(), 0, "late"))],
+    )
+    .await;
+    let (code, page) = waiter.await.unwrap();
+    assert_eq!(code, 200, "{page}");
+    assert_eq!(page["changes"][0]["change_id"], "after-restart", "{page}");
+    assert!(sent.elapsed() < Duration::from_secs(15), "the long poll on A was not woken after the restart");
+    println!("a long poll on A woke {:?} after a push through B, after the restart", sent.elapsed());
 }
