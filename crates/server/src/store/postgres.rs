@@ -28,6 +28,7 @@
 //!   outcome is unknown is retried by clients under the same change ids,
 //!   which the log answers as duplicates.
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -36,7 +37,7 @@ use bytes::Bytes;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use deltasync_protocol::change::{WireParts, write_wire_json};
 use deltasync_protocol::wire::{DeviceStatus, Policies};
-use deltasync_protocol::{DeviceId, StateDigest, StateHash, UserId};
+use deltasync_protocol::{ChangeId, DeviceId, StateDigest, StateHash, UserId};
 use futures_util::StreamExt;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -49,7 +50,7 @@ use super::{
     BootstrapStream, BoxFuture, ChangePage, ConflictPage, DatasetHead, DatasetStatus, Migrated, PageOutcome, PushBatch,
     PushOutcome, Store, StoreError,
 };
-use crate::batch::{PushPlan, Rules, Snapshot, batch_keys, plan_push};
+use crate::batch::{EntityKey, PushPlan, Rules, Snapshot, batch_keys, plan_push};
 
 /// Connections each instance keeps at most.
 const POOL_SIZE: usize = 16;
@@ -246,6 +247,12 @@ impl PostgresStore {
             return Ok(PushOutcome::ResetRequired { head });
         }
         let (ids, keys) = batch_keys(&batch.changes);
+        // Each key is looked up through its unique index (a LATERAL lookup per
+        // key, kept from being flattened into a join by its LIMIT), whatever
+        // the planner believes about the table: with one large dataset and
+        // statistics lagging behind its growth (or never gathered, with
+        // autovacuum off), `= ANY(…)` or a join is planned as a scan of the
+        // whole dataset.
         let known_stmt = tx
             .prepare_cached(
                 "SELECT k.change_id, c.seq FROM unnest($2::text[]) AS k (change_id)
@@ -262,12 +269,6 @@ impl PostgresStore {
             )
             .await
             .map_err(map_err)?;
-        // Each key is looked up through its unique index (a LATERAL lookup per
-        // key, kept from being flattened into a join by its LIMIT), whatever
-        // the planner believes about the table: with one large dataset and
-        // statistics lagging behind its growth (or never gathered, with
-        // autovacuum off), `= ANY(…)` or a join is planned as a scan of the
-        // whole dataset.
         let id_strs: Vec<&str> = ids.iter().map(|id| id.as_str()).collect();
         let collections: Vec<&str> = keys.iter().map(|k| k.0.as_str()).collect();
         let entity_ids: Vec<&str> = keys.iter().map(|k| k.1.as_str()).collect();
@@ -278,8 +279,7 @@ impl PostgresStore {
             },)
             .map_err(map_err)?;
         let mut snapshot = Snapshot { head, ..Snapshot::default() };
-        let by_id: std::collections::HashMap<&str, &deltasync_protocol::ChangeId> =
-            ids.iter().map(|id| (id.as_str(), id)).collect();
+        let by_id: HashMap<&str, &ChangeId> = ids.iter().map(|id| (id.as_str(), id)).collect();
         for row in &known_rows {
             let id: &str = row.try_get(0).map_err(corrupt_column)?;
             let seq: i64 = row.try_get(1).map_err(corrupt_column)?;
@@ -287,7 +287,7 @@ impl PostgresStore {
                 snapshot.known.insert((*id).clone(), seq as u64);
             }
         }
-        let by_key: std::collections::HashMap<(&str, &str), &crate::batch::EntityKey> =
+        let by_key: HashMap<(&str, &str), &EntityKey> =
             keys.iter().map(|k| ((k.0.as_str(), k.1.as_str()), k)).collect();
         for row in &entity_rows {
             let collection: &str = row.try_get(0).map_err(corrupt_column)?;
