@@ -131,10 +131,7 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, migrates it and starts the writer.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
-        let conn = Connection::open(path)
-            .map_err(|e| StoreError::Unavailable(format!("cannot open SQLite database {}: {e}", path.display())))?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(map_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(map_err)?;
+        let conn = open_wal(path)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(map_err)?;
         // Checkpoints run on their own thread (see `checkpointer`); the writer
         // only checkpoints itself if the WAL grows past about 80 MiB.
@@ -165,11 +162,7 @@ impl SqliteStore {
 
     /// Applies missing migrations to the database at `path` (creating it if needed) and says which.
     pub fn migrate(path: &Path) -> Result<Migrated, StoreError> {
-        let conn = Connection::open(path)
-            .map_err(|e| StoreError::Unavailable(format!("cannot open SQLite database {}: {e}", path.display())))?;
-        conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(map_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(map_err)?;
-        migrate(&conn)
+        migrate(&open_wal(path)?)
     }
 
     async fn read<T: Send + 'static>(
@@ -186,6 +179,15 @@ impl SqliteStore {
         .await
         .map_err(|e| StoreError::Internal(format!("reader task failed: {e}")))?
     }
+}
+
+/// Opens (creating if needed) the database at `path` in WAL mode, waiting up to 5 s on locks.
+fn open_wal(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open SQLite database {}: {e}", path.display())))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(map_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(map_err)?;
+    Ok(conn)
 }
 
 fn migrate(conn: &Connection) -> Result<Migrated, StoreError> {
