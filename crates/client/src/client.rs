@@ -7,7 +7,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use deltasync_protocol::wire::Policies;
 use deltasync_protocol::{
-    Change, ChangeId, Collection, DeviceId, EntityId, EntityState, Hlc, HlcClock, Op, StateDigest, StateHash, json,
+    Change, ChangeId, ChangeLimits, Collection, DeviceId, EntityId, EntityState, Hlc, HlcClock, Op, StateDigest,
+    StateHash, json,
 };
 use rusqlite::{Connection, TransactionBehavior};
 use serde::Serialize;
@@ -21,6 +22,11 @@ use crate::view::{self, Entity};
 
 /// The largest canonical size of a change's `data` the client accepts (the server's default limit).
 pub const MAX_DATA_BYTES: usize = 262_144;
+
+/// What a local write must keep to: the server's default limits, so that a
+/// change the server would refuse is refused now, not at sync.
+const LOCAL_LIMITS: ChangeLimits =
+    ChangeLimits { max_data_bytes: MAX_DATA_BYTES, max_depth: deltasync_protocol::json::DEFAULT_MAX_DEPTH };
 
 /// How a [`Client`] is set up. `Default` gives sensible values for an app.
 #[derive(Clone)]
@@ -315,7 +321,7 @@ impl Client {
             base_version: Some(base_version),
         };
         // The server's own validation, so a bad value is refused now rather than at sync.
-        let mut change = Change::from_json(&serde_json::to_value(&change).expect("change serialises"), MAX_DATA_BYTES)?;
+        let mut change = Change::from_json(&serde_json::to_value(&change).expect("change serialises"), &LOCAL_LIMITS)?;
         // Keep data in canonical form, as the server serves it, so that the
         // writing device reads the same text as every other device.
         change.data = change.data.map(|d| serde_json::from_str(&json::to_jcs(&d)).expect("JCS text is JSON"));

@@ -92,12 +92,37 @@ pub enum ChangeError {
         /// The configured limit.
         limit: usize,
     },
+    /// `data` nests deeper than the server allows (answered 413, not 400).
+    #[error("`data` nests {depth} levels deep; max_depth is {limit}")]
+    TooDeep {
+        /// How deeply the data nests (see [`json::depth`]).
+        depth: usize,
+        /// The configured limit.
+        limit: usize,
+    },
 }
 
 impl ChangeError {
     /// True when the change broke a size limit (HTTP 413) rather than being malformed (HTTP 400).
     pub fn is_size_limit(&self) -> bool {
-        matches!(self, ChangeError::DataTooLarge { .. })
+        matches!(self, ChangeError::DataTooLarge { .. } | ChangeError::TooDeep { .. })
+    }
+}
+
+/// The bounds a change's `data` must keep (server configuration keys
+/// `max_data_bytes` and `max_depth`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ChangeLimits {
+    /// The largest canonical (JCS) size of `data`, in bytes.
+    pub max_data_bytes: usize,
+    /// The deepest nesting of `data` (see [`json::depth`]).
+    pub max_depth: usize,
+}
+
+impl Default for ChangeLimits {
+    /// The protocol's defaults: 256 KiB and 64 levels.
+    fn default() -> Self {
+        ChangeLimits { max_data_bytes: 262_144, max_depth: json::DEFAULT_MAX_DEPTH }
     }
 }
 
@@ -135,8 +160,8 @@ fn required_str<'a>(obj: &'a Map<String, Value>, name: &'static str) -> Result<&
 }
 
 impl Change {
-    /// Validates a change received as JSON. `max_data_bytes` bounds the canonical size of `data`.
-    pub fn from_json(value: &Value, max_data_bytes: usize) -> Result<Change, ChangeError> {
+    /// Validates a change received as JSON; `limits` bound the size and depth of `data`.
+    pub fn from_json(value: &Value, limits: &ChangeLimits) -> Result<Change, ChangeError> {
         let obj = value.as_object().ok_or(ChangeError::NotObject)?;
         let change_id = ChangeId::parse(required_str(obj, "change_id")?)?;
         let collection = Collection::parse(required_str(obj, "collection")?)?;
@@ -163,10 +188,14 @@ impl Change {
             _ => {}
         }
         if let Some(d) = &data {
+            let depth = json::depth(d);
+            if depth > limits.max_depth {
+                return Err(ChangeError::TooDeep { depth, limit: limits.max_depth });
+            }
             json::check_value(d)?;
             let size = json::to_jcs(d).len();
-            if size > max_data_bytes {
-                return Err(ChangeError::DataTooLarge { size, limit: max_data_bytes });
+            if size > limits.max_data_bytes {
+                return Err(ChangeError::DataTooLarge { size, limit: limits.max_data_bytes });
             }
         }
         Ok(Change { change_id, collection, entity_id, op, data, hlc, base_version })
@@ -335,6 +364,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn small() -> ChangeLimits {
+        ChangeLimits { max_data_bytes: 1000, max_depth: 64 }
+    }
+
     fn valid() -> Value {
         json!({"change_id": "c1", "collection": "tasks", "entity_id": "t1", "op": "upsert",
                "data": {"title": "Buy milk"}, "hlc": "1763800000000-00000-phone", "base_version": 3})
@@ -344,7 +377,7 @@ mod tests {
     fn accepts_a_valid_change_and_ignores_unknown_members() {
         let mut v = valid();
         v["extra"] = json!(1);
-        let c = Change::from_json(&v, 1000).unwrap();
+        let c = Change::from_json(&v, &small()).unwrap();
         assert_eq!(c.base_version, Some(3));
         assert_eq!(c.op, Op::Upsert);
     }
@@ -366,7 +399,7 @@ mod tests {
         for (field, bad) in cases {
             let mut v = valid();
             v[field] = bad.clone();
-            assert!(Change::from_json(&v, 1000).is_err(), "{field} = {bad} should be refused");
+            assert!(Change::from_json(&v, &small()).is_err(), "{field} = {bad} should be refused");
         }
     }
 
@@ -374,25 +407,42 @@ mod tests {
     fn delete_must_not_carry_data_and_upsert_must() {
         let mut v = valid();
         v["op"] = json!("delete");
-        assert_eq!(Change::from_json(&v, 1000), Err(ChangeError::DeleteWithData));
+        assert_eq!(Change::from_json(&v, &small()), Err(ChangeError::DeleteWithData));
         v["data"] = Value::Null;
-        assert!(Change::from_json(&v, 1000).is_ok());
+        assert!(Change::from_json(&v, &small()).is_ok());
         let mut u = valid();
         u.as_object_mut().unwrap().remove("data");
-        assert_eq!(Change::from_json(&u, 1000), Err(ChangeError::Missing("data")));
+        assert_eq!(Change::from_json(&u, &small()), Err(ChangeError::Missing("data")));
     }
 
     #[test]
     fn data_size_is_measured_in_canonical_form() {
         let mut v = valid();
         v["data"] = json!({"s": "x".repeat(100)});
-        let err = Change::from_json(&v, 50).unwrap_err();
+        let err = Change::from_json(&v, &ChangeLimits { max_data_bytes: 50, max_depth: 64 }).unwrap_err();
         assert!(err.is_size_limit());
     }
 
     #[test]
+    fn data_depth_is_bounded() {
+        let mut nested = json!(1);
+        for _ in 0..5 {
+            nested = json!([nested]);
+        }
+        let mut v = valid();
+        v["data"] = json!({ "a": nested });
+        assert_eq!(json::depth(&v["data"]), 6);
+        let limits = |max_depth| ChangeLimits { max_data_bytes: 1000, max_depth };
+        assert!(Change::from_json(&v, &limits(6)).is_ok());
+        let err = Change::from_json(&v, &limits(5)).unwrap_err();
+        assert_eq!(err, ChangeError::TooDeep { depth: 6, limit: 5 });
+        assert!(err.is_size_limit());
+        assert!(err.to_string().contains("max_depth is 5"), "{err}");
+    }
+
+    #[test]
     fn wire_json_round_trips() {
-        let c = Change::from_json(&valid(), 1000).unwrap();
+        let c = Change::from_json(&valid(), &small()).unwrap();
         let s = StoredChange { seq: 7, device_id: DeviceId::parse("phone").unwrap(), server_time: 99, change: c };
         let text = s.to_wire_json();
         let back: StoredChange = serde_json::from_str(&text).unwrap();

@@ -68,6 +68,34 @@ fn exact_decimal(v: f64) -> String {
     digits.iter().rev().map(|d| char::from(b'0' + d)).collect()
 }
 
+/// How deeply `v` nests: the number of arrays and objects it is inside of,
+/// counting itself. A scalar has depth 0, `{}` and `[1]` depth 1,
+/// `{"a": [1]}` depth 2.
+///
+/// Every answer wraps a change's `data` in a few more levels (at most
+/// [`ENVELOPE_DEPTH`]), and JSON parsers refuse documents past their own
+/// limit (128 levels for `serde_json`), so the server bounds the depth of
+/// what it accepts.
+pub fn depth(v: &Value) -> usize {
+    match v {
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        Value::Null | Value::Bool(_) | Value::Number(_) | Value::String(_) => 0,
+    }
+}
+
+/// The default bound on the depth of a change's `data` (`max_depth`).
+pub const DEFAULT_MAX_DEPTH: usize = 64;
+
+/// The most levels any answer adds around a change's `data`: a sync answer's
+/// `{"results": [{"conflict": {"current": {"data": …}}}]}` puts it inside five.
+/// A client must parse answers nested `max_depth + ENVELOPE_DEPTH` levels deep.
+pub const ENVELOPE_DEPTH: usize = 8;
+
+/// The most levels a client is expected to parse (`serde_json`'s limit): the
+/// server refuses a `max_depth` whose answers could go deeper.
+pub const CLIENT_PARSE_DEPTH: usize = 128;
+
 /// Checks every number inside `v` (see [`check_number`]).
 pub fn check_value(v: &Value) -> Result<(), JsonError> {
     match v {

@@ -25,7 +25,7 @@ pub mod merge;
 pub mod wire;
 
 pub use chain::{ChainHasher, StateHash, change_hash};
-pub use change::{Change, ChangeError, Op, StoredChange};
+pub use change::{Change, ChangeError, ChangeLimits, Op, StoredChange};
 pub use digest::StateDigest;
 pub use hlc::{Hlc, HlcClock};
 pub use ids::{ChangeId, Collection, DeviceId, EntityId, NameError, UserId};

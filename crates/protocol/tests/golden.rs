@@ -31,7 +31,8 @@ fn hex32(text: &str, name: &str) -> [u8; 32] {
 fn stored_change(raw: &RawValue) -> StoredChange {
     let by_serde: StoredChange = serde_json::from_str(raw.get()).expect("a stored change");
     let v: Value = serde_json::from_str(raw.get()).unwrap();
-    let change = Change::from_json(&v, 262_144).expect("the vector's change is valid");
+    let change =
+        Change::from_json(&v, &deltasync_protocol::ChangeLimits::default()).expect("the vector's change is valid");
     assert_eq!(by_serde.change, change);
     assert_eq!(Some(by_serde.seq), v["seq"].as_u64());
     assert_eq!(Some(by_serde.server_time), v["server_time"].as_u64());

@@ -2,10 +2,11 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::time::Duration;
 
-use deltasync_protocol::Policy;
 use deltasync_protocol::ids::Collection;
 use deltasync_protocol::wire::Policies;
+use deltasync_protocol::{ChangeLimits, Policy, json};
 use serde::Deserialize;
 
 /// Why a configuration file was refused.
@@ -33,7 +34,7 @@ pub enum ConfigError {
     Invalid(String),
 }
 
-/// The limits and merge rules the server enforces.
+/// The limits on what one request may carry or ask for (protocol §7).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
     /// How far ahead of the server's clock an HLC may be, in ms.
@@ -44,6 +45,21 @@ pub struct Limits {
     pub max_body_bytes: usize,
     /// The largest `data` of one change, in bytes of its canonical form.
     pub max_data_bytes: usize,
+    /// The deepest nesting of one change's `data` (see `deltasync_protocol::json::depth`).
+    pub max_depth: usize,
+    /// The most bytes of changes one pull or sync page carries (at least one change is always served).
+    pub max_page_bytes: usize,
+    /// The most bootstraps streaming at once, over all users.
+    pub max_bootstraps: usize,
+    /// The most bootstraps streaming at once for one user.
+    pub max_bootstraps_per_user: usize,
+}
+
+impl Limits {
+    /// The bounds a change's `data` must keep.
+    pub fn change_limits(&self) -> ChangeLimits {
+        ChangeLimits { max_data_bytes: self.max_data_bytes, max_depth: self.max_depth }
+    }
 }
 
 impl Default for Limits {
@@ -53,6 +69,45 @@ impl Default for Limits {
             max_batch: 1000,
             max_body_bytes: 8 * 1024 * 1024,
             max_data_bytes: 256 * 1024,
+            max_depth: json::DEFAULT_MAX_DEPTH,
+            max_page_bytes: 4 * 1024 * 1024,
+            max_bootstraps: 8,
+            max_bootstraps_per_user: 2,
+        }
+    }
+}
+
+/// Bounds on connections and the deadlines of their reads and writes, so
+/// that no client can hold the server's sockets, memory or time.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Network {
+    /// The most connections open at once; past it, new connections are closed at once.
+    pub max_connections: usize,
+    /// How long a client may take to send a request's header, from the connection's
+    /// start or from the first byte of a later request.
+    pub header_read_timeout: Duration,
+    /// How long an idle connection (no request in progress) is kept open between requests.
+    pub keep_alive_timeout: Duration,
+    /// How long a request body may take, before the extension that `body_min_bytes_per_sec` adds.
+    pub body_read_timeout: Duration,
+    /// Every this many bytes of body received extend the body's deadline by one second.
+    pub body_min_bytes_per_sec: u64,
+    /// How long an answer may wait for the client to read it before the connection is closed.
+    pub write_timeout: Duration,
+    /// How long shutdown lets in-flight requests finish before closing what is left.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Network {
+            max_connections: 4096,
+            header_read_timeout: Duration::from_secs(10),
+            keep_alive_timeout: Duration::from_secs(60),
+            body_read_timeout: Duration::from_secs(30),
+            body_min_bytes_per_sec: 16 * 1024,
+            write_timeout: Duration::from_secs(30),
+            shutdown_grace: Duration::from_secs(30),
         }
     }
 }
@@ -60,8 +115,10 @@ impl Default for Limits {
 /// Everything the configuration file sets.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Config {
-    /// Limits.
+    /// Limits on requests.
     pub limits: Limits,
+    /// Limits on connections.
+    pub network: Network,
     /// The merge policies.
     pub policies: Policies,
 }
@@ -83,6 +140,17 @@ struct ServerSection {
     max_batch: Option<usize>,
     max_body_bytes: Option<usize>,
     max_data_bytes: Option<usize>,
+    max_depth: Option<usize>,
+    max_page_bytes: Option<usize>,
+    max_bootstraps: Option<usize>,
+    max_bootstraps_per_user: Option<usize>,
+    max_connections: Option<usize>,
+    header_read_timeout_secs: Option<u64>,
+    keep_alive_timeout_secs: Option<u64>,
+    body_read_timeout_secs: Option<u64>,
+    body_min_bytes_per_sec: Option<u64>,
+    write_timeout_secs: Option<u64>,
+    shutdown_grace_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -113,15 +181,50 @@ impl Config {
             max_batch: s.max_batch.unwrap_or(d.max_batch),
             max_body_bytes: s.max_body_bytes.unwrap_or(d.max_body_bytes),
             max_data_bytes: s.max_data_bytes.unwrap_or(d.max_data_bytes),
+            max_depth: s.max_depth.unwrap_or(d.max_depth),
+            max_page_bytes: s.max_page_bytes.unwrap_or(d.max_page_bytes),
+            max_bootstraps: s.max_bootstraps.unwrap_or(d.max_bootstraps),
+            max_bootstraps_per_user: s.max_bootstraps_per_user.unwrap_or(d.max_bootstraps_per_user),
+        };
+        let n = Network::default();
+        let secs = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_secs);
+        let network = Network {
+            max_connections: s.max_connections.unwrap_or(n.max_connections),
+            header_read_timeout: secs(s.header_read_timeout_secs, n.header_read_timeout),
+            keep_alive_timeout: secs(s.keep_alive_timeout_secs, n.keep_alive_timeout),
+            body_read_timeout: secs(s.body_read_timeout_secs, n.body_read_timeout),
+            body_min_bytes_per_sec: s.body_min_bytes_per_sec.unwrap_or(n.body_min_bytes_per_sec),
+            write_timeout: secs(s.write_timeout_secs, n.write_timeout),
+            shutdown_grace: secs(s.shutdown_grace_secs, n.shutdown_grace),
         };
         for (name, v) in [
-            ("max_batch", limits.max_batch),
-            ("max_body_bytes", limits.max_body_bytes),
-            ("max_data_bytes", limits.max_data_bytes),
+            ("max_batch", limits.max_batch as u64),
+            ("max_body_bytes", limits.max_body_bytes as u64),
+            ("max_data_bytes", limits.max_data_bytes as u64),
+            ("max_depth", limits.max_depth as u64),
+            ("max_page_bytes", limits.max_page_bytes as u64),
+            ("max_bootstraps", limits.max_bootstraps as u64),
+            ("max_bootstraps_per_user", limits.max_bootstraps_per_user as u64),
+            ("max_connections", network.max_connections as u64),
+            ("header_read_timeout_secs", network.header_read_timeout.as_secs()),
+            ("keep_alive_timeout_secs", network.keep_alive_timeout.as_secs()),
+            ("body_read_timeout_secs", network.body_read_timeout.as_secs()),
+            ("body_min_bytes_per_sec", network.body_min_bytes_per_sec),
+            ("write_timeout_secs", network.write_timeout.as_secs()),
         ] {
             if v == 0 {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
+        }
+        let deepest = json::CLIENT_PARSE_DEPTH - json::ENVELOPE_DEPTH;
+        if limits.max_depth > deepest {
+            return Err(ConfigError::Invalid(format!(
+                "max_depth is {}, but answers wrap data in up to {} more levels and clients parse at most {}: \
+                 max_depth must be at most {deepest}",
+                limits.max_depth,
+                json::ENVELOPE_DEPTH,
+                json::CLIENT_PARSE_DEPTH
+            )));
         }
         let mut collections = BTreeMap::new();
         for (name, section) in file.collections {
@@ -129,7 +232,11 @@ impl Config {
                 .map_err(|e| ConfigError::Invalid(format!("collection name {name:?}: {e}")))?;
             collections.insert(name, section.policy);
         }
-        Ok(Config { limits, policies: Policies { default: s.default_policy.unwrap_or_default(), collections } })
+        Ok(Config {
+            limits,
+            network,
+            policies: Policies { default: s.default_policy.unwrap_or_default(), collections },
+        })
     }
 }
 
@@ -155,7 +262,10 @@ mod tests {
         assert_eq!(c.policies.default, Policy::Entity);
         assert_eq!(c.policies.of("notes"), Policy::Reject);
         assert_eq!(c.policies.of("other"), Policy::Entity);
-        assert_eq!(c.limits, Limits { max_clock_drift_ms: 5, max_batch: 2, max_body_bytes: 3, max_data_bytes: 4 });
+        assert_eq!(
+            c.limits,
+            Limits { max_clock_drift_ms: 5, max_batch: 2, max_body_bytes: 3, max_data_bytes: 4, ..Limits::default() }
+        );
     }
 
     #[test]
@@ -164,5 +274,34 @@ mod tests {
         assert!(Config::parse("[collections.notes]\npolicy = \"newest\"\n").is_err());
         assert!(Config::parse("[collections.\"bad name\"]\npolicy = \"entity\"\n").is_err());
         assert!(Config::parse("[server]\nmax_batch = 0\n").is_err());
+        assert!(Config::parse("[server]\nheader_read_timeout_secs = 0\n").is_err());
+    }
+
+    #[test]
+    fn reads_network_limits() {
+        let c = Config::parse(
+            "[server]\nmax_connections = 7\nheader_read_timeout_secs = 2\nkeep_alive_timeout_secs = 3\n\
+             body_read_timeout_secs = 4\nbody_min_bytes_per_sec = 5\nwrite_timeout_secs = 6\nshutdown_grace_secs = 0\n\
+             max_page_bytes = 8\nmax_bootstraps = 9\nmax_bootstraps_per_user = 1\nmax_depth = 10\n",
+        )
+        .unwrap();
+        let n = &c.network;
+        assert_eq!(n.max_connections, 7);
+        assert_eq!(n.header_read_timeout, Duration::from_secs(2));
+        assert_eq!(n.keep_alive_timeout, Duration::from_secs(3));
+        assert_eq!(n.body_read_timeout, Duration::from_secs(4));
+        assert_eq!(n.body_min_bytes_per_sec, 5);
+        assert_eq!(n.write_timeout, Duration::from_secs(6));
+        assert_eq!(n.shutdown_grace, Duration::ZERO);
+        assert_eq!((c.limits.max_page_bytes, c.limits.max_bootstraps, c.limits.max_bootstraps_per_user), (8, 9, 1));
+        assert_eq!(c.limits.max_depth, 10);
+    }
+
+    #[test]
+    fn max_depth_leaves_room_for_the_envelope() {
+        let deepest = json::CLIENT_PARSE_DEPTH - json::ENVELOPE_DEPTH;
+        assert!(Config::parse(&format!("[server]\nmax_depth = {deepest}\n")).is_ok());
+        let err = Config::parse(&format!("[server]\nmax_depth = {}\n", deepest + 1)).unwrap_err();
+        assert!(err.to_string().contains(&format!("at most {deepest}")), "{err}");
     }
 }

@@ -68,6 +68,16 @@ enum ClientCommand {
         /// The entity's id.
         id: String,
     },
+    /// Log an opaque JSON value for the entity (a CRDT operation, an event); it is
+    /// served to every device but never changes the entity's data. Prints the change id.
+    Append {
+        /// The collection.
+        collection: String,
+        /// The entity's id.
+        id: String,
+        /// Any JSON value.
+        json: String,
+    },
     /// Print the entity's data as a JSON object; exit 1 if it is absent or deleted.
     Get {
         /// The collection.
@@ -138,6 +148,11 @@ fn execute(args: ClientArgs) -> Result<ExitCode, ClientError> {
         ClientCommand::Put { collection, id, json } => print(&client.put(&collection, &id, object(&json)?)?),
         ClientCommand::Patch { collection, id, json } => print(&client.patch(&collection, &id, object(&json)?)?),
         ClientCommand::Delete { collection, id } => print(&client.delete(&collection, &id)?),
+        ClientCommand::Append { collection, id, json } => {
+            let value: Value =
+                serde_json::from_str(&json).map_err(|e| ClientError::Invalid(format!("not valid JSON: {e}")))?;
+            print(&client.append(&collection, &id, value)?)
+        }
         ClientCommand::Get { collection, id } => match client.get(&collection, &id)? {
             Some(entity) => print(&entity.data),
             None => return Ok(fail("not_found", &format!("{collection}/{id} is absent or deleted"))),

@@ -4,7 +4,7 @@
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use deltasync_protocol::wire::ErrorDetail;
-use deltasync_protocol::{Change, DeviceId};
+use deltasync_protocol::{Change, ChangeError, DeviceId};
 use serde_json::{Map, Value};
 
 use super::{ApiError, parse_device};
@@ -42,13 +42,22 @@ pub fn parse_changes(value: Option<&Value>, limits: &Limits, required: bool) -> 
     let mut changes = Vec::with_capacity(items.len());
     let mut malformed = Vec::new();
     let mut oversized = Vec::new();
+    let (mut too_large, mut too_deep) = (false, false);
     for (index, item) in items.iter().enumerate() {
-        match Change::from_json(item, limits.max_data_bytes) {
+        match Change::from_json(item, &limits.change_limits()) {
             Ok(c) => changes.push(c),
             Err(e) => {
                 let change_id = item.get("change_id").and_then(Value::as_str).map(str::to_owned);
                 let detail = ErrorDetail { index, change_id, message: e.to_string() };
-                if e.is_size_limit() { oversized.push(detail) } else { malformed.push(detail) }
+                match e {
+                    ChangeError::DataTooLarge { .. } => too_large = true,
+                    ChangeError::TooDeep { .. } => too_deep = true,
+                    _ => {
+                        malformed.push(detail);
+                        continue;
+                    }
+                }
+                oversized.push(detail);
             }
         }
     }
@@ -62,12 +71,14 @@ pub fn parse_changes(value: Option<&Value>, limits: &Limits, required: bool) -> 
         });
     }
     if !oversized.is_empty() {
+        let broken = match (too_large, too_deep) {
+            (true, true) => format!("max_data_bytes is {}, max_depth is {}", limits.max_data_bytes, limits.max_depth),
+            (false, true) => format!("max_depth is {}", limits.max_depth),
+            _ => format!("max_data_bytes is {}", limits.max_data_bytes),
+        };
+        let what = if too_deep && !too_large { "data nested too deeply" } else { "data over the limit" };
         return Err(ApiError::PayloadTooLarge {
-            message: format!(
-                "{} of the changes have data over the limit: max_data_bytes is {}; nothing was applied",
-                oversized.len(),
-                limits.max_data_bytes
-            ),
+            message: format!("{} of the changes have {what}: {broken}; nothing was applied", oversized.len()),
             details: Some(oversized),
         });
     }

@@ -7,6 +7,9 @@ use deltasync_protocol::wire::{ErrorBody, ErrorDetail};
 
 use crate::store::StoreError;
 
+/// The longest request URI (path and query) the server reads; a longer one is answered 414.
+pub const MAX_URI_BYTES: usize = 8 * 1024;
+
 /// An error answer. 4xx say what to fix; 5xx are logged and hide internals.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -33,6 +36,12 @@ pub enum ApiError {
         /// The path.
         path: String,
     },
+    /// 414: the request's URI (path and query) is longer than the server reads (caller's fault).
+    #[error("the request's URI is {0} bytes; the server reads at most {max} (path and query)", max = MAX_URI_BYTES)]
+    UriTooLong(usize),
+    /// 408: the request body did not arrive within its deadline (caller's link is too slow, or it stalled).
+    #[error("{0}")]
+    RequestTimeout(String),
     /// 410: the cursor is below the horizon or above the head; the client must bootstrap.
     #[error("{0}")]
     ResetRequired(String),
@@ -43,6 +52,14 @@ pub enum ApiError {
         message: String,
         /// The offending changes.
         details: Option<Vec<ErrorDetail>>,
+    },
+    /// 429: this user asks for more than the server gives one user at once (transient).
+    #[error("{message}")]
+    RateLimited {
+        /// Which limit, with its configuration key and value.
+        message: String,
+        /// Seconds after which a retry may succeed (`Retry-After`).
+        retry_after_secs: u64,
     },
     /// 503: the database is unavailable or the server is shutting down (transient).
     #[error("{0}")]
@@ -65,8 +82,11 @@ impl ApiError {
             ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             ApiError::MethodNotAllowed { .. } => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
+            ApiError::UriTooLong(_) => (StatusCode::URI_TOO_LONG, "invalid_request"),
+            ApiError::RequestTimeout(_) => (StatusCode::REQUEST_TIMEOUT, "request_timeout"),
             ApiError::ResetRequired(_) => (StatusCode::GONE, "reset_required"),
             ApiError::PayloadTooLarge { .. } => (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large"),
+            ApiError::RateLimited { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limited"),
             ApiError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         }
@@ -86,6 +106,11 @@ impl From<StoreError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
+        let retry_after = match &self {
+            ApiError::RateLimited { retry_after_secs, .. } => Some(*retry_after_secs),
+            ApiError::Unavailable(_) => Some(1),
+            _ => None,
+        };
         let (message, details) = match self {
             ApiError::Internal(msg) => {
                 tracing::error!(error = %msg, "internal error");
@@ -104,8 +129,12 @@ impl IntoResponse for ApiError {
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
-        if status == StatusCode::SERVICE_UNAVAILABLE {
-            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        if let Some(secs) = retry_after {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if status == StatusCode::REQUEST_TIMEOUT {
+            // The rest of the body is not read: the connection cannot carry another request.
+            response.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         response
     }
