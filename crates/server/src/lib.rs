@@ -8,6 +8,7 @@
 //! - [`batch`]: what a push does to a dataset, decided in memory, the same for every store.
 //! - [`store`]: the [`store::Store`] interface and its SQLite implementation.
 //! - [`clock`]: the injectable clock.
+//! - [`net`]: connections: the cap, their deadlines, and shutdown within a bounded time.
 //!
 //! Binaries parse their configuration, open a store and call [`run`] with a
 //! listener and a shutdown signal; tests do the same on port 0.
@@ -17,6 +18,7 @@ pub mod auth;
 pub mod batch;
 pub mod clock;
 pub mod config;
+pub mod net;
 pub mod store;
 
 use std::future::Future;
@@ -43,7 +45,8 @@ pub enum ServeError {
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then lets
-/// in-flight requests finish, commits every queued write and returns.
+/// in-flight requests finish (for at most `shutdown_grace`, after which the
+/// connections still open are closed), commits every queued write and returns.
 pub async fn run(
     listener: TcpListener,
     store: Arc<dyn Store>,
@@ -54,15 +57,15 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     store.check_policies(&config.policies).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let network = config.network.clone();
     let state = Arc::new(api::AppState { store: store.clone(), config, auth, clock, shutdown: shutdown_rx });
     let app = api::router(state);
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: finishing in-flight requests");
-            let _ = shutdown_tx.send(true);
-        })
-        .await;
+    let result = net::serve(listener, app, &network, async move {
+        shutdown.await;
+        tracing::info!("shutting down: finishing in-flight requests");
+        let _ = shutdown_tx.send(true);
+    })
+    .await;
     store.close().await;
     tracing::info!("stopped; every acknowledged change is committed");
     result.map_err(ServeError::Io)

@@ -5,8 +5,14 @@
 //! connection reset, the rest of the body is drained in the background
 //! (bounded in bytes and time), unless the client sent
 //! `Expect: 100-continue` and so is waiting before it sends anything.
+//!
+//! A body must arrive within `body_read_timeout_secs`, extended by one second
+//! for every `body_min_bytes_per_sec` bytes received: a client that keeps a
+//! fair pace always finishes, one that stalls or trickles is answered 408.
 
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use axum::body::Body;
 use axum::http::{HeaderMap, header};
@@ -14,6 +20,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 
 use super::ApiError;
+use crate::config::Network;
 
 /// The most bytes drained after a refusal.
 const MAX_DRAIN_BYTES: usize = 64 * 1024 * 1024;
@@ -45,8 +52,23 @@ fn drain_in_background(body: Body) {
     });
 }
 
-/// Checks the Content-Type and size, reads the body and parses it as JSON.
-pub async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<Value, ApiError> {
+/// When a body that started at `started` and has delivered `received` bytes must be complete.
+fn body_deadline(started: Instant, received: usize, network: &Network) -> Instant {
+    let earned = Duration::from_secs_f64(received as f64 / network.body_min_bytes_per_sec.max(1) as f64);
+    started + network.body_read_timeout + earned
+}
+
+fn too_slow(received: usize, network: &Network) -> ApiError {
+    ApiError::RequestTimeout(format!(
+        "the request body did not arrive in time ({received} bytes received): body_read_timeout_secs is {}, \
+         extended by 1 s per body_min_bytes_per_sec ({} bytes); send smaller requests over a slow link",
+        network.body_read_timeout.as_secs(),
+        network.body_min_bytes_per_sec
+    ))
+}
+
+/// Checks the Content-Type and size, reads the body within its deadline and parses it as JSON.
+pub async fn read_json(headers: &HeaderMap, body: Body, limit: usize, network: &Network) -> Result<Value, ApiError> {
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = content_type.split(';').next().unwrap_or("").trim();
     let expects_continue = headers
@@ -72,7 +94,13 @@ pub async fn read_json(headers: &HeaderMap, body: Body, limit: usize) -> Result<
     }
     let mut collected = Vec::with_capacity(declared.unwrap_or(0).min(limit as u64) as usize);
     let mut body = body;
-    while let Some(frame) = body.frame().await {
+    let started = Instant::now();
+    loop {
+        let deadline = body_deadline(started, collected.len(), network);
+        let Ok(next) = tokio::time::timeout_at(deadline, body.frame()).await else {
+            return Err(too_slow(collected.len(), network));
+        };
+        let Some(frame) = next else { break };
         let frame = frame.map_err(|e| ApiError::invalid(format!("the request body could not be read: {e}")))?;
         if let Some(data) = frame.data_ref() {
             if collected.len() + data.len() > limit {

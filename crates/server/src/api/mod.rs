@@ -77,6 +77,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(refuse_long_uris))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
 }
@@ -94,6 +95,15 @@ async fn not_found(uri: Uri) -> ApiError {
 
 async fn method_not_allowed(method: Method, uri: Uri) -> ApiError {
     ApiError::MethodNotAllowed { method: method.to_string(), path: uri.path().to_owned() }
+}
+
+/// Answers 414 before any handler reads a URI longer than [`error::MAX_URI_BYTES`].
+async fn refuse_long_uris(request: Request, next: Next) -> Response {
+    let len = request.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    if len > error::MAX_URI_BYTES {
+        return ApiError::UriTooLong(len).into_response();
+    }
+    next.run(request).await
 }
 
 async fn log_request(request: Request, next: Next) -> Response {

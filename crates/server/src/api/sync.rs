@@ -38,7 +38,7 @@ pub async fn sync(
     body: Body,
 ) -> Result<Response, ApiError> {
     let limits = &app.config.limits;
-    let body = read_json(&headers, body, limits.max_body_bytes).await?;
+    let body = read_json(&headers, body, limits.max_body_bytes, &app.config.network).await?;
     let obj = as_object(&body)?;
     let device = device_of(obj)?;
     let cursor = body_u64(obj.get("cursor"), "cursor", 0)?;

@@ -1,0 +1,295 @@
+//! Connections: accepting them within a cap, giving each its deadlines, and
+//! closing them all within a bounded time at shutdown.
+//!
+//! - At most `max_connections` are open at once (lowered to fit the process's
+//!   open-file limit, which is raised to its hard limit first); past the cap a
+//!   new connection is closed at once and the refusal logged, so the
+//!   connections already open keep being served.
+//! - Each connection has a watchdog ([`activity`]): a header must arrive
+//!   within `header_read_timeout`, an idle connection is closed after
+//!   `keep_alive_timeout`.
+//! - Its socket ([`socket`]) fails a write that makes no progress for
+//!   `write_timeout`, so a client that stops reading cannot hold an answer
+//!   (and what produces it) forever.
+//! - At shutdown the listener closes, every connection is asked to finish its
+//!   requests and close, and whatever is still open after `shutdown_grace` is
+//!   closed.
+//!
+//! HTTP/1.1 and HTTP/2 (with prior knowledge) are both served; the protocol is
+//! told apart by the connection's first bytes.
+
+pub mod activity;
+pub mod socket;
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::response::Response;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio::time::Instant;
+use tower_service::Service;
+
+use self::activity::{Activity, IdleDeadlines, InFlight};
+use self::socket::WatchedSocket;
+use crate::config::Network;
+
+/// The largest request header hyper buffers; past it the request is answered 431.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The most header fields one request may have; past it the request is answered 431.
+pub const MAX_HEADER_FIELDS: usize = 100;
+/// The most HTTP/2 streams (requests) one connection may have open at once.
+pub const MAX_CONCURRENT_STREAMS: u32 = 64;
+/// File descriptors kept for the store and the process itself, outside the connection cap.
+const RESERVED_FDS: u64 = 256;
+/// How often a cap being hit is logged at most.
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Raises the open-file soft limit to the hard limit and returns the cap on
+/// connections that fits in it.
+pub fn connection_cap(configured: usize) -> usize {
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read or raise the open-file limit; keeping max_connections as configured");
+            return configured;
+        }
+    };
+    let fitting = limit.saturating_sub(RESERVED_FDS).max(1);
+    if (configured as u64) > fitting {
+        tracing::warn!(
+            max_connections = configured,
+            open_file_limit = limit,
+            using = fitting,
+            "max_connections does not fit in the open-file limit; raise the hard limit (ulimit -Hn) to allow more"
+        );
+        fitting as usize
+    } else {
+        configured
+    }
+}
+
+/// Counts refused connections and logs them at most once per [`REFUSAL_LOG_INTERVAL`].
+struct RefusalLog {
+    refused: u64,
+    last_logged: Option<Instant>,
+}
+
+impl RefusalLog {
+    fn refused(&mut self, cap: usize, peer: SocketAddr) {
+        self.refused += 1;
+        let now = Instant::now();
+        if self.last_logged.is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_INTERVAL) {
+            tracing::warn!(
+                max_connections = cap,
+                refused = self.refused,
+                last_peer = %peer,
+                "connection cap reached: refusing new connections until open ones close"
+            );
+            self.refused = 0;
+            self.last_logged = Some(now);
+        }
+    }
+}
+
+/// The per-connection settings.
+#[derive(Clone, Copy)]
+struct ConnectionSettings {
+    idle: IdleDeadlines,
+    write_timeout: Duration,
+}
+
+/// Serves `app` on `listener` until `shutdown` resolves, then closes every
+/// connection within `network.shutdown_grace`.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    network: &Network,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    let cap = connection_cap(network.max_connections);
+    let permits = Arc::new(Semaphore::new(cap));
+    let settings = ConnectionSettings {
+        idle: IdleDeadlines {
+            header_read_timeout: network.header_read_timeout,
+            keep_alive_timeout: network.keep_alive_timeout,
+        },
+        write_timeout: network.write_timeout,
+    };
+    let builder = Arc::new(http_builder());
+    let (closing_tx, closing) = watch::channel(false);
+    let mut connections = JoinSet::new();
+    let mut refusals = RefusalLog { refused: 0, last_logged: None };
+    let mut accept_errors = RefusalLog { refused: 0, last_logged: None };
+    tracing::debug!(max_connections = cap, "accepting connections");
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            biased;
+            _ = &mut shutdown => break,
+            Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let Ok(permit) = permits.clone().try_acquire_owned() else {
+                        refusals.refused(cap, peer);
+                        drop(stream);
+                        continue;
+                    };
+                    let (app, builder, closing) = (app.clone(), builder.clone(), closing.clone());
+                    connections.spawn(async move {
+                        serve_connection(stream, app, &builder, settings, closing).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors (or another transient failure): back off
+                    // briefly instead of spinning, and keep serving open connections.
+                    if accept_errors.last_logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL) {
+                        tracing::error!(error = %e, "cannot accept a connection");
+                        accept_errors.last_logged = Some(Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+        }
+    }
+    drop(listener);
+    let open = connections.len();
+    tracing::info!(
+        open,
+        grace_secs = network.shutdown_grace.as_secs(),
+        "no longer accepting; finishing open connections"
+    );
+    let _ = closing_tx.send(true);
+    let deadline = tokio::time::sleep(network.shutdown_grace);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = connections.join_next() => if next.is_none() { break },
+            _ = &mut deadline => {
+                let left = connections.len();
+                tracing::warn!(
+                    connections = left,
+                    "shutdown_grace_secs passed: closing the connections still open"
+                );
+                connections.shutdown().await;
+                break;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn http_builder() -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .max_buf_size(MAX_HEADER_BYTES)
+        .max_headers(MAX_HEADER_FIELDS)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .max_header_list_size(MAX_HEADER_BYTES as u32);
+    builder
+}
+
+/// Serves one connection until it ends, its watchdog expires, or shutdown is
+/// asked for (then it finishes its requests first).
+async fn serve_connection(
+    stream: TcpStream,
+    app: Router,
+    builder: &auto::Builder<TokioExecutor>,
+    settings: ConnectionSettings,
+    mut closing: watch::Receiver<bool>,
+) {
+    let _ = stream.set_nodelay(true);
+    let activity = Arc::new(Activity::new());
+    let socket = WatchedSocket::new(stream, activity.clone(), settings.write_timeout);
+    let service = TrackedService { app, activity: activity.clone() };
+    let connection = builder.serve_connection_with_upgrades(TokioIo::new(socket), service);
+    tokio::pin!(connection);
+    let mut asked_to_close = *closing.borrow();
+    if asked_to_close {
+        connection.as_mut().graceful_shutdown();
+    }
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            expiry = activity.expired(settings.idle) => {
+                tracing::debug!(deadline = expiry.key(), "closing a quiet connection");
+                return;
+            }
+            changed = closing.changed(), if !asked_to_close => {
+                asked_to_close = true;
+                if changed.is_ok() {
+                    connection.as_mut().graceful_shutdown();
+                }
+            }
+        }
+    }
+}
+
+/// The app as hyper calls it, counting each request in flight until its answer is sent.
+#[derive(Clone)]
+struct TrackedService {
+    app: Router,
+    activity: Arc<Activity>,
+}
+
+impl hyper::service::Service<hyper::Request<Incoming>> for TrackedService {
+    type Response = Response<TrackedBody>;
+    type Error = Infallible;
+    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
+        let in_flight = InFlight::start(self.activity.clone());
+        let mut app = self.app.clone();
+        Box::pin(async move {
+            let response = app.call(request.map(Body::new)).await?;
+            Ok(response.map(|body| TrackedBody { inner: body, _in_flight: in_flight }))
+        })
+    }
+}
+
+/// An answer's body; the request counts as in flight until hyper drops it.
+struct TrackedBody {
+    inner: Body,
+    _in_flight: InFlight,
+}
+
+impl hyper::body::Body for TrackedBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
