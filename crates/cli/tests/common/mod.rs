@@ -199,6 +199,8 @@ pub struct Server {
     pub database: String,
     pub dir: tempfile::TempDir,
     pub args: Vec<String>,
+    /// Where the server's log goes when [`Options::capture_log`] is set.
+    log: Option<PathBuf>,
     /// The fresh PostgreSQL schema this server made, dropped after the process
     /// (fields drop after [`Server`]'s own `Drop`, which kills it).
     schema: Option<PgSchema>,
@@ -214,6 +216,9 @@ pub struct Options {
     /// Serve this `--database` URL (e.g. another server's [`Server::database`])
     /// instead of a fresh store.
     pub database: Option<String>,
+    /// Write the server's stderr (its log, at `info`) to a file that
+    /// [`Server::log`] reads, instead of the test's stderr.
+    pub capture_log: bool,
 }
 
 impl Server {
@@ -250,8 +255,9 @@ impl Server {
             args.push("--jwt-secret-file".into());
             args.push(path.display().to_string());
         }
-        let (child, url) = spawn(&args);
-        Server { child, url, database, dir, args, schema }
+        let log = opts.capture_log.then(|| dir.path().join("server.log"));
+        let (child, url) = spawn(&args, log.as_deref());
+        Server { child, url, database, dir, args, log, schema }
     }
 
     /// The SQLite file it serves, if its store is SQLite.
@@ -278,9 +284,15 @@ impl Server {
 
     /// Starts a new process on the same database and arguments (after kill or terminate).
     pub fn restart(&mut self) {
-        let (child, url) = spawn(&self.args);
+        let (child, url) = spawn(&self.args, self.log.as_deref());
         self.child = child;
         self.url = url;
+    }
+
+    /// What the server has logged so far (needs [`Options::capture_log`]).
+    pub fn log(&self) -> String {
+        let path = self.log.as_ref().expect("start the server with Options { capture_log: true, .. }");
+        std::fs::read_to_string(path).unwrap_or_default()
     }
 
     /// The server's resident memory in KiB (from /proc).
@@ -307,12 +319,19 @@ pub fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn spawn(args: &[String]) -> (Child, String) {
+fn spawn(args: &[String], log: Option<&Path>) -> (Child, String) {
+    let (level, stderr) = match log {
+        None => ("warn", Stdio::inherit()),
+        Some(path) => {
+            let file = std::fs::OpenOptions::new().create(true).append(true).open(path).expect("open the server log");
+            ("info", Stdio::from(file))
+        }
+    };
     let mut child = Command::new(binary())
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", level)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("start deltasync serve");
     let stdout = child.stdout.take().unwrap();

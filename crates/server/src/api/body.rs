@@ -98,6 +98,9 @@ pub async fn read_json(headers: &HeaderMap, body: Body, limit: usize, network: &
     loop {
         let deadline = body_deadline(started, collected.len(), network);
         let Ok(next) = tokio::time::timeout_at(deadline, body.frame()).await else {
+            // Keep reading (within the drain's bounds) so the client can read the 408
+            // instead of seeing its connection reset under the bytes it still sends.
+            drain_in_background(body);
             return Err(too_slow(collected.len(), network));
         };
         let Some(frame) = next else { break };
