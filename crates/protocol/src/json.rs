@@ -70,12 +70,13 @@ fn exact_decimal(v: f64) -> String {
 
 /// How deeply `v` nests: the number of arrays and objects it is inside of,
 /// counting itself. A scalar has depth 0, `{}` and `[1]` depth 1,
-/// `{"a": [1]}` depth 2.
+/// `{"a": [1]}` depth 2. The depth of a whole document is the number of
+/// levels a parser must descend.
 ///
 /// Every answer wraps a change's `data` in a few more levels (at most
 /// [`ENVELOPE_DEPTH`]), and JSON parsers refuse documents past their own
-/// limit (128 levels for `serde_json`), so the server bounds the depth of
-/// what it accepts.
+/// limit ([`CLIENT_PARSE_DEPTH`] levels for `serde_json`), so the server
+/// bounds the depth of what it accepts.
 pub fn depth(v: &Value) -> usize {
     match v {
         Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
@@ -87,14 +88,22 @@ pub fn depth(v: &Value) -> usize {
 /// The default bound on the depth of a change's `data` (`max_depth`).
 pub const DEFAULT_MAX_DEPTH: usize = 64;
 
-/// The most levels any answer adds around a change's `data`: a sync answer's
-/// `{"results": [{"conflict": {"current": {"data": …}}}]}` puts it inside five.
+/// The most levels any answer adds around a change's `data`, with room to
+/// grow: the deepest answers today, push and sync results with
+/// `{"results": [{"conflict": {"current": {"data": …}}}]}`, put it inside
+/// five (`crates/cli/tests/poison_pills.rs` measures every answer kind).
 /// A client must parse answers nested `max_depth + ENVELOPE_DEPTH` levels deep.
 pub const ENVELOPE_DEPTH: usize = 8;
 
-/// The most levels a client is expected to parse (`serde_json`'s limit): the
-/// server refuses a `max_depth` whose answers could go deeper.
-pub const CLIENT_PARSE_DEPTH: usize = 128;
+/// The most levels a client is expected to parse: what `serde_json` parses
+/// at its default recursion limit. That limit is 128, but the parser refuses
+/// the level that reaches it, so documents 127 levels deep are the deepest it
+/// reads. The server refuses a `max_depth` whose answers could go deeper
+/// (`max_depth + ENVELOPE_DEPTH > CLIENT_PARSE_DEPTH`).
+pub const CLIENT_PARSE_DEPTH: usize = 127;
+
+// The default must itself be a `max_depth` the server accepts.
+const _: () = assert!(DEFAULT_MAX_DEPTH + ENVELOPE_DEPTH <= CLIENT_PARSE_DEPTH);
 
 /// Checks every number inside `v` (see [`check_number`]).
 pub fn check_value(v: &Value) -> Result<(), JsonError> {
@@ -235,6 +244,36 @@ mod tests {
         let v: Value = serde_json::from_str(input).unwrap();
         let expected = "{\"\\r\":\"Carriage Return\",\"1\":\"One\",\"\u{80}\":\"Control\",\"\u{f6}\":\"Latin Small Letter O With Diaeresis\",\"\u{20ac}\":\"Euro Sign\",\"\u{1f600}\":\"Emoji: Grinning Face\",\"\u{fb33}\":\"Hebrew Letter Dalet With Dagesh\"}";
         assert_eq!(to_jcs(&v), expected);
+    }
+
+    /// `levels` arrays, one inside the other, around `1`.
+    fn nested_text(levels: usize) -> String {
+        format!("{}1{}", "[".repeat(levels), "]".repeat(levels))
+    }
+
+    #[test]
+    fn serde_json_parses_exactly_client_parse_depth_levels() {
+        let deepest = nested_text(CLIENT_PARSE_DEPTH);
+        let v: Value = serde_json::from_str(&deepest).expect("serde_json parses CLIENT_PARSE_DEPTH levels");
+        assert_eq!(depth(&v), CLIENT_PARSE_DEPTH);
+        let err = serde_json::from_str::<Value>(&nested_text(CLIENT_PARSE_DEPTH + 1)).unwrap_err();
+        assert!(err.to_string().contains("recursion limit exceeded"), "{err}");
+        // Typed answers count the same levels as `Value`: objects of structs, arrays of `Vec`s.
+        #[derive(serde::Deserialize)]
+        struct Outer {
+            #[allow(dead_code)]
+            a: Vec<Value>,
+        }
+        let typed = |levels: usize| format!("{{\"a\":{}}}", nested_text(levels - 1));
+        assert!(serde_json::from_str::<Outer>(&typed(CLIENT_PARSE_DEPTH)).is_ok());
+        assert!(serde_json::from_str::<Outer>(&typed(CLIENT_PARSE_DEPTH + 1)).is_err());
+    }
+
+    #[test]
+    fn depth_counts_arrays_and_objects() {
+        assert_eq!(depth(&serde_json::json!(1)), 0);
+        assert_eq!(depth(&serde_json::json!({})), 1);
+        assert_eq!(depth(&serde_json::json!([1, [2, {"a": []}], 3])), 4);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::Instant;
 
 use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::http::request::Parts;
-use axum::http::{Method, Uri, header};
+use axum::http::{HeaderValue, Method, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,7 +24,7 @@ use axum::{Json, Router};
 use deltasync_protocol::{DeviceId, UserId};
 use tokio::sync::watch;
 
-use crate::auth::{Auth, AuthError};
+use crate::auth::Auth;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::store::Store;
@@ -51,10 +51,7 @@ impl FromRequestParts<Arc<AppState>> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        let header = match parts.headers.get(header::AUTHORIZATION) {
-            None => None,
-            Some(v) => Some(v.to_str().map_err(|_| ApiError::Unauthorized(AuthError::Missing.to_string()))?),
-        };
+        let header = parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
         state.auth.authenticate(header).map(AuthUser).map_err(|e| ApiError::Unauthorized(e.to_string()))
     }
 }
