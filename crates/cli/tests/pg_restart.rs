@@ -12,35 +12,16 @@
 mod common;
 mod verify;
 
-use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
+use common::pg_cluster::{PgCluster, restart_allowed};
 use common::*;
 use serde_json::{Value, json};
 use verify::*;
 
 const PUSHERS: usize = 4;
-
-/// The local cluster serving the tests, as `(version, name)`, from `pg_lsclusters`.
-fn local_cluster() -> Option<(String, String)> {
-    let out = Command::new("pg_lsclusters").arg("--no-header").output().ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    let line = text.lines().find(|l| l.split_whitespace().nth(3) == Some("online"))?;
-    let mut fields = line.split_whitespace();
-    Some((fields.next()?.to_owned(), fields.next()?.to_owned()))
-}
-
-fn pg_ctl(cluster: &(String, String), action: &str) {
-    let mut cmd = Command::new("pg_ctlcluster");
-    cmd.args(["--skip-systemctl-redirect", &cluster.0, &cluster.1, action]);
-    if action == "stop" {
-        cmd.args(["-m", "fast"]);
-    }
-    let status = cmd.status().expect("run pg_ctlcluster");
-    assert!(status.success(), "pg_ctlcluster {action} failed");
-}
 
 /// What a pusher saw.
 #[derive(Default, Debug)]
@@ -123,13 +104,13 @@ async fn seen_after_restart(c: &reqwest::Client, url: &str) -> usize {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_postgres_restart_under_pushes_loses_nothing_acknowledged() {
     let Some(backend) = Backend::postgres() else { return };
-    if std::env::var("DELTASYNC_TEST_PG_RESTART").as_deref() != Ok("1") {
+    if !restart_allowed() {
         eprintln!(
             "skipped: set DELTASYNC_TEST_PG_RESTART=1 to let this test stop and start the local PostgreSQL cluster"
         );
         return;
     }
-    let Some(cluster) = local_cluster() else {
+    let Some(cluster) = PgCluster::local() else {
         eprintln!("skipped: no online PostgreSQL cluster found by pg_lsclusters to restart");
         return;
     };
@@ -147,14 +128,14 @@ async fn a_postgres_restart_under_pushes_loses_nothing_acknowledged() {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     let cluster_ = cluster.clone();
-    tokio::task::spawn_blocking(move || pg_ctl(&cluster_, "stop")).await.unwrap();
+    tokio::task::spawn_blocking(move || cluster_.stop()).await.unwrap();
     let down_at = Instant::now();
     // While the database is down, every endpoint that needs it answers 503.
     let health = c.get(format!("{}/healthz", a.url)).send().await.unwrap().status().as_u16();
     let (pull_status, pull) = get(&c, &b.url, "/v1/pull?device_id=observer&cursor=0").await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let cluster_ = cluster.clone();
-    tokio::task::spawn_blocking(move || pg_ctl(&cluster_, "start")).await.unwrap();
+    tokio::task::spawn_blocking(move || cluster_.start()).await.unwrap();
     restarted.store(true, Ordering::SeqCst);
     println!("PostgreSQL was down for {:.2?}", down_at.elapsed());
     assert_eq!(health, 503, "/healthz while the database is down");

@@ -381,7 +381,16 @@ pub async fn post(c: &reqwest::Client, url: &str, path: &str, body: &Value) -> (
 
 /// GETs and returns (status, body as JSON).
 pub async fn get(c: &reqwest::Client, url: &str, path_and_query: &str) -> (u16, Value) {
-    let r = c.get(format!("{url}{path_and_query}")).send().await.unwrap();
+    get_as(c, url, path_and_query, None).await
+}
+
+/// GETs with an optional bearer token and returns (status, body as JSON).
+pub async fn get_as(c: &reqwest::Client, url: &str, path_and_query: &str, token: Option<&str>) -> (u16, Value) {
+    let mut req = c.get(format!("{url}{path_and_query}"));
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let r = req.send().await.unwrap();
     let status = r.status().as_u16();
     let text = r.text().await.unwrap();
     (status, serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path_and_query} answered non-JSON ({e}): {text}")))
@@ -407,3 +416,4 @@ pub fn temp_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
 pub mod devices;
+pub mod pg_cluster;

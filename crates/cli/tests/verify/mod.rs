@@ -10,7 +10,7 @@ use deltasync_protocol::json::to_jcs;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::common::get;
+use super::common::{get, get_as};
 
 /// SHA-256 of `bytes`.
 pub fn sha256(bytes: &[u8]) -> [u8; 32] {
@@ -161,11 +161,23 @@ pub struct PageInfo {
 
 /// Pulls the whole log from cursor 0 with pages of `limit`; returns the changes and every page's summary.
 pub async fn pull_all(c: &reqwest::Client, url: &str, device: &str, limit: u64) -> (Vec<Value>, Vec<PageInfo>) {
+    pull_all_as(c, url, device, limit, None).await
+}
+
+/// [`pull_all`] with a bearer token, for servers with `--auth jwt`.
+pub async fn pull_all_as(
+    c: &reqwest::Client,
+    url: &str,
+    device: &str,
+    limit: u64,
+    token: Option<&str>,
+) -> (Vec<Value>, Vec<PageInfo>) {
     let mut cursor = 0u64;
     let mut changes = Vec::new();
     let mut pages = Vec::new();
     loop {
-        let (status, page) = get(c, url, &format!("/v1/pull?device_id={device}&cursor={cursor}&limit={limit}")).await;
+        let path = format!("/v1/pull?device_id={device}&cursor={cursor}&limit={limit}");
+        let (status, page) = get_as(c, url, &path, token).await;
         assert_eq!(status, 200, "pull failed: {page}");
         let list = page["changes"].as_array().expect("changes").clone();
         assert!(list.len() as u64 <= limit, "a page holds more than limit changes");
