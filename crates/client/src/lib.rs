@@ -15,6 +15,10 @@
 //!   that still stands after [`backoff::MAX_RETRIES`] tries) is kept as
 //!   **failed**, with its conflict, for the app to show; it never blocks the
 //!   changes behind it.
+//! - Every request has a deadline ([`ClientOptions::request_timeout`],
+//!   [`ClientOptions::stall_timeout`]), and a sync that fails is recorded
+//!   until one succeeds ([`Stats::last_error`]), so a failure that repeats is
+//!   visible rather than retried silently.
 //!
 //! # Example
 //!
@@ -49,6 +53,7 @@
 //! ```
 
 pub mod backoff;
+mod bootstrap;
 mod client;
 pub mod error;
 pub mod http;
@@ -57,8 +62,11 @@ pub mod runner;
 mod sync;
 pub mod view;
 
-pub use client::{ChangeEvent, Client, ClientOptions, MAX_DATA_BYTES, Origin, Progress, Stats};
-pub use error::{ClientError, Result};
+pub use client::{
+    ChangeEvent, Client, ClientOptions, DEFAULT_REQUEST_TIMEOUT, DEFAULT_STALL_TIMEOUT, LastError, MAX_DATA_BYTES,
+    Origin, Progress, Stats,
+};
+pub use error::{ClientError, Result, TimeoutKind};
 pub use local::{OutboxEntry, OutboxStatus};
 pub use runner::{RunnerOptions, SyncRunner};
 pub use sync::{LostChange, SyncReport};
