@@ -115,6 +115,9 @@ impl Client {
         local::set_meta(&tx, "clock", self.observe_stamps(None).as_str())?;
         local::set_policies(&tx, &header.policies)?;
         local::confirm_up_to(&tx, header.cursor)?;
+        // Acknowledged at seqs the server no longer has: it was restored.
+        local::unsend_above(&tx, header.cursor)?;
+        local::set_journal_unchecked(&tx, true)?;
         tx.commit()?;
         Ok(entities)
     }

@@ -32,6 +32,8 @@ const LOCAL_LIMITS: ChangeLimits =
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// The default of [`ClientOptions::stall_timeout`].
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default of [`ClientOptions::journal_limit`].
+pub const DEFAULT_JOURNAL_LIMIT: u64 = 10_000;
 
 /// How a [`Client`] is set up. `Default` gives sensible values for an app.
 #[derive(Clone)]
@@ -60,6 +62,10 @@ pub struct ClientOptions {
     /// included (default none: a first sync of a large dataset may take long).
     /// Past it the sync fails with a `timeout` error; nothing local is lost.
     pub sync_timeout: Option<Duration>,
+    /// How many of this device's acknowledged changes are kept in the journal
+    /// (default 10,000), to be re-pushed if the server is restored from a
+    /// backup that lacks them. 0 keeps none.
+    pub journal_limit: u64,
     /// The wall clock in ms since the epoch; replaceable for tests.
     pub wall_clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Called as long work advances (each page of a sync, every 10,000
@@ -97,6 +103,7 @@ impl Default for ClientOptions {
             request_timeout: DEFAULT_REQUEST_TIMEOUT,
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             sync_timeout: None,
+            journal_limit: DEFAULT_JOURNAL_LIMIT,
             wall_clock: Arc::new(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)),
             progress: None,
         }
@@ -113,6 +120,7 @@ impl std::fmt::Debug for ClientOptions {
             .field("request_timeout", &self.request_timeout)
             .field("stall_timeout", &self.stall_timeout)
             .field("sync_timeout", &self.sync_timeout)
+            .field("journal_limit", &self.journal_limit)
             .finish_non_exhaustive()
     }
 }
@@ -164,6 +172,8 @@ pub struct Stats {
     pub failing_since: Option<u64>,
     /// How many syncs in a row failed (0 after a successful one).
     pub failed_syncs: u64,
+    /// Acknowledged changes kept in the journal, for a server restored from a backup.
+    pub journal: u64,
 }
 
 /// The error a sync failed with, as [`Stats`] shows it.
@@ -483,6 +493,7 @@ impl Client {
             failing_since: failure.as_ref().map(|f| f.since),
             failed_syncs: failure.as_ref().map_or(0, |f| f.count),
             last_error: failure.map(|f| LastError { code: f.code, message: f.message, at: f.at }),
+            journal: local::journal_len(&db)?,
         })
     }
 

@@ -51,6 +51,10 @@ pub struct SyncReport {
     pub applied: u64,
     /// Of those, the ones the server already held (a retry of a push whose answer was lost).
     pub duplicate: u64,
+    /// Of the applied ones, the changes a heal put back from the journal: the
+    /// server had acknowledged them once and lost them (it was restored from
+    /// a backup).
+    pub restored: u64,
     /// Changes received from the server.
     pub pulled: u64,
     /// This device's changes that lost (in part or whole) or were refused for good.
@@ -86,6 +90,7 @@ impl Default for SyncReport {
             pushed: 0,
             applied: 0,
             duplicate: 0,
+            restored: 0,
             pulled: 0,
             conflicts: 0,
             failed: 0,
@@ -154,7 +159,10 @@ impl Client {
             let status = api.status(self.device_id().as_str()).await?;
             self.observe_server_time(status.server_time)?;
             local::set_policies(&self.db(), &status.policies)?;
+            local::set_horizon(&self.db(), status.horizon)?;
         }
+        // A heal interrupted before it checked the journal finishes that first.
+        self.restore_journal(&api).await?;
         let mut run = RunState::default();
         let mut batch_size = self.inner.options.batch_size.max(1);
         let mut heals = 0;
@@ -239,6 +247,7 @@ impl Client {
         local::set_meta(&db, "last_sync_at", &now.to_string())?;
         let state = local::sync_state(&db)?;
         local::confirm_up_to(&db, state.cursor)?;
+        local::trim_journal(&db, self.inner.options.journal_limit, local::horizon(&db)?)?;
         report.pending = local::outbox_counts(&db)?.0;
         report.cursor = state.cursor;
         report.state_hash = state.state_hash;
@@ -322,7 +331,7 @@ impl Client {
 
     /// Takes in the server's clock: the HLC never falls behind it, and a wall
     /// clock running far ahead of it is corrected.
-    fn observe_server_time(&self, server_time: u64) -> Result<()> {
+    pub(crate) fn observe_server_time(&self, server_time: u64) -> Result<()> {
         let wall = self.wall_ms() as i64;
         let ahead = wall - server_time as i64;
         let offset = if ahead > CLOCK_CORRECTION_THRESHOLD_MS { -ahead } else { 0 };
@@ -386,6 +395,9 @@ impl Client {
                     report.pushed += 1;
                     if result.status == ResultStatus::Applied {
                         report.applied += 1;
+                        if entry.requeued {
+                            report.restored += 1;
+                        }
                     } else {
                         report.duplicate += 1;
                     }
@@ -395,7 +407,7 @@ impl Client {
                     }
                     rebase_followers(&tx, entry, seq)?;
                     if seq <= from {
-                        local::confirm(&tx, entry.change.change_id.as_str())?;
+                        local::confirm(&tx, entry.change.change_id.as_str(), seq)?;
                     } else {
                         local::mark_sent(&tx, entry.id, seq)?;
                         if seq <= to {
@@ -464,7 +476,7 @@ impl Client {
             if let Err(m) = apply_change(&tx, &policies, c, &mut digest)? {
                 return Ok(Err(m));
             }
-            local::confirm(&tx, c.change.change_id.as_str())?;
+            local::confirm(&tx, c.change.change_id.as_str(), c.seq)?;
             touched.push((c.change.collection.clone(), c.change.entity_id.clone()));
         }
         if expected - 1 != page.to {
@@ -522,6 +534,7 @@ impl Client {
         }
         report.healed = true;
         report.bootstrapped += self.bootstrap(api).await?;
+        self.restore_journal(api).await?;
         Ok(())
     }
 
@@ -536,6 +549,7 @@ impl Client {
             Err(ClientError::Server { status: 410, .. }) => {
                 let _guard = self.inner.sync_lock.lock().await;
                 self.bootstrap(&api).await?;
+                self.restore_journal(&api).await?;
                 return Ok(true);
             }
             Err(e) => return Err(e),
@@ -547,6 +561,10 @@ impl Client {
         if let Err(Mismatch(m)) = self.apply_page(resp.changes, &page)? {
             tracing::warn!(device = %self.device_id(), "local state does not match the server's: {m}; re-bootstrapping");
             self.bootstrap(&api).await?;
+            self.restore_journal(&api).await?;
+        } else {
+            let db = self.db();
+            local::trim_journal(&db, self.inner.options.journal_limit, local::horizon(&db)?)?;
         }
         Ok(arrived || resp.has_more)
     }

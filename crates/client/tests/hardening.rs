@@ -1,6 +1,6 @@
 //! The SDK against servers that misbehave: one that answers a byte a second,
-//! one whose bootstrap stalls, one whose answers cannot be parsed, and one
-//! that gives up reading large bodies (408).
+//! one whose bootstrap stalls, one whose answers cannot be parsed, one that
+//! gives up reading large bodies (408), and a server restored from a backup.
 //!
 //! Bounds on time are liveness bounds ("fails within 20 s while the server
 //! would take minutes"), never speed measurements.
@@ -217,6 +217,112 @@ async fn a_408_halves_the_batch_and_every_change_still_goes() {
     let entries = client.outbox().unwrap();
     assert_eq!(entries.len(), 1);
     assert_eq!((entries[0].status, entries[0].retries), (OutboxStatus::Pending, 0));
+    server.stop().await;
+}
+
+/// The ids of the server's log, each with how often it appears.
+async fn log_counts(server: &TestServer) -> std::collections::HashMap<String, usize> {
+    let mut counts = std::collections::HashMap::new();
+    for c in server.log().await {
+        *counts.entry(c["change_id"].as_str().unwrap().to_owned()).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_poll_that_finds_the_server_restored_puts_the_lost_changes_back() {
+    let mut server = TestServer::start().await;
+    let devices = Devices::new();
+    let client = devices.open("A", &server.url);
+    let mut ids = Vec::new();
+    for i in 0..2 {
+        ids.push(client.patch("tasks", &format!("before{i}"), obj(json!({"v": i}))).unwrap().unwrap());
+    }
+    client.sync().await.unwrap();
+    server.stop().await;
+    let backup = tempfile::tempdir().unwrap();
+    server.back_up_to(backup.path());
+    server.restart().await;
+
+    let mut after = Vec::new();
+    after.push(client.patch("tasks", "after0", obj(json!({"v": 10}))).unwrap().unwrap());
+    after.push(client.delete("tasks", "before0").unwrap());
+    after.push(client.append("log", "l1", json!({"op": "opaque"})).unwrap());
+    assert_eq!(client.sync().await.unwrap().applied, 3);
+    assert_eq!(client.stats().unwrap().journal, 5);
+    server.stop().await;
+    server.restore_from(backup.path());
+    server.restart().await;
+    assert_eq!(server.head().await, 2, "the restore lost the last three changes");
+
+    // The long poll meets a 410 (the device's cursor is past the head), heals,
+    // and finds three journaled changes missing: they are pending again, in reads at once.
+    assert!(client.wait_for_changes(Duration::from_secs(1)).await.unwrap());
+    let pending: Vec<_> = client.outbox().unwrap().into_iter().map(|e| (e.change.change_id, e.requeued)).collect();
+    assert_eq!(pending, after.iter().map(|id| (id.clone(), true)).collect::<Vec<_>>());
+    assert_eq!(client.get("tasks", "before0").unwrap(), None);
+    assert_eq!(client.get("tasks", "after0").unwrap().unwrap().data, obj(json!({"v": 10})));
+
+    let report = client.sync().await.unwrap();
+    assert_eq!((report.applied, report.restored, report.duplicate), (3, 3, 0), "{report:?}");
+    assert!(report.lost.is_empty(), "{report:?}");
+    let counts = log_counts(&server).await;
+    for id in ids.iter().chain(&after) {
+        assert_eq!(counts.get(id.as_str()), Some(&1), "{id} in {counts:?}");
+    }
+    let (header, _) = server.snapshot().await;
+    let stats = client.stats().unwrap();
+    assert_eq!((stats.cursor, stats.state_digest), (header.cursor, header.state_digest));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_journal_keeps_only_its_newest_entries() {
+    let mut server = TestServer::start().await;
+    let devices = Devices::new();
+    let client = devices.open_with("A", ClientOptions { journal_limit: 2, ..options(&server.url) });
+    client.sync().await.unwrap();
+    server.stop().await;
+    let backup = tempfile::tempdir().unwrap();
+    server.back_up_to(backup.path());
+    server.restart().await;
+    let ids: Vec<_> =
+        (0..3).map(|i| client.patch("tasks", &format!("t{i}"), obj(json!({"v": i}))).unwrap().unwrap()).collect();
+    client.sync().await.unwrap();
+    assert_eq!(client.stats().unwrap().journal, 2);
+    server.stop().await;
+    server.restore_from(backup.path());
+    server.restart().await;
+
+    let report = client.sync().await.unwrap();
+    assert!(report.healed, "{report:?}");
+    assert_eq!(report.restored, 2, "only the two newest were kept: {report:?}");
+    let counts = log_counts(&server).await;
+    assert_eq!((counts.get(ids[0].as_str()), counts.get(ids[2].as_str())), (None, Some(&1)));
+    server.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_heal_without_a_restore_resends_nothing_from_the_journal() {
+    let mut server = TestServer::start().await;
+    let devices = Devices::new();
+    let client = devices.open("A", &server.url);
+    for i in 0..30 {
+        client.patch("tasks", &format!("t{i}"), obj(json!({"v": i}))).unwrap();
+    }
+    client.sync().await.unwrap();
+    assert_eq!(client.stats().unwrap().journal, 30);
+    drop(client);
+    // Damage the local chain head: the next sync finds a mismatch and heals.
+    let conn = rusqlite::Connection::open(devices.path("A")).unwrap();
+    conn.execute("UPDATE meta SET value = ?1 WHERE key = 'state_hash'", ["1".repeat(64)]).unwrap();
+    drop(conn);
+
+    let client = devices.open("A", &server.url);
+    let report = client.sync().await.unwrap();
+    assert!(report.healed && !report.verified, "{report:?}");
+    assert_eq!((report.pushed, report.restored), (0, 0), "the journal was sent again: {report:?}");
+    assert_eq!(client.stats().unwrap().journal, 30, "the journal is kept");
     server.stop().await;
 }
 

@@ -221,6 +221,14 @@ fn execute(args: ClientArgs) -> Result<Output, ClientError> {
                     "warning: local state did not match the server's ({m}); healed by re-bootstrapping"
                 );
             }
+            if report.restored > 0 {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "warning: the server had lost {} change(s) of this device that it once acknowledged (restored \
+                     from a backup?); they were sent again",
+                    report.restored
+                );
+            }
             json_line(&report)
         }
         ClientCommand::Status => json_line(&client.stats()?),

@@ -1,16 +1,18 @@
 //! The device's local SQLite database: the server-confirmed state, the outbox
-//! of pending changes, and the sync state.
+//! of pending changes, the journal of acknowledged ones, and the sync state.
 //!
 //! # Layout
 //!
 //! - this module: the sync state (`meta`) and the confirmed state (`entities`, `appends`);
 //! - [`schema`]: opening, creating atomically, refusing foreign files, migrating;
-//! - [`outbox`]: local changes not yet in the confirmed state.
+//! - [`outbox`]: local changes not yet in the confirmed state;
+//! - [`journal`]: acknowledged changes kept for a server restored from a backup.
 //!
 //! Every function takes a connection or transaction the caller holds, so a
 //! caller composes several of them into one transaction: a local write, or a
 //! page of the log applied with its cursor and hashes, is all or nothing.
 
+pub mod journal;
 pub mod outbox;
 pub mod schema;
 
@@ -21,6 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{ClientError, Result};
 
+pub use journal::*;
 pub use outbox::*;
 pub use schema::open;
 
@@ -216,4 +219,14 @@ pub fn record_sync_failure(conn: &Connection, code: &str, message: &str, now: u6
 pub fn clear_sync_failure(conn: &Connection) -> Result<()> {
     conn.prepare_cached("DELETE FROM meta WHERE key = 'sync_failure'")?.execute([])?;
     Ok(())
+}
+
+/// The server's horizon, as last seen in `/v1/status` (0 before).
+pub fn horizon(conn: &Connection) -> Result<u64> {
+    Ok(parse_meta(conn, "horizon")?.unwrap_or(0))
+}
+
+/// Records the server's horizon.
+pub fn set_horizon(conn: &Connection, horizon: u64) -> Result<()> {
+    set_meta(conn, "horizon", &horizon.to_string())
 }

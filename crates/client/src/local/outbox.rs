@@ -58,19 +58,22 @@ pub struct OutboxEntry {
     pub conflict: Option<Conflict>,
     /// When the change was made.
     pub created_at: u64,
+    /// Whether a heal put it back from the journal: the server acknowledged it
+    /// once, but the server it syncs with now may have lost it.
+    pub requeued: bool,
 }
 
 const OUTBOX_COLUMNS: &str =
-    "id, change, status, seq, retries, next_attempt_at, last_error, conflict, created_at FROM outbox";
+    "id, change, status, seq, retries, next_attempt_at, last_error, conflict, created_at, requeued FROM outbox";
 
 fn read_entry(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawEntry> {
-    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?))
+    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
 }
 
-type RawEntry = (i64, String, String, Option<u64>, u32, u64, Option<String>, Option<String>, u64);
+type RawEntry = (i64, String, String, Option<u64>, u32, u64, Option<String>, Option<String>, u64, bool);
 
 fn decode_entry(raw: RawEntry) -> Result<OutboxEntry> {
-    let (id, change, status, seq, retries, next_attempt_at, last_error, conflict, created_at) = raw;
+    let (id, change, status, seq, retries, next_attempt_at, last_error, conflict, created_at, requeued) = raw;
     let change = serde_json::from_str(&change).map_err(|e| ClientError::LocalCorrupt(format!("outbox change: {e}")))?;
     let conflict = conflict
         .map(|c| serde_json::from_str(&c).map_err(|e| ClientError::LocalCorrupt(format!("outbox conflict: {e}"))))
@@ -85,6 +88,7 @@ fn decode_entry(raw: RawEntry) -> Result<OutboxEntry> {
         last_error,
         conflict,
         created_at,
+        requeued,
     })
 }
 
@@ -186,16 +190,46 @@ pub fn replace_change(conn: &Connection, id: i64, change: &Change) -> Result<()>
     Ok(())
 }
 
-/// Drops the entry with this change id, if any (it is now in the confirmed state).
-/// Returns whether there was one.
-pub fn confirm(conn: &Connection, change_id: &str) -> Result<bool> {
-    Ok(conn.prepare_cached("DELETE FROM outbox WHERE change_id = ?1 AND status <> 'failed'")?.execute([change_id])? > 0)
+/// Moves the entry with this change id, if any, from the outbox to the
+/// journal: the change is in the server's log at `seq`. Returns whether there
+/// was one.
+pub fn confirm(conn: &Connection, change_id: &str, seq: u64) -> Result<bool> {
+    let moved = conn
+        .prepare_cached(
+            "INSERT OR REPLACE INTO journal (id, change_id, collection, entity_id, change, seq, created_at)
+             SELECT id, change_id, collection, entity_id, change, ?2, created_at FROM outbox
+             WHERE change_id = ?1 AND status <> 'failed'",
+        )?
+        .execute(params![change_id, seq])?;
+    if moved > 0 {
+        conn.prepare_cached("DELETE FROM outbox WHERE change_id = ?1")?.execute([change_id])?;
+    }
+    Ok(moved > 0)
 }
 
-/// Drops acknowledged entries whose seq the confirmed state already covers.
+/// Moves the acknowledged entries whose seq the confirmed state already covers
+/// to the journal.
 pub fn confirm_up_to(conn: &Connection, cursor: u64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO journal (id, change_id, collection, entity_id, change, seq, created_at)
+         SELECT id, change_id, collection, entity_id, change, seq, created_at FROM outbox
+         WHERE status = 'sent' AND seq <= ?1",
+    )?
+    .execute([cursor])?;
     conn.prepare_cached("DELETE FROM outbox WHERE status = 'sent' AND seq <= ?1")?.execute([cursor])?;
     Ok(())
+}
+
+/// After a bootstrap at `cursor`: acknowledged entries above it were given
+/// seqs the server no longer has (it was restored from a backup), so they go
+/// back to pending, marked as requeued. Returns how many.
+pub fn unsend_above(conn: &Connection, cursor: u64) -> Result<u64> {
+    Ok(conn
+        .prepare_cached(
+            "UPDATE outbox SET status = 'pending', seq = NULL, requeued = 1, next_attempt_at = 0
+             WHERE status = 'sent' AND seq > ?1",
+        )?
+        .execute([cursor])? as u64)
 }
 
 /// Sends failed entries back to pending, with their retry count reset.

@@ -16,7 +16,7 @@ use rusqlite::{Connection, OpenFlags};
 use crate::error::{ClientError, Result};
 
 /// The newest local schema this build knows.
-pub const SCHEMA_VERSION: i64 = 1;
+pub const SCHEMA_VERSION: i64 = 2;
 
 /// Version 1: sync state, confirmed state, outbox.
 const SCHEMA_V1: &str = "
@@ -58,8 +58,28 @@ CREATE TABLE outbox (
 CREATE INDEX outbox_by_entity ON outbox (collection, entity_id, id);
 ";
 
+/// Version 2: the journal of acknowledged changes, re-pushed after a server
+/// restore, and the mark of outbox entries put back from it.
+const SCHEMA_V2: &str = "
+-- This device's acknowledged changes that left the outbox, newest kept, so
+-- that a server restored from a backup can be given back the ones it lost.
+CREATE TABLE journal (
+    id         INTEGER PRIMARY KEY,  -- the outbox id it had (outbox ids are never reused)
+    change_id  TEXT NOT NULL UNIQUE,
+    collection TEXT NOT NULL,
+    entity_id  TEXT NOT NULL,
+    change     TEXT NOT NULL,        -- the Change as JSON, as last sent
+    seq        INTEGER NOT NULL,     -- the seq the server gave it
+    created_at INTEGER NOT NULL
+);
+CREATE INDEX journal_by_seq ON journal (seq);
+
+-- 1 for an entry put back from the journal by a heal (counted as restored when applied).
+ALTER TABLE outbox ADD COLUMN requeued INTEGER NOT NULL DEFAULT 0;
+";
+
 /// Every migration, in order: `MIGRATIONS[i]` takes a database from version `i` to `i + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2];
 
 /// Opens the local database at `path`, creating it (atomically) if no file is
 /// there, and brings its schema up to date.
@@ -208,7 +228,7 @@ mod tests {
         let path = dir.path().join("device.db");
         let conn = open(&path).unwrap();
         assert_eq!(user_version(&conn).unwrap(), SCHEMA_VERSION);
-        assert!(tables(&conn).contains(&"outbox".to_owned()));
+        assert!(tables(&conn).contains(&"journal".to_owned()));
         let device = super::super::meta(&conn, "device_id").unwrap();
         assert!(device.as_ref().is_some_and(|d| d.starts_with("dev-")));
         drop(conn);

@@ -175,6 +175,31 @@ impl TestServer {
         }
     }
 
+    /// Copies the stopped server's database (its file and any WAL) into `dir`: a backup.
+    pub fn back_up_to(&self, dir: &Path) {
+        assert!(self.task.is_none(), "stop the server before backing it up");
+        for suffix in ["", "-wal"] {
+            let from = PathBuf::from(format!("{}{suffix}", self.db_path().display()));
+            if from.exists() {
+                std::fs::copy(&from, dir.join(format!("server.db{suffix}"))).expect("copy the database");
+            }
+        }
+    }
+
+    /// Replaces the stopped server's database by a backup made with [`TestServer::back_up_to`].
+    pub fn restore_from(&self, dir: &Path) {
+        assert!(self.task.is_none(), "stop the server before restoring it");
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.db_path().display()));
+        }
+        for suffix in ["", "-wal"] {
+            let from = dir.join(format!("server.db{suffix}"));
+            if from.exists() {
+                std::fs::copy(&from, format!("{}{suffix}", self.db_path().display())).expect("restore the database");
+            }
+        }
+    }
+
     /// Starts the server again on the same address and database.
     pub async fn restart(&mut self) {
         self.stop().await;
