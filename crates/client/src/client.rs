@@ -16,7 +16,7 @@ use serde_json::{Map, Value};
 use tokio::sync::{Notify, broadcast};
 
 use crate::error::{ClientError, Result};
-use crate::http::ServerApi;
+use crate::http::{HttpOptions, ServerApi};
 use crate::local::{self, OutboxEntry, OutboxStatus};
 use crate::view::{self, Entity};
 
@@ -27,6 +27,13 @@ pub const MAX_DATA_BYTES: usize = 262_144;
 /// change the server would refuse is refused now, not at sync.
 const LOCAL_LIMITS: ChangeLimits =
     ChangeLimits { max_data_bytes: MAX_DATA_BYTES, max_depth: deltasync_protocol::json::DEFAULT_MAX_DEPTH };
+
+/// The default of [`ClientOptions::request_timeout`].
+pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// The default of [`ClientOptions::stall_timeout`].
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// The default of [`ClientOptions::journal_limit`].
+pub const DEFAULT_JOURNAL_LIMIT: u64 = 10_000;
 
 /// How a [`Client`] is set up. `Default` gives sensible values for an app.
 #[derive(Clone)]
@@ -45,6 +52,20 @@ pub struct ClientOptions {
     pub http2_prior_knowledge: bool,
     /// The most seqs asked for per page.
     pub page_limit: u64,
+    /// The longest one request may take, from connecting to the last byte of
+    /// its answer (default 60 s; a long poll gets its wait on top). A server
+    /// that answers a byte at a time cannot hold a sync past it.
+    pub request_timeout: Duration,
+    /// The longest a streamed answer (bootstrap) may send nothing (default 30 s).
+    pub stall_timeout: Duration,
+    /// The longest one whole sync may take, all its requests and heals
+    /// included (default none: a first sync of a large dataset may take long).
+    /// Past it the sync fails with a `timeout` error; nothing local is lost.
+    pub sync_timeout: Option<Duration>,
+    /// How many of this device's acknowledged changes are kept in the journal
+    /// (default 10,000), to be re-pushed if the server is restored from a
+    /// backup that lacks them. 0 keeps none.
+    pub journal_limit: u64,
     /// The wall clock in ms since the epoch; replaceable for tests.
     pub wall_clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Called as long work advances (each page of a sync, every 10,000
@@ -79,6 +100,10 @@ impl Default for ClientOptions {
             batch_size: 500,
             http2_prior_knowledge: false,
             page_limit: deltasync_protocol::wire::MAX_PULL_LIMIT,
+            request_timeout: DEFAULT_REQUEST_TIMEOUT,
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
+            sync_timeout: None,
+            journal_limit: DEFAULT_JOURNAL_LIMIT,
             wall_clock: Arc::new(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)),
             progress: None,
         }
@@ -92,6 +117,10 @@ impl std::fmt::Debug for ClientOptions {
             .field("token", &self.token.as_ref().map(|_| "…"))
             .field("batch_size", &self.batch_size)
             .field("page_limit", &self.page_limit)
+            .field("request_timeout", &self.request_timeout)
+            .field("stall_timeout", &self.stall_timeout)
+            .field("sync_timeout", &self.sync_timeout)
+            .field("journal_limit", &self.journal_limit)
             .finish_non_exhaustive()
     }
 }
@@ -136,6 +165,26 @@ pub struct Stats {
     pub state_digest: StateDigest,
     /// When the last successful sync finished (ms since the epoch), or `None`.
     pub last_sync_at: Option<u64>,
+    /// The error of the last sync, when it failed (cleared by a successful sync).
+    pub last_error: Option<LastError>,
+    /// When the syncs started failing (the end of the first failed sync in a
+    /// row, ms since the epoch), while they do.
+    pub failing_since: Option<u64>,
+    /// How many syncs in a row failed (0 after a successful one).
+    pub failed_syncs: u64,
+    /// Acknowledged changes kept in the journal, for a server restored from a backup.
+    pub journal: u64,
+}
+
+/// The error a sync failed with, as [`Stats`] shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LastError {
+    /// The error's code, as the command line prints it (`protocol`, `unreachable`, …).
+    pub code: String,
+    /// What went wrong.
+    pub message: String,
+    /// When that sync ended, ms since the epoch.
+    pub at: u64,
 }
 
 pub(crate) struct ClockState {
@@ -202,7 +251,14 @@ impl Client {
         let api = state
             .server_url
             .as_deref()
-            .map(|url| ServerApi::new(url, options.token.clone(), options.http2_prior_knowledge))
+            .map(|url| {
+                let http = HttpOptions {
+                    http2_prior_knowledge: options.http2_prior_knowledge,
+                    request_timeout: options.request_timeout,
+                    stall_timeout: options.stall_timeout,
+                };
+                ServerApi::new(url, options.token.clone(), http)
+            })
             .transpose()?;
         let clock = match local::clock(&conn)? {
             Some(last) => HlcClock::resume(state.device_id.clone(), &last),
@@ -424,6 +480,7 @@ impl Client {
         let db = self.db();
         let state = local::sync_state(&db)?;
         let (pending, failed) = local::outbox_counts(&db)?;
+        let failure = local::sync_failure(&db)?;
         Ok(Stats {
             device_id: state.device_id,
             server: state.server_url,
@@ -433,6 +490,10 @@ impl Client {
             state_hash: state.state_hash,
             state_digest: state.state_digest,
             last_sync_at: state.last_sync_at,
+            failing_since: failure.as_ref().map(|f| f.since),
+            failed_syncs: failure.as_ref().map_or(0, |f| f.count),
+            last_error: failure.map(|f| LastError { code: f.code, message: f.message, at: f.at }),
+            journal: local::journal_len(&db)?,
         })
     }
 

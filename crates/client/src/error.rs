@@ -1,14 +1,40 @@
 //! The client's errors, each with a message a person can act on.
 
+use std::path::PathBuf;
+use std::time::Duration;
+
 use deltasync_protocol::wire::ErrorDetail;
 use deltasync_protocol::{ChangeError, NameError};
 
-/// Everything that can go wrong in the client.
+/// Everything that can go wrong in the client. Each variant says whose fault
+/// it is: the caller's (`Invalid`, `NoServer`), the local file's (`Local…`,
+/// `NotADatabase`, `SchemaTooNew`), the network's (`Unreachable`, `Timeout`:
+/// transient), or the server's (`Server`, `Protocol`, `Integrity`).
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     /// The local database could not be read or written.
     #[error("local database error: {0}")]
     Local(#[from] rusqlite::Error),
+    /// The local database file could not be created or read.
+    #[error("cannot {action} the local database {}: {source}", path.display())]
+    LocalIo {
+        /// What was being done (`create`, `read`).
+        action: &'static str,
+        /// The database file.
+        path: PathBuf,
+        /// What the operating system said.
+        source: std::io::Error,
+    },
+    /// The file at the database path exists but is not a deltasync database:
+    /// opening it as a new device would hide whatever it held.
+    #[error("{} is not a deltasync database: {reason}", path.display())]
+    NotADatabase {
+        /// The database file.
+        path: PathBuf,
+        /// What is wrong with it, and what to do.
+        reason: String,
+    },
     /// The local database holds something this version cannot read.
     #[error("local database is damaged or from another program: {0}")]
     LocalCorrupt(String),
@@ -34,12 +60,25 @@ pub enum ClientError {
         /// What the network layer said.
         message: String,
     },
+    /// A request or a whole sync took longer than its limit. Transient: nothing
+    /// local was lost, and the next sync starts where this one stopped.
+    #[error("{operation} did not finish within {} s ({}); nothing local was lost", after.as_secs_f64(), kind.setting())]
+    Timeout {
+        /// Which limit ran out.
+        kind: TimeoutKind,
+        /// What was cut short (`POST /v1/sync`, `sync`, …).
+        operation: String,
+        /// The limit.
+        after: Duration,
+    },
     /// The server answered with an error.
     #[error("server answered {status} {code}: {message}")]
     Server {
         /// The HTTP status.
         status: u16,
-        /// The error code of the body (`unauthorized`, `unavailable`, …).
+        /// The error code of the body (`unauthorized`, `unavailable`, …); for
+        /// an answer that did not come from deltasync (a proxy's page), the
+        /// documented code its status stands for.
         code: String,
         /// The server's message.
         message: String,
@@ -48,24 +87,58 @@ pub enum ClientError {
         /// The offending changes, when the server named them.
         details: Vec<ErrorDetail>,
     },
-    /// The server's answer could not be understood.
-    #[error("unexpected answer from the server: {0}")]
-    Protocol(String),
+    /// The server's answer could not be understood. The server (or something
+    /// between) is at fault; retrying gets the same answer until it changes.
+    #[error("unexpected answer to {request}: {message}")]
+    Protocol {
+        /// The request whose answer it was (`POST /v1/sync`, `GET /v1/bootstrap`, …).
+        request: &'static str,
+        /// What was wrong with it (the parser's cause, or the rule it broke).
+        message: String,
+    },
     /// The server's state could not be verified even after re-bootstrapping.
     #[error("integrity check failed: {0}")]
     Integrity(String),
+}
+
+/// Which time limit a [`ClientError::Timeout`] ran into.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TimeoutKind {
+    /// One request got no complete answer within `ClientOptions::request_timeout`.
+    Request,
+    /// A streamed answer (bootstrap) sent nothing for `ClientOptions::stall_timeout`.
+    Stall,
+    /// A whole sync took longer than `ClientOptions::sync_timeout`.
+    Sync,
+}
+
+impl TimeoutKind {
+    /// The setting that holds the limit.
+    pub fn setting(self) -> &'static str {
+        match self {
+            TimeoutKind::Request => "ClientOptions::request_timeout",
+            TimeoutKind::Stall => "ClientOptions::stall_timeout",
+            TimeoutKind::Sync => "ClientOptions::sync_timeout",
+        }
+    }
 }
 
 impl ClientError {
     /// The short code printed by the command line (`{"error": code, …}`).
     pub fn code(&self) -> &str {
         match self {
-            ClientError::Local(_) | ClientError::LocalCorrupt(_) | ClientError::SchemaTooNew { .. } => "local_store",
+            ClientError::Local(_)
+            | ClientError::LocalIo { .. }
+            | ClientError::NotADatabase { .. }
+            | ClientError::LocalCorrupt(_)
+            | ClientError::SchemaTooNew { .. } => "local_store",
             ClientError::Invalid(_) => "invalid_input",
             ClientError::NoServer => "no_server",
             ClientError::Unreachable { .. } => "unreachable",
+            ClientError::Timeout { .. } => "timeout",
             ClientError::Server { code, .. } => code,
-            ClientError::Protocol(_) => "protocol",
+            ClientError::Protocol { .. } => "protocol",
             ClientError::Integrity(_) => "integrity",
         }
     }
@@ -74,8 +147,8 @@ impl ClientError {
     /// about the changes sent (these never count as a change's retry).
     pub fn is_transient(&self) -> bool {
         match self {
-            ClientError::Unreachable { .. } => true,
-            ClientError::Server { status, .. } => *status == 429 || *status >= 500,
+            ClientError::Unreachable { .. } | ClientError::Timeout { .. } => true,
+            ClientError::Server { status, .. } => *status == 408 || *status == 429 || *status >= 500,
             _ => false,
         }
     }
@@ -95,3 +168,37 @@ impl From<ChangeError> for ClientError {
 
 /// The client's result type.
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_timeout_names_what_was_cut_short_and_the_setting() {
+        let e = ClientError::Timeout {
+            kind: TimeoutKind::Request,
+            operation: "POST /v1/sync".into(),
+            after: Duration::from_secs(60),
+        };
+        assert_eq!(e.code(), "timeout");
+        assert!(e.is_transient());
+        let text = e.to_string();
+        assert!(text.contains("POST /v1/sync") && text.contains("60 s"), "{text}");
+        assert!(text.contains("ClientOptions::request_timeout"), "{text}");
+    }
+
+    #[test]
+    fn a_408_is_transient_and_a_400_is_not() {
+        let server = |status| ClientError::Server {
+            status,
+            code: "x".into(),
+            message: String::new(),
+            retry_after: None,
+            details: Vec::new(),
+        };
+        assert!(server(408).is_transient());
+        assert!(server(502).is_transient());
+        assert!(!server(400).is_transient());
+        assert!(!server(413).is_transient());
+    }
+}

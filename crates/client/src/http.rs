@@ -1,13 +1,41 @@
 //! The HTTP side: the endpoints of protocol §6, with errors mapped to [`ClientError`].
+//!
+//! Every request has a deadline, so that a server (or a proxy) that answers
+//! slowly or not at all cannot hold a sync for minutes: a whole answer must
+//! arrive within [`HttpOptions::request_timeout`] (a long poll adds its wait),
+//! and a streamed answer (bootstrap) may go silent for at most
+//! [`HttpOptions::stall_timeout`].
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use deltasync_protocol::Change;
 use deltasync_protocol::wire::{ErrorBody, PullResponse, StatusResponse, SyncResponse};
+use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::error::{ClientError, Result};
+use crate::error::{ClientError, Result, TimeoutKind};
+
+/// How long a pooled connection may sit idle before it is closed: below the
+/// server's keep-alive (60 s by default), so the client never reuses a
+/// connection just as the server closes it.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long establishing a connection may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The most characters of a foreign error body quoted in a message.
+const EXCERPT_CHARS: usize = 200;
+
+/// `POST /v1/sync`, as named in errors.
+pub const SYNC: &str = "POST /v1/sync";
+/// `GET /v1/pull`, as named in errors.
+pub const PULL: &str = "GET /v1/pull";
+/// `GET /v1/status`, as named in errors.
+pub const STATUS: &str = "GET /v1/status";
+/// `GET /v1/bootstrap`, as named in errors.
+pub const BOOTSTRAP: &str = "GET /v1/bootstrap";
 
 /// The body of `POST /v1/sync`.
 #[derive(Serialize)]
@@ -23,29 +51,41 @@ pub struct SyncBody<'a> {
     pub limit: Option<u64>,
 }
 
+/// How the HTTP client talks to the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpOptions {
+    /// Speak HTTP/2 to `http://` servers directly (h2c with prior knowledge).
+    pub http2_prior_knowledge: bool,
+    /// The longest a request may take, from connecting to the last byte of
+    /// its answer (a long poll gets its wait on top).
+    pub request_timeout: Duration,
+    /// The longest a streamed answer may send nothing.
+    pub stall_timeout: Duration,
+}
+
 /// A connection to one deltasync server.
 #[derive(Clone, Debug)]
 pub struct ServerApi {
     http: reqwest::Client,
     base: String,
     token: Option<String>,
+    options: HttpOptions,
 }
 
 impl ServerApi {
     /// A client for the server at `base` (`http://host:port`, trailing slash allowed).
-    /// With `http2_prior_knowledge`, `http://` servers are spoken to in HTTP/2 directly.
-    pub fn new(base: &str, token: Option<String>, http2_prior_knowledge: bool) -> Result<Self> {
+    pub fn new(base: &str, token: Option<String>, options: HttpOptions) -> Result<Self> {
         let base = base.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
             return Err(ClientError::Invalid(format!("server URL must start with http:// or https://, got {base:?}")));
         }
         let mut builder =
-            reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).read_timeout(Duration::from_secs(120));
-        if http2_prior_knowledge {
+            reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT).pool_idle_timeout(POOL_IDLE_TIMEOUT);
+        if options.http2_prior_knowledge {
             builder = builder.http2_prior_knowledge();
         }
         let http = builder.build().map_err(|e| ClientError::Invalid(format!("cannot build the HTTP client: {e}")))?;
-        Ok(Self { http, base, token })
+        Ok(Self { http, base, token, options })
     }
 
     /// The server's base URL.
@@ -61,7 +101,11 @@ impl ServerApi {
         }
     }
 
-    fn unreachable(&self, e: reqwest::Error) -> ClientError {
+    /// Maps a network-level error of `request`, given the time limit it ran under.
+    fn network_error(&self, request: &'static str, limit: Duration, e: reqwest::Error) -> ClientError {
+        if e.is_timeout() {
+            return ClientError::Timeout { kind: TimeoutKind::Request, operation: request.to_owned(), after: limit };
+        }
         let mut message = e.to_string();
         let mut source = std::error::Error::source(&e);
         while let Some(s) = source {
@@ -72,9 +116,16 @@ impl ServerApi {
         ClientError::Unreachable { url: self.base.clone(), message }
     }
 
-    /// Sends a request and turns an error answer into [`ClientError::Server`].
-    pub async fn send(&self, req: reqwest::RequestBuilder) -> Result<reqwest::Response> {
-        let resp = req.send().await.map_err(|e| self.unreachable(e))?;
+    /// Sends `req` (named `request` in errors) and turns an error answer into
+    /// [`ClientError::Server`]. With `limit`, the whole exchange, the answer's
+    /// body included, must finish within it.
+    async fn send(
+        &self,
+        request: &'static str,
+        req: reqwest::RequestBuilder,
+        limit: Duration,
+    ) -> Result<reqwest::Response> {
+        let resp = req.send().await.map_err(|e| self.network_error(request, limit, e))?;
         if resp.status().is_success() {
             return Ok(resp);
         }
@@ -84,22 +135,27 @@ impl ServerApi {
             .get(reqwest::header::RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.trim().parse().ok());
-        let bytes = resp.bytes().await.map_err(|e| self.unreachable(e))?;
+        let bytes = resp.bytes().await.map_err(|e| self.network_error(request, limit, e))?;
         let (code, message, details) = match serde_json::from_slice::<ErrorBody>(&bytes) {
             Ok(body) => (body.error, body.message, body.details.unwrap_or_default()),
-            Err(_) => (
-                "http_error".to_owned(),
-                format!("HTTP {status} with a body that is not a deltasync error: {}", String::from_utf8_lossy(&bytes)),
-                Vec::new(),
-            ),
+            Err(_) => (code_for_status(status).to_owned(), foreign_message(status, &self.base, &bytes), Vec::new()),
         };
         Err(ClientError::Server { status, code, message, retry_after, details })
     }
 
-    async fn json<T: DeserializeOwned>(&self, req: reqwest::RequestBuilder) -> Result<T> {
-        let resp = self.send(req).await?;
-        let bytes = resp.bytes().await.map_err(|e| self.unreachable(e))?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol(format!("cannot read the answer: {e}")))
+    /// Sends a request whose whole answer is one JSON value, within `limit`.
+    async fn json<T: DeserializeOwned>(
+        &self,
+        request: &'static str,
+        req: reqwest::RequestBuilder,
+        limit: Duration,
+    ) -> Result<T> {
+        let resp = self.send(request, req.timeout(limit), limit).await?;
+        let bytes = resp.bytes().await.map_err(|e| self.network_error(request, limit, e))?;
+        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
+            request,
+            message: format!("cannot read the {}-byte answer: {e}", bytes.len()),
+        })
     }
 
     /// `POST /v1/sync`.
@@ -109,7 +165,7 @@ impl ServerApi {
             .request(reqwest::Method::POST, "/v1/sync")
             .header(reqwest::header::CONTENT_TYPE, "application/json")
             .body(bytes);
-        self.json(req).await
+        self.json(SYNC, req, self.options.request_timeout).await
     }
 
     /// `GET /v1/pull`, waiting up to `wait` for a change when there is none.
@@ -121,21 +177,125 @@ impl ServerApi {
             ("limit", &limit.to_string()),
             ("wait", &wait_s),
         ]);
-        self.json(req).await
+        self.json(PULL, req, self.options.request_timeout + Duration::from_secs(wait.as_secs())).await
     }
 
     /// `GET /v1/status`.
     pub async fn status(&self, device_id: &str) -> Result<StatusResponse> {
-        self.json(self.request(reqwest::Method::GET, "/v1/status").query(&[("device_id", device_id)])).await
+        let req = self.request(reqwest::Method::GET, "/v1/status").query(&[("device_id", device_id)]);
+        self.json(STATUS, req, self.options.request_timeout).await
     }
 
-    /// `GET /v1/bootstrap`: the streamed answer, for the caller to read line by line.
+    /// `GET /v1/bootstrap`: the answer's head, within the request timeout; the
+    /// caller reads the body with [`ServerApi::next_chunk`].
     pub async fn bootstrap(&self, device_id: &str) -> Result<reqwest::Response> {
-        self.send(self.request(reqwest::Method::GET, "/v1/bootstrap").query(&[("device_id", device_id)])).await
+        let limit = self.options.request_timeout;
+        let req = self.request(reqwest::Method::GET, "/v1/bootstrap").query(&[("device_id", device_id)]);
+        match tokio::time::timeout(limit, self.send(BOOTSTRAP, req, limit)).await {
+            Ok(result) => result,
+            Err(_) => {
+                Err(ClientError::Timeout { kind: TimeoutKind::Request, operation: BOOTSTRAP.to_owned(), after: limit })
+            }
+        }
     }
 
-    /// Maps an error met while reading a streamed body.
-    pub fn stream_error(&self, e: reqwest::Error) -> ClientError {
-        self.unreachable(e)
+    /// The next chunk of a streamed answer to `request`: `None` at its end, a
+    /// [`TimeoutKind::Stall`] error when nothing arrives for the stall timeout.
+    pub async fn next_chunk<S>(&self, request: &'static str, stream: &mut S) -> Option<Result<Bytes>>
+    where
+        S: Stream<Item = reqwest::Result<Bytes>> + Unpin,
+    {
+        let limit = self.options.stall_timeout;
+        match tokio::time::timeout(limit, stream.next()).await {
+            Ok(next) => next.map(|chunk| chunk.map_err(|e| self.network_error(request, limit, e))),
+            Err(_) => Some(Err(ClientError::Timeout {
+                kind: TimeoutKind::Stall,
+                operation: format!("{request} (streaming)"),
+                after: limit,
+            })),
+        }
+    }
+}
+
+/// The documented error code an HTTP status stands for, used when an error
+/// answer's body is not a deltasync error (a proxy's or gateway's own page).
+pub fn code_for_status(status: u16) -> &'static str {
+    match status {
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        405 => "method_not_allowed",
+        408 => "request_timeout",
+        410 => "reset_required",
+        413 => "payload_too_large",
+        429 => "rate_limited",
+        502..=504 => "unavailable",
+        400..=499 => "invalid_request",
+        _ => "internal",
+    }
+}
+
+/// The message for an error answer whose body did not come from deltasync,
+/// with a short excerpt of that body (control characters and runs of white
+/// space shown as one space).
+fn foreign_message(status: u16, base: &str, body: &[u8]) -> String {
+    let text = String::from_utf8_lossy(body);
+    let mut excerpt = String::new();
+    for word in text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()) {
+        if !excerpt.is_empty() {
+            excerpt.push(' ');
+        }
+        excerpt.push_str(word);
+        if excerpt.chars().count() > EXCERPT_CHARS {
+            break;
+        }
+    }
+    let excerpt = if excerpt.chars().count() > EXCERPT_CHARS {
+        format!("{}…", excerpt.chars().take(EXCERPT_CHARS).collect::<String>())
+    } else {
+        excerpt
+    };
+    let quoted = if excerpt.is_empty() { "an empty body".to_owned() } else { format!("{excerpt:?}") };
+    format!(
+        "HTTP {status} from {base} with a body that did not come from deltasync (a proxy or gateway in between?): {quoted}"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn foreign_error_answers_map_to_documented_codes_by_status() {
+        let cases = [
+            (502, "unavailable"),
+            (503, "unavailable"),
+            (504, "unavailable"),
+            (429, "rate_limited"),
+            (401, "unauthorized"),
+            (408, "request_timeout"),
+            (413, "payload_too_large"),
+            (404, "not_found"),
+            (400, "invalid_request"),
+            (418, "invalid_request"),
+            (500, "internal"),
+            (501, "internal"),
+            (599, "internal"),
+        ];
+        for (status, code) in cases {
+            assert_eq!(code_for_status(status), code, "status {status}");
+        }
+    }
+
+    #[test]
+    fn a_foreign_body_is_quoted_short_and_on_one_line() {
+        let page = format!("<html>\r\n<head><title>502 Bad Gateway</title></head>\n<body>{}</body>", "x ".repeat(500));
+        let m = foreign_message(502, "http://h:1", page.as_bytes());
+        assert!(m.starts_with("HTTP 502 from http://h:1 with a body that did not come from deltasync"), "{m}");
+        assert!(m.contains("<head><title>502 Bad Gateway</title></head>"), "{m}");
+        assert!(!m.contains('\n') && !m.contains('\r'), "{m}");
+        assert!(m.chars().count() < 400, "{} characters: {m}", m.chars().count());
+        assert!(m.ends_with("…\""), "{m}");
+        assert!(foreign_message(503, "http://h:1", b"").ends_with("an empty body"));
     }
 }

@@ -15,6 +15,14 @@
 //!   that still stands after [`backoff::MAX_RETRIES`] tries) is kept as
 //!   **failed**, with its conflict, for the app to show; it never blocks the
 //!   changes behind it.
+//! - Acknowledged changes leave the outbox for a bounded **journal**
+//!   ([`ClientOptions::journal_limit`]): if the server is restored from a
+//!   backup that lacks some of them, the next heal sends those again under
+//!   their original change ids ([`SyncReport::restored`]).
+//! - Every request has a deadline ([`ClientOptions::request_timeout`],
+//!   [`ClientOptions::stall_timeout`]), and a sync that fails is recorded
+//!   until one succeeds ([`Stats::last_error`]), so a failure that repeats is
+//!   visible rather than retried silently.
 //!
 //! # Example
 //!
@@ -49,16 +57,21 @@
 //! ```
 
 pub mod backoff;
+mod bootstrap;
 mod client;
 pub mod error;
 pub mod http;
 pub mod local;
+mod restore;
 pub mod runner;
 mod sync;
 pub mod view;
 
-pub use client::{ChangeEvent, Client, ClientOptions, MAX_DATA_BYTES, Origin, Progress, Stats};
-pub use error::{ClientError, Result};
+pub use client::{
+    ChangeEvent, Client, ClientOptions, DEFAULT_JOURNAL_LIMIT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_STALL_TIMEOUT,
+    LastError, MAX_DATA_BYTES, Origin, Progress, Stats,
+};
+pub use error::{ClientError, Result, TimeoutKind};
 pub use local::{OutboxEntry, OutboxStatus};
 pub use runner::{RunnerOptions, SyncRunner};
 pub use sync::{LostChange, SyncReport};

@@ -4,19 +4,17 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use deltasync_protocol::wire::{BootstrapEnd, BootstrapHeader, BootstrapLine, Policies, PushResult, ResultStatus};
+use deltasync_protocol::wire::{Policies, PushResult, ResultStatus};
 use deltasync_protocol::{
-    Change, Collection, Conflict, ConflictReason, EntityId, Hlc, HlcClock, Merge, Meta, Op, StateDigest, StoredChange,
-    merge,
+    Change, Collection, Conflict, ConflictReason, EntityId, Hlc, HlcClock, Merge, Op, StateDigest, StoredChange, merge,
 };
-use futures_util::StreamExt;
 use rusqlite::{Connection, TransactionBehavior};
 use serde::Serialize;
 
 use crate::backoff::{self, MAX_RETRIES};
 use crate::client::{Client, Origin, Progress};
-use crate::error::{ClientError, Result};
-use crate::http::{ServerApi, SyncBody};
+use crate::error::{ClientError, Result, TimeoutKind};
+use crate::http::{self, ServerApi, SyncBody};
 use crate::local::{self, OutboxEntry};
 
 /// The most times one sync re-bootstraps before it gives up.
@@ -53,6 +51,10 @@ pub struct SyncReport {
     pub applied: u64,
     /// Of those, the ones the server already held (a retry of a push whose answer was lost).
     pub duplicate: u64,
+    /// Of the applied ones, the changes a heal put back from the journal: the
+    /// server had acknowledged them once and lost them (it was restored from
+    /// a backup).
+    pub restored: u64,
     /// Changes received from the server.
     pub pulled: u64,
     /// This device's changes that lost (in part or whole) or were refused for good.
@@ -88,6 +90,7 @@ impl Default for SyncReport {
             pushed: 0,
             applied: 0,
             duplicate: 0,
+            restored: 0,
             pulled: 0,
             conflicts: 0,
             failed: 0,
@@ -125,7 +128,27 @@ impl Client {
     }
 
     /// Syncs; `manual` ignores (and resets) the backoff of refused changes.
+    /// The outcome is kept in the local database: an error until a sync
+    /// succeeds (see [`crate::Stats::last_error`]).
     pub(crate) async fn sync_with(&self, manual: bool) -> Result<SyncReport> {
+        let outcome = match self.inner.options.sync_timeout {
+            None => self.sync_once(manual).await,
+            Some(limit) => match tokio::time::timeout(limit, self.sync_once(manual)).await {
+                Ok(outcome) => outcome,
+                Err(_) => Err(ClientError::Timeout { kind: TimeoutKind::Sync, operation: "sync".into(), after: limit }),
+            },
+        };
+        let recorded = match &outcome {
+            Ok(_) => local::clear_sync_failure(&self.db()),
+            Err(e) => local::record_sync_failure(&self.db(), e.code(), &e.to_string(), self.wall_ms()).map(drop),
+        };
+        if let Err(e) = recorded {
+            tracing::warn!(device = %self.device_id(), "cannot record the sync's outcome: {e}");
+        }
+        outcome
+    }
+
+    async fn sync_once(&self, manual: bool) -> Result<SyncReport> {
         let api = self.api()?.clone();
         let _guard = self.inner.sync_lock.lock().await;
         let mut report = SyncReport::default();
@@ -136,7 +159,10 @@ impl Client {
             let status = api.status(self.device_id().as_str()).await?;
             self.observe_server_time(status.server_time)?;
             local::set_policies(&self.db(), &status.policies)?;
+            local::set_horizon(&self.db(), status.horizon)?;
         }
+        // A heal interrupted before it checked the journal finishes that first.
+        self.restore_journal(&api).await?;
         let mut run = RunState::default();
         let mut batch_size = self.inner.options.batch_size.max(1);
         let mut heals = 0;
@@ -162,6 +188,15 @@ impl Client {
                 Err(ClientError::Server { status: 410, message, .. }) => {
                     self.heal_or_give_up(&api, &mut report, &mut heals, None, &message).await?;
                     more_to_pull = true;
+                    continue;
+                }
+                // The server gave up reading the body (too slow a link for its
+                // size): send less at a time; a single change failing so is transient.
+                Err(e @ ClientError::Server { status: 408, .. }) => {
+                    if batch.len() <= 1 {
+                        return Err(e);
+                    }
+                    batch_size = (batch.len() / 2).max(1);
                     continue;
                 }
                 Err(ClientError::Server { status: 400 | 413, message, details, .. }) if !batch.is_empty() => {
@@ -212,6 +247,7 @@ impl Client {
         local::set_meta(&db, "last_sync_at", &now.to_string())?;
         let state = local::sync_state(&db)?;
         local::confirm_up_to(&db, state.cursor)?;
+        local::trim_journal(&db, self.inner.options.journal_limit, local::horizon(&db)?)?;
         report.pending = local::outbox_counts(&db)?.0;
         report.cursor = state.cursor;
         report.state_hash = state.state_hash;
@@ -295,7 +331,7 @@ impl Client {
 
     /// Takes in the server's clock: the HLC never falls behind it, and a wall
     /// clock running far ahead of it is corrected.
-    fn observe_server_time(&self, server_time: u64) -> Result<()> {
+    pub(crate) fn observe_server_time(&self, server_time: u64) -> Result<()> {
         let wall = self.wall_ms() as i64;
         let ahead = wall - server_time as i64;
         let offset = if ahead > CLOCK_CORRECTION_THRESHOLD_MS { -ahead } else { 0 };
@@ -335,25 +371,33 @@ impl Client {
         run: &mut RunState,
     ) -> Result<Vec<StoredChange>> {
         if results.len() != batch.len() {
-            return Err(ClientError::Protocol(format!("sent {} changes, got {} results", batch.len(), results.len())));
+            return Err(ClientError::Protocol {
+                request: http::SYNC,
+                message: format!("sent {} changes, got {} results", batch.len(), results.len()),
+            });
         }
         let mut own = Vec::new();
         let mut db = self.db();
         let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for (entry, result) in batch.iter().zip(results) {
             if result.change_id != entry.change.change_id.as_str() {
-                return Err(ClientError::Protocol(format!(
-                    "result for {} where {} was sent",
-                    result.change_id, entry.change.change_id
-                )));
+                return Err(ClientError::Protocol {
+                    request: http::SYNC,
+                    message: format!("result for {} where {} was sent", result.change_id, entry.change.change_id),
+                });
             }
             match result.status {
                 ResultStatus::Applied | ResultStatus::Duplicate => {
-                    let seq =
-                        result.seq.ok_or_else(|| ClientError::Protocol("an accepted change without seq".into()))?;
+                    let seq = result.seq.ok_or_else(|| ClientError::Protocol {
+                        request: http::SYNC,
+                        message: format!("accepted change {} has no seq", result.change_id),
+                    })?;
                     report.pushed += 1;
                     if result.status == ResultStatus::Applied {
                         report.applied += 1;
+                        if entry.requeued {
+                            report.restored += 1;
+                        }
                     } else {
                         report.duplicate += 1;
                     }
@@ -363,7 +407,7 @@ impl Client {
                     }
                     rebase_followers(&tx, entry, seq)?;
                     if seq <= from {
-                        local::confirm(&tx, entry.change.change_id.as_str())?;
+                        local::confirm(&tx, entry.change.change_id.as_str(), seq)?;
                     } else {
                         local::mark_sent(&tx, entry.id, seq)?;
                         if seq <= to {
@@ -432,7 +476,7 @@ impl Client {
             if let Err(m) = apply_change(&tx, &policies, c, &mut digest)? {
                 return Ok(Err(m));
             }
-            local::confirm(&tx, c.change.change_id.as_str())?;
+            local::confirm(&tx, c.change.change_id.as_str(), c.seq)?;
             touched.push((c.change.collection.clone(), c.change.entity_id.clone()));
         }
         if expected - 1 != page.to {
@@ -490,110 +534,8 @@ impl Client {
         }
         report.healed = true;
         report.bootstrapped += self.bootstrap(api).await?;
+        self.restore_journal(api).await?;
         Ok(())
-    }
-
-    /// Replaces the confirmed state by the server's streamed snapshot, in one
-    /// transaction, keeping every pending and failed change. Returns the
-    /// number of entities loaded.
-    pub(crate) async fn bootstrap(&self, api: &ServerApi) -> Result<u64> {
-        let resp = api.bootstrap(self.device_id().as_str()).await?;
-        let mut stream = resp.bytes_stream();
-        let (tx, rx) = tokio::sync::mpsc::channel::<bytes_chunk::Chunk>(64);
-        let client = self.clone();
-        let writer = tokio::task::spawn_blocking(move || client.load_snapshot(rx));
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| api.stream_error(e));
-            let failed = chunk.is_err();
-            if tx.send(chunk).await.is_err() || failed {
-                break;
-            }
-        }
-        drop(tx);
-        let loaded = writer.await.map_err(|e| ClientError::Protocol(format!("bootstrap writer failed: {e}")))??;
-        self.emit(Origin::Reset, Vec::new());
-        Ok(loaded)
-    }
-
-    /// Reads the NDJSON snapshot from `rx` and writes it in one transaction.
-    fn load_snapshot(&self, mut rx: tokio::sync::mpsc::Receiver<bytes_chunk::Chunk>) -> Result<u64> {
-        let mut db = self.db();
-        let tx = db.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        local::clear_confirmed(&tx)?;
-        let mut buf: Vec<u8> = Vec::new();
-        let mut header: Option<BootstrapHeader> = None;
-        let mut end: Option<BootstrapEnd> = None;
-        let mut lines = 0u64;
-        let mut entities = 0u64;
-        let mut digest = StateDigest::ZERO;
-        let mut handle_line = |line: &[u8]| -> Result<()> {
-            if line.iter().all(|b| b.is_ascii_whitespace()) {
-                return Ok(());
-            }
-            if end.is_some() {
-                return Err(ClientError::Protocol("bootstrap has lines after its end".into()));
-            }
-            let bad = |e: serde_json::Error| ClientError::Protocol(format!("bad bootstrap line: {e}"));
-            if header.is_none() {
-                header = Some(serde_json::from_slice(line).map_err(bad)?);
-                return Ok(());
-            }
-            if line.starts_with(br#"{"end""#) {
-                end = Some(serde_json::from_slice(line).map_err(bad)?);
-                return Ok(());
-            }
-            lines += 1;
-            match serde_json::from_slice::<BootstrapLine>(line).map_err(bad)? {
-                BootstrapLine::Entity(state) => {
-                    let newest = match &state.meta {
-                        Meta::Fields { t, u, .. } => t.as_ref().max(u.as_ref()),
-                        Meta::Last { hlc } => Some(hlc),
-                    };
-                    self.observe_stamps(newest);
-                    let h = state.entity_hash();
-                    if let Some(h) = &h {
-                        digest.add(h);
-                    }
-                    local::put_confirmed(&tx, &state, h.as_ref())?;
-                    entities += 1;
-                    if entities % 10_000 == 0 {
-                        self.progress(Progress::Bootstrap { entities });
-                    }
-                }
-                BootstrapLine::Change(c) => local::put_append(&tx, c.seq, &c.to_wire_json())?,
-            }
-            Ok(())
-        };
-        while let Some(chunk) = rx.blocking_recv() {
-            buf.extend_from_slice(&chunk?);
-            let mut start = 0;
-            while let Some(nl) = buf[start..].iter().position(|b| *b == b'\n') {
-                handle_line(&buf[start..start + nl])?;
-                start += nl + 1;
-            }
-            buf.drain(..start);
-        }
-        handle_line(&buf)?;
-        let header = header.ok_or_else(|| ClientError::Protocol("bootstrap answer was empty".into()))?;
-        let end = end.ok_or_else(|| ClientError::Unreachable {
-            url: self.api().map(|a| a.base().to_owned()).unwrap_or_default(),
-            message: "the bootstrap stream ended before its last line".into(),
-        })?;
-        if end.count != lines {
-            return Err(ClientError::Protocol(format!("bootstrap announced {} lines, sent {lines}", end.count)));
-        }
-        if digest != header.state_digest {
-            return Err(ClientError::Integrity(format!(
-                "the server's snapshot at seq {} has digest {digest}, but the server says {}",
-                header.cursor, header.state_digest
-            )));
-        }
-        local::set_position(&tx, header.cursor, &header.state_hash, &digest)?;
-        local::set_meta(&tx, "clock", self.observe_stamps(None).as_str())?;
-        local::set_policies(&tx, &header.policies)?;
-        local::confirm_up_to(&tx, header.cursor)?;
-        tx.commit()?;
-        Ok(entities)
     }
 
     /// Waits up to `wait` for changes from other devices (a long-poll pull) and
@@ -607,6 +549,7 @@ impl Client {
             Err(ClientError::Server { status: 410, .. }) => {
                 let _guard = self.inner.sync_lock.lock().await;
                 self.bootstrap(&api).await?;
+                self.restore_journal(&api).await?;
                 return Ok(true);
             }
             Err(e) => return Err(e),
@@ -618,6 +561,10 @@ impl Client {
         if let Err(Mismatch(m)) = self.apply_page(resp.changes, &page)? {
             tracing::warn!(device = %self.device_id(), "local state does not match the server's: {m}; re-bootstrapping");
             self.bootstrap(&api).await?;
+            self.restore_journal(&api).await?;
+        } else {
+            let db = self.db();
+            local::trim_journal(&db, self.inner.options.journal_limit, local::horizon(&db)?)?;
         }
         Ok(arrived || resp.has_more)
     }
@@ -629,11 +576,6 @@ struct Page {
     to: u64,
     state_hash: deltasync_protocol::StateHash,
     state_digest: StateDigest,
-}
-
-mod bytes_chunk {
-    /// A chunk of a streamed body, or the error that ended it.
-    pub type Chunk = crate::error::Result<bytes::Bytes>;
 }
 
 /// The change as sent: `base_version` only where the `reject` policy reads it.

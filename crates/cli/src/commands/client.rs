@@ -2,15 +2,17 @@
 //!
 //! Every command prints JSON on stdout. On failure it exits 1 and prints
 //! `{"error", "message"}` as the last line of stderr; local writes are never
-//! lost by a failed sync.
+//! lost by a failed sync. A reader that closes stdout early (`| head`) ends
+//! the command quietly.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use std::sync::Arc;
-
-use deltasync_client::{Client, ClientError, ClientOptions, Progress};
+use deltasync_client::{Client, ClientError, ClientOptions, Progress, TimeoutKind};
 use indicatif::ProgressBar;
 use serde_json::{Map, Value, json};
 
@@ -37,6 +39,10 @@ pub struct ClientArgs {
     /// Speak HTTP/2 to an http:// server directly (h2c with prior knowledge; smaller requests).
     #[arg(long, env = "DELTASYNC_HTTP2")]
     http2: bool,
+    /// Give up a network command (sync) after this many seconds, exiting 1 with
+    /// error "timeout"; nothing local is lost. 0: no limit.
+    #[arg(long, env = "DELTASYNC_TIMEOUT", value_name = "SECS", default_value_t = DEFAULT_TIMEOUT_SECS)]
+    timeout: u64,
     #[command(subcommand)]
     command: ClientCommand,
 }
@@ -98,13 +104,50 @@ enum ClientCommand {
     ExportPending,
 }
 
-fn print(value: &impl serde::Serialize) {
-    println!("{}", serde_json::to_string(value).expect("output serialises"));
+/// The default of `--timeout`: long enough for a large first sync on a slow
+/// link, short enough that a stuck server or proxy does not hold a script.
+const DEFAULT_TIMEOUT_SECS: u64 = 120;
+
+/// What a command has to say: one line of JSON for stdout, or a failure.
+enum Output {
+    /// Printed on stdout; the command succeeded.
+    Json(String),
+    /// `{"error": code, "message"}` on stderr; the command failed.
+    Fail(&'static str, String),
 }
 
+fn json_line(value: &impl serde::Serialize) -> Output {
+    Output::Json(serde_json::to_string(value).expect("output serialises"))
+}
+
+/// Prints the command's line on stdout. A closed stdout (the reader went away,
+/// as `head` does) ends the command quietly and successfully: what it did is
+/// done, and nobody is left to read about it.
+fn print(line: &str) -> ExitCode {
+    let mut out = std::io::stdout().lock();
+    match writeln!(out, "{line}").and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail("output", &format!("cannot write the result on stdout: {e}")),
+    }
+}
+
+/// Reports a failure as the last line of stderr (if stderr is still open) and exits 1.
 fn fail(code: &str, message: &str) -> ExitCode {
-    eprintln!("{}", json!({"error": code, "message": message}));
+    let _ = writeln!(std::io::stderr(), "{}", json!({"error": code, "message": message}));
     ExitCode::FAILURE
+}
+
+/// The message for an error; the whole-command deadline is named by its flag.
+fn message(e: &ClientError) -> String {
+    match e {
+        ClientError::Timeout { kind: TimeoutKind::Sync, operation, after } => format!(
+            "{operation} did not finish within {} s (the limit set by --timeout SECS or DELTASYNC_TIMEOUT; 0 for \
+             none); nothing local was lost: run it again, or allow it longer",
+            after.as_secs()
+        ),
+        e => e.to_string(),
+    }
 }
 
 fn object(text: &str) -> Result<Map<String, Value>, ClientError> {
@@ -118,12 +161,13 @@ fn object(text: &str) -> Result<Map<String, Value>, ClientError> {
 /// Runs one client command and returns the process's exit code.
 pub fn run(args: ClientArgs) -> ExitCode {
     match execute(args) {
-        Ok(code) => code,
-        Err(e) => fail(e.code(), &e.to_string()),
+        Ok(Output::Json(line)) => print(&line),
+        Ok(Output::Fail(code, message)) => fail(code, &message),
+        Err(e) => fail(e.code(), &message(&e)),
     }
 }
 
-fn execute(args: ClientArgs) -> Result<ExitCode, ClientError> {
+fn execute(args: ClientArgs) -> Result<Output, ClientError> {
     // A spinner on stderr for long syncs; indicatif draws nothing when stderr is not a terminal.
     let bar = ProgressBar::new_spinner();
     let shown = bar.clone();
@@ -140,27 +184,28 @@ fn execute(args: ClientArgs) -> Result<ExitCode, ClientError> {
         server: args.server,
         token: args.token,
         http2_prior_knowledge: args.http2,
+        sync_timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
         progress: Some(Arc::new(progress)),
         ..Default::default()
     };
     let client = Client::open(&args.db, options)?;
-    match args.command {
-        ClientCommand::Put { collection, id, json } => print(&client.put(&collection, &id, object(&json)?)?),
-        ClientCommand::Patch { collection, id, json } => print(&client.patch(&collection, &id, object(&json)?)?),
-        ClientCommand::Delete { collection, id } => print(&client.delete(&collection, &id)?),
+    Ok(match args.command {
+        ClientCommand::Put { collection, id, json } => json_line(&client.put(&collection, &id, object(&json)?)?),
+        ClientCommand::Patch { collection, id, json } => json_line(&client.patch(&collection, &id, object(&json)?)?),
+        ClientCommand::Delete { collection, id } => json_line(&client.delete(&collection, &id)?),
         ClientCommand::Append { collection, id, json } => {
             let value: Value =
                 serde_json::from_str(&json).map_err(|e| ClientError::Invalid(format!("not valid JSON: {e}")))?;
-            print(&client.append(&collection, &id, value)?)
+            json_line(&client.append(&collection, &id, value)?)
         }
         ClientCommand::Get { collection, id } => match client.get(&collection, &id)? {
-            Some(entity) => print(&entity.data),
-            None => return Ok(fail("not_found", &format!("{collection}/{id} is absent or deleted"))),
+            Some(entity) => json_line(&entity.data),
+            None => Output::Fail("not_found", format!("{collection}/{id} is absent or deleted")),
         },
         ClientCommand::List { collection } => {
             let items: Vec<Value> =
                 client.list(&collection)?.into_iter().map(|e| json!({"id": e.id, "data": e.data})).collect();
-            print(&items);
+            json_line(&items)
         }
         ClientCommand::Sync => {
             let runtime = tokio::runtime::Builder::new_current_thread()
@@ -171,12 +216,22 @@ fn execute(args: ClientArgs) -> Result<ExitCode, ClientError> {
             bar.finish_and_clear();
             let report = report?;
             if let Some(m) = &report.mismatch {
-                eprintln!("warning: local state did not match the server's ({m}); healed by re-bootstrapping");
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "warning: local state did not match the server's ({m}); healed by re-bootstrapping"
+                );
             }
-            print(&report);
+            if report.restored > 0 {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "warning: the server had lost {} change(s) of this device that it once acknowledged (restored \
+                     from a backup?); they were sent again",
+                    report.restored
+                );
+            }
+            json_line(&report)
         }
-        ClientCommand::Status => print(&client.stats()?),
-        ClientCommand::ExportPending => print(&client.export_pending()?),
-    }
-    Ok(ExitCode::SUCCESS)
+        ClientCommand::Status => json_line(&client.stats()?),
+        ClientCommand::ExportPending => json_line(&client.export_pending()?),
+    })
 }

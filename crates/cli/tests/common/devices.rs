@@ -185,7 +185,18 @@ impl Device {
 
 /// Checks that a sync report has every member the spec names, with sane types.
 pub fn check_report(report: &Value) {
-    for key in ["pushed", "applied", "duplicate", "pulled", "conflicts", "failed", "restamped", "pending", "cursor"] {
+    for key in [
+        "pushed",
+        "applied",
+        "duplicate",
+        "restored",
+        "pulled",
+        "conflicts",
+        "failed",
+        "restamped",
+        "pending",
+        "cursor",
+    ] {
         assert!(report[key].is_u64(), "report member {key} is not a count: {report}");
     }
     for key in ["state_hash", "state_digest"] {
@@ -203,6 +214,10 @@ pub fn check_report(report: &Value) {
         report["pushed"].as_u64().unwrap(),
         report["applied"].as_u64().unwrap() + report["duplicate"].as_u64().unwrap(),
         "pushed is not applied + duplicate: {report}"
+    );
+    assert!(
+        report["restored"].as_u64().unwrap() <= report["applied"].as_u64().unwrap(),
+        "restored changes are not counted as applied: {report}"
     );
 }
 

@@ -175,6 +175,31 @@ impl TestServer {
         }
     }
 
+    /// Copies the stopped server's database (its file and any WAL) into `dir`: a backup.
+    pub fn back_up_to(&self, dir: &Path) {
+        assert!(self.task.is_none(), "stop the server before backing it up");
+        for suffix in ["", "-wal"] {
+            let from = PathBuf::from(format!("{}{suffix}", self.db_path().display()));
+            if from.exists() {
+                std::fs::copy(&from, dir.join(format!("server.db{suffix}"))).expect("copy the database");
+            }
+        }
+    }
+
+    /// Replaces the stopped server's database by a backup made with [`TestServer::back_up_to`].
+    pub fn restore_from(&self, dir: &Path) {
+        assert!(self.task.is_none(), "stop the server before restoring it");
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", self.db_path().display()));
+        }
+        for suffix in ["", "-wal"] {
+            let from = dir.join(format!("server.db{suffix}"));
+            if from.exists() {
+                std::fs::copy(&from, format!("{}{suffix}", self.db_path().display())).expect("restore the database");
+            }
+        }
+    }
+
     /// Starts the server again on the same address and database.
     pub async fn restart(&mut self) {
         self.stop().await;
@@ -352,4 +377,161 @@ where
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// One request as a [`ScriptedServer`] received it.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// `GET`, `POST`, …
+    pub method: String,
+    /// The path and query, e.g. `/v1/pull?cursor=3`.
+    pub target: String,
+    /// The body.
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    /// The path without the query.
+    pub fn path(&self) -> &str {
+        self.target.split('?').next().unwrap_or_default()
+    }
+}
+
+/// How a [`ScriptedServer`] answers one request (always closing the connection after).
+pub enum Reply {
+    /// A whole HTTP answer, written at once.
+    Now(Vec<u8>),
+    /// A whole HTTP answer, written one byte every `every`.
+    Trickle {
+        /// The answer's bytes.
+        bytes: Vec<u8>,
+        /// The pause after each byte.
+        every: Duration,
+    },
+    /// These bytes, then nothing more while the connection stays open.
+    Stall(Vec<u8>),
+}
+
+/// An HTTP/1.1 answer with `Content-Length` and `Connection: close`.
+pub fn http_answer(status: u16, content_type: &str, body: &[u8]) -> Vec<u8> {
+    let mut out = format!(
+        "HTTP/1.1 {status} X\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// A `200` JSON answer.
+pub fn json_answer(body: &Value) -> Vec<u8> {
+    http_answer(200, "application/json", body.to_string().as_bytes())
+}
+
+/// A valid `/v1/status` answer of an empty dataset, at the real time.
+pub fn empty_status() -> Value {
+    serde_json::json!({
+        "user_id": "local", "head": 0, "state_hash": "0".repeat(64), "state_digest": "0".repeat(64),
+        "horizon": 0, "policies": {"default": "fields", "collections": {}}, "devices": [], "server_time": system_ms(),
+    })
+}
+
+type Handler = Arc<dyn Fn(Request) -> futures_util::future::BoxFuture<'static, Reply> + Send + Sync>;
+
+/// A tiny HTTP server on a real socket whose answers a test scripts: for
+/// servers that misbehave in ways a deltasync server never would.
+pub struct ScriptedServer {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Every request received, in order.
+    pub requests: Arc<std::sync::Mutex<Vec<Request>>>,
+    task: JoinHandle<()>,
+}
+
+impl ScriptedServer {
+    /// Starts a server that answers each request with `answer(request)`.
+    pub async fn start<F, Fut>(answer: F) -> ScriptedServer
+    where
+        F: Fn(Request) -> Fut + Send + Sync + 'static,
+        Fut: std::future::Future<Output = Reply> + Send + 'static,
+    {
+        use futures_util::FutureExt;
+        let handler: Handler = Arc::new(move |r| answer(r).boxed());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let requests = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { return };
+                let (handler, seen) = (handler.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let _ = serve_one(stream, handler, seen).await;
+                });
+            }
+        });
+        ScriptedServer { url, requests, task }
+    }
+
+    /// The requests received so far, as `METHOD path`.
+    pub fn seen(&self) -> Vec<String> {
+        self.requests.lock().unwrap().iter().map(|r| format!("{} {}", r.method, r.path())).collect()
+    }
+}
+
+impl Drop for ScriptedServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_one(
+    mut stream: tokio::net::TcpStream,
+    handler: Handler,
+    seen: Arc<std::sync::Mutex<Vec<Request>>>,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut words = head.split_whitespace();
+    let (method, target) = (words.next().unwrap_or_default().to_owned(), words.next().unwrap_or_default().to_owned());
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("content-length")))
+        .and_then(|(_, v)| v.trim().parse().ok())
+        .unwrap_or(0);
+    while buf.len() < head_end + length {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let request = Request { method, target, body: buf[head_end..].to_vec() };
+    seen.lock().unwrap().push(request.clone());
+    match handler(request).await {
+        Reply::Now(bytes) => stream.write_all(&bytes).await?,
+        Reply::Trickle { bytes, every } => {
+            for b in bytes {
+                stream.write_all(&[b]).await?;
+                tokio::time::sleep(every).await;
+            }
+        }
+        Reply::Stall(bytes) => {
+            stream.write_all(&bytes).await?;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        }
+    }
+    stream.shutdown().await
 }
