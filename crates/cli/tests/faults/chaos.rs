@@ -84,7 +84,8 @@ impl Cluster {
     /// Starts `count` servers with `config` and `--auth jwt` (one fresh store;
     /// every further server shares the first one's database) and their proxies.
     pub fn start(backend: &Backend, count: usize, config: &str, secret: &str, rng: &mut Rng) -> Cluster {
-        let opts = Options { config: Some(config.to_owned()), jwt_secret: Some(secret.to_owned()), ..Options::default() };
+        let opts =
+            Options { config: Some(config.to_owned()), jwt_secret: Some(secret.to_owned()), ..Options::default() };
         let first = Server::start_with(backend, opts.clone());
         let mut servers = vec![first];
         for _ in 1..count {
