@@ -34,6 +34,10 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// The most bootstraps an instance may stream at once: each holds one of the
+/// 16 PostgreSQL connections (or 32 SQLite readers) while it streams.
+pub const MAX_BOOTSTRAPS_CEILING: usize = 12;
+
 /// The limits on what one request may carry or ask for (protocol §7).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Limits {
@@ -216,6 +220,13 @@ impl Config {
                 return Err(ConfigError::Invalid(format!("{name} must be at least 1")));
             }
         }
+        if limits.max_bootstraps > MAX_BOOTSTRAPS_CEILING {
+            return Err(ConfigError::Invalid(format!(
+                "max_bootstraps is {}, but each bootstrap holds a database connection while it streams and \
+                 the rest of the server needs some: max_bootstraps must be at most {MAX_BOOTSTRAPS_CEILING}",
+                limits.max_bootstraps
+            )));
+        }
         let deepest = json::CLIENT_PARSE_DEPTH - json::ENVELOPE_DEPTH;
         if limits.max_depth > deepest {
             return Err(ConfigError::Invalid(format!(
@@ -303,5 +314,13 @@ mod tests {
         assert!(Config::parse(&format!("[server]\nmax_depth = {deepest}\n")).is_ok());
         let err = Config::parse(&format!("[server]\nmax_depth = {}\n", deepest + 1)).unwrap_err();
         assert!(err.to_string().contains(&format!("at most {deepest}")), "{err}");
+    }
+
+    #[test]
+    fn max_bootstraps_leaves_database_connections_for_the_rest() {
+        let ok = format!("[server]\nmax_bootstraps = {MAX_BOOTSTRAPS_CEILING}\n");
+        assert!(Config::parse(&ok).is_ok());
+        let err = Config::parse(&format!("[server]\nmax_bootstraps = {}\n", MAX_BOOTSTRAPS_CEILING + 1)).unwrap_err();
+        assert!(err.to_string().contains("max_bootstraps must be at most"), "{err}");
     }
 }

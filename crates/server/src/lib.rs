@@ -58,7 +58,7 @@ pub async fn run(
     store.check_policies(&config.policies).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let network = config.network.clone();
-    let state = Arc::new(api::AppState { store: store.clone(), config, auth, clock, shutdown: shutdown_rx });
+    let state = Arc::new(api::AppState::new(store.clone(), config, auth, clock, shutdown_rx));
     let app = api::router(state);
     let result = net::serve(listener, app, &network, async move {
         shutdown.await;

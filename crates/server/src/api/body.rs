@@ -20,7 +20,7 @@ use http_body_util::BodyExt;
 use serde_json::Value;
 
 use super::ApiError;
-use crate::config::Network;
+use crate::config::{Limits, Network};
 
 /// The most bytes drained after a refusal.
 const MAX_DRAIN_BYTES: usize = 64 * 1024 * 1024;
@@ -68,7 +68,8 @@ fn too_slow(received: usize, network: &Network) -> ApiError {
 }
 
 /// Checks the Content-Type and size, reads the body within its deadline and parses it as JSON.
-pub async fn read_json(headers: &HeaderMap, body: Body, limit: usize, network: &Network) -> Result<Value, ApiError> {
+pub async fn read_json(headers: &HeaderMap, body: Body, limits: &Limits, network: &Network) -> Result<Value, ApiError> {
+    let limit = limits.max_body_bytes;
     let content_type = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
     let mime = content_type.split(';').next().unwrap_or("").trim();
     let expects_continue = headers
@@ -113,6 +114,20 @@ pub async fn read_json(headers: &HeaderMap, body: Body, limit: usize, network: &
             collected.extend_from_slice(data);
         }
     }
-    serde_json::from_slice(&collected)
-        .map_err(|e| ApiError::invalid(format!("the request body is not valid JSON: {e}")))
+    serde_json::from_slice(&collected).map_err(|e| parse_error(&e, limits))
+}
+
+/// A body nested past the JSON parser's own limit is too deep, like data past
+/// `max_depth` (413), not malformed.
+fn parse_error(e: &serde_json::Error, limits: &Limits) -> ApiError {
+    if e.to_string().starts_with("recursion limit exceeded") {
+        return ApiError::PayloadTooLarge {
+            message: format!(
+                "the request body is nested deeper than the server parses; change data may be at most max_depth = {} levels deep",
+                limits.max_depth
+            ),
+            details: None,
+        };
+    }
+    ApiError::invalid(format!("the request body is not valid JSON: {e}"))
 }

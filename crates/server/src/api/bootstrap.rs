@@ -1,17 +1,88 @@
 //! `GET /v1/bootstrap`: the whole current state as NDJSON, from one snapshot.
+//!
+//! A bootstrap holds a database snapshot while it streams, so how many run at
+//! once is bounded: `max_bootstraps_per_user` for one user (more answer 429),
+//! `max_bootstraps` in all (more answer 503), both with `Retry-After`. A
+//! bootstrap whose client stops reading is abandoned after `write_timeout_secs`
+//! (see [`crate::store::chunks`]) and its slot freed.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
+use deltasync_protocol::UserId;
 use deltasync_protocol::wire::{BootstrapEnd, BootstrapHeader};
 use futures_util::StreamExt;
 
 use super::query::Query;
 use super::{ApiError, AppState, AuthUser, parse_device};
+use crate::config::Limits;
+
+/// How long a client refused for too many bootstraps is told to wait.
+const RETRY_AFTER_SECS: u64 = 5;
+
+/// The bootstraps streaming now, in all and per user.
+#[derive(Default)]
+pub struct BootstrapSlots {
+    taken: Mutex<(usize, HashMap<UserId, usize>)>,
+}
+
+/// One streaming bootstrap's place; freed when dropped (the stream ended or was dropped).
+pub struct BootstrapSlot {
+    slots: Arc<AppState>,
+    user: UserId,
+}
+
+impl BootstrapSlots {
+    /// Takes a slot for `user`, or refuses with the limit that is reached.
+    fn take(app: &Arc<AppState>, user: &UserId, limits: &Limits) -> Result<BootstrapSlot, ApiError> {
+        let mut taken = app.bootstraps.taken.lock().expect("bootstrap slots lock");
+        let (total, per_user) = &mut *taken;
+        let mine = per_user.get(user).copied().unwrap_or(0);
+        if mine >= limits.max_bootstraps_per_user {
+            tracing::warn!(%user, limit = limits.max_bootstraps_per_user, "bootstrap refused: per-user cap reached");
+            return Err(ApiError::RateLimited {
+                message: format!(
+                    "this user already has {mine} bootstraps streaming (max_bootstraps_per_user is {}); finish or close one, then retry",
+                    limits.max_bootstraps_per_user
+                ),
+                retry_after_secs: RETRY_AFTER_SECS,
+            });
+        }
+        if *total >= limits.max_bootstraps {
+            tracing::warn!(limit = limits.max_bootstraps, "bootstrap refused: server-wide cap reached");
+            return Err(ApiError::Unavailable(format!(
+                "the server is streaming {total} bootstraps, its maximum (max_bootstraps); retry later"
+            )));
+        }
+        *total += 1;
+        per_user.insert(user.clone(), mine + 1);
+        Ok(BootstrapSlot { slots: app.clone(), user: user.clone() })
+    }
+
+    /// How many bootstraps stream now, in all.
+    pub fn streaming(&self) -> usize {
+        self.taken.lock().expect("bootstrap slots lock").0
+    }
+}
+
+impl Drop for BootstrapSlot {
+    fn drop(&mut self) {
+        let mut taken = self.slots.bootstraps.taken.lock().expect("bootstrap slots lock");
+        let (total, per_user) = &mut *taken;
+        *total -= 1;
+        if let Some(n) = per_user.get_mut(&self.user) {
+            *n -= 1;
+            if *n == 0 {
+                per_user.remove(&self.user);
+            }
+        }
+    }
+}
 
 /// Handles a bootstrap.
 pub async fn bootstrap(
@@ -21,7 +92,8 @@ pub async fn bootstrap(
 ) -> Result<Response, ApiError> {
     let q = Query::parse(raw.as_deref())?;
     let device = q.str("device_id").map(parse_device).transpose()?;
-    let snapshot = app.store.bootstrap(&user).await?;
+    let slot = BootstrapSlots::take(&app, &user, &app.config.limits)?;
+    let snapshot = app.store.bootstrap(&user, app.config.network.write_timeout).await?;
     let now = app.clock.now_ms();
     if let Some(device) = &device {
         app.store.touch_device(&user, device, Some(snapshot.head.seq), now).await?;
@@ -37,21 +109,23 @@ pub async fn bootstrap(
     first.push(b'\n');
     let head = futures_util::stream::once(async move { Ok::<Bytes, std::io::Error>(Bytes::from(first)) });
     let lines = snapshot.lines.map(|chunk| chunk.map_err(|e| std::io::Error::other(e.to_string())));
-    let stream = head.chain(CountingStream::new(lines));
+    let stream = head.chain(CountingStream::new(lines, slot));
     Ok(([(header::CONTENT_TYPE, "application/x-ndjson")], Body::from_stream(stream)).into_response())
 }
 
 /// Passes NDJSON chunks through, counting lines, then emits the end line.
 /// After an error it stops without an end line, so a client sees the stream is incomplete.
+/// It holds the bootstrap's slot until it is dropped.
 struct CountingStream<S> {
     inner: S,
     count: u64,
     ended: bool,
+    _slot: BootstrapSlot,
 }
 
 impl<S> CountingStream<S> {
-    fn new(inner: S) -> Self {
-        CountingStream { inner, count: 0, ended: false }
+    fn new(inner: S, slot: BootstrapSlot) -> Self {
+        CountingStream { inner, count: 0, ended: false, _slot: slot }
     }
 }
 

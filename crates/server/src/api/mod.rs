@@ -5,6 +5,7 @@ mod bootstrap;
 mod changes;
 mod conflicts;
 pub mod error;
+mod health;
 mod pull;
 mod push;
 mod query;
@@ -14,13 +15,13 @@ mod sync;
 use std::sync::Arc;
 use std::time::Instant;
 
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
 use deltasync_protocol::{DeviceId, UserId};
 use tokio::sync::watch;
 
@@ -42,6 +43,31 @@ pub struct AppState {
     pub clock: Clock,
     /// Becomes true when the server starts shutting down; long polls then answer at once.
     pub shutdown: watch::Receiver<bool>,
+    /// The bootstraps streaming now.
+    pub bootstraps: bootstrap::BootstrapSlots,
+    /// The last verdict on whether writes work.
+    pub health: health::WriteProbe,
+}
+
+impl AppState {
+    /// The state for serving `store` under `config`.
+    pub fn new(
+        store: Arc<dyn Store>,
+        config: Config,
+        auth: Auth,
+        clock: Clock,
+        shutdown: watch::Receiver<bool>,
+    ) -> AppState {
+        AppState {
+            store,
+            config,
+            auth,
+            clock,
+            shutdown,
+            bootstraps: bootstrap::BootstrapSlots::default(),
+            health: health::WriteProbe::default(),
+        }
+    }
 }
 
 /// The authenticated user of a request.
@@ -70,20 +96,13 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/bootstrap", get(bootstrap::bootstrap))
         .route("/v1/status", get(status::status))
         .route("/v1/conflicts", get(conflicts::conflicts))
-        .route("/healthz", get(healthz))
+        .route("/healthz", get(health::healthz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn(refuse_long_uris))
         .layer(middleware::from_fn(log_request))
         .with_state(state)
-}
-
-async fn healthz(State(app): State<Arc<AppState>>) -> Response {
-    match app.store.health().await {
-        Ok(()) => Json(serde_json::json!({"status": "ok"})).into_response(),
-        Err(e) => ApiError::from(e).into_response(),
-    }
 }
 
 async fn not_found(uri: Uri) -> ApiError {

@@ -11,7 +11,7 @@ use deltasync_protocol::wire::{DEFAULT_PULL_LIMIT, MAX_PULL_LIMIT, MAX_WAIT_SECS
 use super::changes::{json_response, write_changes, write_page_tail};
 use super::query::Query;
 use super::{ApiError, AppState, AuthUser, parse_device};
-use crate::store::{ChangePage, DatasetHead, PageOutcome};
+use crate::store::{ChangePage, DatasetHead, PageLimit, PageOutcome};
 
 /// The 410 answer for a cursor outside `horizon..=head`.
 pub fn reset_required(cursor: u64, head: &DatasetHead) -> ApiError {
@@ -19,6 +19,11 @@ pub fn reset_required(cursor: u64, head: &DatasetHead) -> ApiError {
         "cursor {cursor} is outside this dataset's log (horizon {}, head {}); bootstrap again with GET /v1/bootstrap",
         head.horizon, head.seq
     ))
+}
+
+/// A page of at most `rows` changes within the configured `max_page_bytes`.
+pub fn page_limit(app: &AppState, rows: u64) -> PageLimit {
+    PageLimit { rows, bytes: app.config.limits.max_page_bytes as u64 }
 }
 
 /// Reads a page, waiting up to `wait` for a change when there is none yet.
@@ -34,7 +39,7 @@ pub async fn page_or_wait(
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         heads.borrow_and_update();
-        let page = match app.store.changes_since(user, cursor, limit).await? {
+        let page = match app.store.changes_since(user, cursor, page_limit(app, limit)).await? {
             PageOutcome::Page(p) => p,
             PageOutcome::ResetRequired { head } => return Err(reset_required(cursor, &head)),
         };

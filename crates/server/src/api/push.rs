@@ -21,7 +21,7 @@ pub async fn push(
     body: Body,
 ) -> Result<Json<PushResponse>, ApiError> {
     let limits = &app.config.limits;
-    let body = read_json(&headers, body, limits.max_body_bytes, &app.config.network).await?;
+    let body = read_json(&headers, body, limits, &app.config.network).await?;
     let obj = as_object(&body)?;
     let device = device_of(obj)?;
     let changes = parse_changes(obj.get("changes"), limits, true)?;

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::body::read_json;
 use super::changes::{as_object, device_of, json_response, parse_changes, write_changes, write_page_tail};
-use super::pull::reset_required;
+use super::pull::{page_limit, reset_required};
 use super::query::check_limit;
 use super::{ApiError, AppState, AuthUser};
 use crate::store::{PageOutcome, PushBatch, PushOutcome};
@@ -38,7 +38,7 @@ pub async fn sync(
     body: Body,
 ) -> Result<Response, ApiError> {
     let limits = &app.config.limits;
-    let body = read_json(&headers, body, limits.max_body_bytes, &app.config.network).await?;
+    let body = read_json(&headers, body, limits, &app.config.network).await?;
     let obj = as_object(&body)?;
     let device = device_of(obj)?;
     let cursor = body_u64(obj.get("cursor"), "cursor", 0)?;
@@ -63,7 +63,7 @@ pub async fn sync(
             }
         }
     }
-    let page = match app.store.changes_since(&user, cursor, limit).await? {
+    let page = match app.store.changes_since(&user, cursor, page_limit(&app, limit)).await? {
         PageOutcome::Page(p) => p,
         PageOutcome::ResetRequired { head } => {
             app.store.touch_device(&user, &device, None, now).await?;

@@ -7,7 +7,9 @@
 //! Every table is keyed by `user_id` first, so the schema can be distributed
 //! by user.
 
+pub mod chunks;
 pub mod notify;
+pub mod page;
 pub mod postgres;
 mod rows;
 mod schema;
@@ -15,13 +17,14 @@ pub mod sqlite;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::time::Duration;
 
-use bytes::Bytes;
 use deltasync_protocol::wire::{ConflictRecord, DeviceStatus, Policies, PushResult};
 use deltasync_protocol::{Change, DeviceId, UserId};
-use futures_util::stream::BoxStream;
 use tokio::sync::watch;
 
+pub use self::chunks::ChunkStream;
+pub use self::page::PageLimit;
 pub use crate::batch::DatasetHead;
 
 /// A boxed future, so that [`Store`] can be used as a trait object.
@@ -167,8 +170,10 @@ pub struct ConflictPage {
 pub struct BootstrapStream {
     /// Where the snapshot stands.
     pub head: DatasetHead,
-    /// One NDJSON line (with its newline) per entity, then per logged append.
-    pub lines: BoxStream<'static, Result<Bytes, StoreError>>,
+    /// NDJSON lines (each with its newline), one per entity, then one per
+    /// logged append, in chunks. It ends early (after an `Err`, or with
+    /// nothing) when the snapshot could not be read to its end.
+    pub lines: ChunkStream,
 }
 
 /// Everything durable the server needs.
@@ -179,12 +184,13 @@ pub trait Store: Send + Sync + 'static {
     /// Applies a batch as one durable transaction and answers after commit.
     fn push(&self, batch: PushBatch, policies: Policies) -> BoxFuture<'_, Result<PushOutcome, StoreError>>;
 
-    /// Reads the changes after `cursor`, at most `limit` seqs, with the hashes at the page's end.
+    /// Reads the changes after `cursor` within `limit` (see [`page::PageAssembler`]),
+    /// with the hashes at the page's end.
     fn changes_since<'a>(
         &'a self,
         user: &'a UserId,
         cursor: u64,
-        limit: u64,
+        limit: PageLimit,
     ) -> BoxFuture<'a, Result<PageOutcome, StoreError>>;
 
     /// Registers a device, updates its `last_seen`, and raises its cursor to `cursor` if given.
@@ -208,13 +214,20 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<ConflictPage, StoreError>>;
 
     /// A consistent snapshot of the whole dataset, streamed with bounded memory.
-    fn bootstrap<'a>(&'a self, user: &'a UserId) -> BoxFuture<'a, Result<BootstrapStream, StoreError>>;
+    /// The snapshot is released when the stream is dropped, or when its reader
+    /// takes no chunk for `stall` (see [`chunks`]).
+    fn bootstrap<'a>(&'a self, user: &'a UserId, stall: Duration)
+    -> BoxFuture<'a, Result<BootstrapStream, StoreError>>;
 
     /// A receiver of the dataset's head seq, which changes whenever a push commits.
     fn subscribe(&self, user: &UserId) -> watch::Receiver<u64>;
 
-    /// Answers once the database answers.
+    /// Answers once the database answers a read.
     fn health(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+
+    /// Commits a write that changes nothing, to learn whether writes work
+    /// (a full disk, a read-only database); as costly as one small commit.
+    fn write_probe(&self) -> BoxFuture<'_, Result<(), StoreError>>;
 
     /// Finishes queued writes and stops taking new ones.
     fn close(&self) -> BoxFuture<'_, ()>;

@@ -33,21 +33,22 @@ use std::str::FromStr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use bytes::Bytes;
 use deadpool_postgres::{GenericClient, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
-use deltasync_protocol::change::{WireParts, write_wire_json};
+use deltasync_protocol::change::WireParts;
 use deltasync_protocol::wire::{DeviceStatus, Policies};
 use deltasync_protocol::{ChangeId, DeviceId, StateDigest, StateHash, UserId};
-use futures_util::StreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_postgres::{AsyncMessage, IsolationLevel, NoTls, Row};
 
+use super::chunks::ChunkSink;
 use super::notify::Notifier;
+use super::page::{PageAssembler, PageLimit, needs_reset, range_end};
 use super::rows::{self, ConflictRow};
 use super::schema::POSTGRES_MIGRATIONS;
 use super::{
-    BootstrapStream, BoxFuture, ChangePage, ConflictPage, DatasetHead, DatasetStatus, Migrated, PageOutcome, PushBatch,
+    BootstrapStream, BoxFuture, ConflictPage, DatasetHead, DatasetStatus, Migrated, PageOutcome, PushBatch,
     PushOutcome, Store, StoreError,
 };
 use crate::batch::{EntityKey, PushPlan, Rules, Snapshot, batch_keys, plan_push};
@@ -56,10 +57,6 @@ use crate::batch::{EntityKey, PushPlan, Rules, Snapshot, batch_keys, plan_push};
 const POOL_SIZE: usize = 16;
 /// How long to wait for a connection (new or from the pool) before answering 503.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Rows a bootstrap fetches from its cursor at a time.
-const BOOTSTRAP_FETCH_ROWS: i32 = 2000;
-/// How many bytes of a bootstrap are sent to the HTTP body in one chunk.
-const BOOTSTRAP_CHUNK_BYTES: usize = 64 * 1024;
 /// The advisory lock that serialises migrations of one database.
 const MIGRATION_LOCK: i64 = 0x6465_6c74_6173_796e; // "deltasyn"
 /// The longest channel name PostgreSQL keeps (NAMEDATALEN - 1).
@@ -558,53 +555,65 @@ async fn read_page(
     client: &deadpool_postgres::Client,
     user: &UserId,
     cursor: u64,
-    limit: u64,
+    limit: PageLimit,
 ) -> Result<PageOutcome, StoreError> {
     // The head is read first: every change up to a visible head is visible
     // (commits of one dataset are serialised in seq order), so the page
     // below never has a hole, whatever other instances commit meanwhile.
     let head = read_head(client, user.as_str()).await?;
-    if cursor < head.horizon || cursor > head.seq {
+    if needs_reset(cursor, &head) {
         return Ok(PageOutcome::ResetRequired { head });
     }
-    let end = cursor.saturating_add(limit).min(head.seq);
-    if end == cursor {
-        let (state_hash, state_digest) = hashes_at(client, user, end, &head).await?;
-        return Ok(PageOutcome::Page(ChangePage {
-            changes: Vec::new(),
-            cursor: end,
-            has_more: end < head.seq,
-            state_hash,
-            state_digest,
-        }));
+    let (from, to) = (cursor, range_end(cursor, limit.rows, &head));
+    if to == from {
+        let hashes = hashes_at(client, user, from, &head).await?;
+        return Ok(PageOutcome::Page(PageAssembler::new(from, to, limit.bytes).finish(user, &head, hashes)?));
     }
+    // First the sizes (a few bytes per change, without reading the data),
+    // so that only the changes that fit are fetched.
+    let sizes = client
+        .prepare_cached(
+            "SELECT seq, COALESCE(octet_length(data), 0) FROM changes
+             WHERE user_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq",
+        )
+        .await
+        .map_err(map_err)?;
+    let last = {
+        let mut reach = PageAssembler::new(from, to, limit.bytes);
+        for r in client.query(&sizes, &[&user.as_str(), &(from as i64), &(to as i64)]).await.map_err(map_err)? {
+            let bytes = usize::try_from(r.try_get::<_, i32>(1).map_err(corrupt_column)?).unwrap_or(0);
+            if !reach.admits(bytes) {
+                break;
+            }
+            reach.charge(user, r.try_get::<_, i64>(0).map_err(corrupt_column)? as u64, bytes)?;
+        }
+        reach.reach(user)?
+    };
+    let mut page = PageAssembler::new(from, last, limit.bytes);
     let stmt = client
         .prepare_cached(&format!(
             "SELECT {CHANGE_COLUMNS} FROM changes WHERE user_id = $1 AND seq > $2 AND seq <= $3 ORDER BY seq"
         ))
         .await
         .map_err(map_err)?;
-    let found = client.query(&stmt, &[&user.as_str(), &(cursor as i64), &(end as i64)]).await.map_err(map_err)?;
-    if found.len() as u64 != end - cursor {
-        return Err(rows::corrupt(format!(
-            "the log of {user} has gaps between seq {} and {end}: found {} changes",
-            cursor + 1,
-            found.len()
-        )));
-    }
-    let mut changes = Vec::with_capacity(found.len());
-    let mut buf = Vec::with_capacity(256);
+    let found = client.query(&stmt, &[&user.as_str(), &(from as i64), &(last as i64)]).await.map_err(map_err)?;
+    let mut end_row = None;
     for r in &found {
-        buf.clear();
-        let parts = wire_parts(r)?;
-        let seq = parts.seq;
-        write_wire_json(&mut buf, &parts);
-        changes.push((seq, String::from_utf8(buf.clone()).expect("JSON is UTF-8")));
+        let more = page.offer(user, &wire_parts(r)?)?;
+        if page.end() == r.try_get::<_, i64>(0).map_err(corrupt_column)? as u64 {
+            end_row = Some(r);
+        }
+        if !more {
+            break;
+        }
     }
-    let last = found.last().expect("the page is not empty");
-    let (state_hash, state_digest) =
-        rows::hashes(last.try_get(10).map_err(corrupt_column)?, last.try_get(11).map_err(corrupt_column)?, "changes")?;
-    Ok(PageOutcome::Page(ChangePage { changes, cursor: end, has_more: end < head.seq, state_hash, state_digest }))
+    let hashes = match end_row {
+        Some(r) => {
+            rows::hashes(r.try_get(10).map_err(corrupt_column)?, r.try_get(11).map_err(corrupt_column)?, "changes")?
+        }
+        None => hashes_at(client, user, page.end(), &head).await?,
+    };
+    Ok(PageOutcome::Page(page.finish(user, &head, hashes)?))
 }
 
 /// The chain head and digest at `seq` (which must be within `horizon..=head`).
@@ -626,12 +635,16 @@ async fn hashes_at(
 }
 
 /// Streams one consistent snapshot (a repeatable-read transaction): entities,
-/// then appends, as NDJSON lines, fetched through cursors in bounded batches.
+/// then appends, as NDJSON lines, read row by row through portals so that
+/// memory holds one row and one chunk, whatever the rows' sizes.
+/// Stops (ending the transaction and freeing the connection) as soon as the
+/// sink says the reader is gone.
 async fn stream_snapshot(
     pool: Pool,
     user: UserId,
     head_tx: oneshot::Sender<Result<DatasetHead, StoreError>>,
-    lines: mpsc::Sender<Result<Bytes, StoreError>>,
+    sink: &mut ChunkSink,
+    stall: Duration,
 ) -> Result<(), StoreError> {
     let mut client = pool.get().await.map_err(map_pool_err)?;
     let tx = client
@@ -643,14 +656,19 @@ async fn stream_snapshot(
         .map_err(map_err)?;
     // Entities stream in key order straight off the primary key: a sort of
     // the whole dataset (which the planner picks when statistics are stale)
-    // would spill to disk before the first line goes out.
-    tx.batch_execute("SET LOCAL enable_sort = off").await.map_err(map_err)?;
+    // would spill to disk before the first line goes out. Should this task
+    // ever stop without ending the transaction, PostgreSQL ends it itself.
+    let idle_ms = stall.as_millis().clamp(1_000, i32::MAX as u128);
+    tx.batch_execute(&format!(
+        "SET LOCAL enable_sort = off; SET LOCAL idle_in_transaction_session_timeout = {idle_ms}"
+    ))
+    .await
+    .map_err(map_err)?;
     let u = user.as_str();
     let head = read_head(&tx, u).await?;
     if head_tx.send(Ok(head)).is_err() {
         return Ok(());
     }
-    let mut chunk: Vec<u8> = Vec::with_capacity(BOOTSTRAP_CHUNK_BYTES + 1024);
     let entities = tx
         .prepare(
             "SELECT collection, entity_id, data, version, deleted, meta FROM entities WHERE user_id = $1
@@ -659,26 +677,22 @@ async fn stream_snapshot(
         .await
         .map_err(map_err)?;
     let portal = tx.bind(&entities, &[&u]).await.map_err(map_err)?;
-    loop {
-        let batch = tx.query_portal(&portal, BOOTSTRAP_FETCH_ROWS).await.map_err(map_err)?;
-        for r in &batch {
-            let data: &str = r.try_get(2).map_err(corrupt_column)?;
-            let meta: &str = r.try_get(5).map_err(corrupt_column)?;
-            rows::write_entity_line(
-                &mut chunk,
-                r.try_get(0).map_err(corrupt_column)?,
-                r.try_get(1).map_err(corrupt_column)?,
-                data.as_bytes(),
-                r.try_get(3).map_err(corrupt_column)?,
-                r.try_get(4).map_err(corrupt_column)?,
-                meta.as_bytes(),
-            );
-        }
-        if chunk.len() >= BOOTSTRAP_CHUNK_BYTES && !flush(&mut chunk, &lines).await {
+    let found = tx.query_portal_raw(&portal, 0).await.map_err(map_err)?;
+    futures_util::pin_mut!(found);
+    while let Some(r) = found.try_next().await.map_err(map_err)? {
+        let data: &str = r.try_get(2).map_err(corrupt_column)?;
+        let meta: &str = r.try_get(5).map_err(corrupt_column)?;
+        rows::write_entity_line(
+            sink.buf(),
+            r.try_get(0).map_err(corrupt_column)?,
+            r.try_get(1).map_err(corrupt_column)?,
+            data.as_bytes(),
+            r.try_get(3).map_err(corrupt_column)?,
+            r.try_get(4).map_err(corrupt_column)?,
+            meta.as_bytes(),
+        );
+        if !sink.flush_if_full().await {
             return Ok(());
-        }
-        if batch.len() < BOOTSTRAP_FETCH_ROWS as usize {
-            break;
         }
     }
     let appends = tx
@@ -686,29 +700,18 @@ async fn stream_snapshot(
         .await
         .map_err(map_err)?;
     let portal = tx.bind(&appends, &[&u]).await.map_err(map_err)?;
-    loop {
-        let batch = tx.query_portal(&portal, BOOTSTRAP_FETCH_ROWS).await.map_err(map_err)?;
-        for r in &batch {
-            rows::write_append_line(&mut chunk, &wire_parts(r)?);
-        }
-        if chunk.len() >= BOOTSTRAP_CHUNK_BYTES && !flush(&mut chunk, &lines).await {
+    let found = tx.query_portal_raw(&portal, 0).await.map_err(map_err)?;
+    futures_util::pin_mut!(found);
+    while let Some(r) = found.try_next().await.map_err(map_err)? {
+        rows::write_append_line(sink.buf(), &wire_parts(&r)?);
+        if !sink.flush_if_full().await {
             return Ok(());
         }
-        if batch.len() < BOOTSTRAP_FETCH_ROWS as usize {
-            break;
-        }
     }
-    if !chunk.is_empty() {
-        flush(&mut chunk, &lines).await;
+    if sink.finish().await {
+        tx.commit().await.map_err(map_err)?;
     }
-    tx.commit().await.map_err(map_err)?;
     Ok(())
-}
-
-/// Sends the chunk to the body; false when the client went away.
-async fn flush(chunk: &mut Vec<u8>, lines: &mpsc::Sender<Result<Bytes, StoreError>>) -> bool {
-    let bytes = Bytes::from(std::mem::replace(chunk, Vec::with_capacity(BOOTSTRAP_CHUNK_BYTES + 1024)));
-    lines.send(Ok(bytes)).await.is_ok()
 }
 
 /// Keeps one connection listening on `channel` and wakes local waiters for
@@ -789,7 +792,7 @@ impl Store for PostgresStore {
         &'a self,
         user: &'a UserId,
         cursor: u64,
-        limit: u64,
+        limit: PageLimit,
     ) -> BoxFuture<'a, Result<PageOutcome, StoreError>> {
         Box::pin(async move {
             let client = self.client().await?;
@@ -887,25 +890,34 @@ impl Store for PostgresStore {
         })
     }
 
-    fn bootstrap<'a>(&'a self, user: &'a UserId) -> BoxFuture<'a, Result<BootstrapStream, StoreError>> {
+    fn bootstrap<'a>(
+        &'a self,
+        user: &'a UserId,
+        stall: Duration,
+    ) -> BoxFuture<'a, Result<BootstrapStream, StoreError>> {
         let user = user.clone();
         let pool = self.pool.clone();
         Box::pin(async move {
             let (head_tx, head_rx) = oneshot::channel();
-            let (line_tx, line_rx) = mpsc::channel(8);
+            let (error_tx, error_rx) = oneshot::channel();
+            let (mut sink, lines) = ChunkSink::new(stall);
             tokio::spawn(async move {
-                let errors = line_tx.clone();
-                if let Err(e) = stream_snapshot(pool, user, head_tx, line_tx).await {
+                if let Err(e) = stream_snapshot(pool, user, head_tx, &mut sink, stall).await {
                     tracing::error!(error = %e, "bootstrap stream failed");
-                    let _ = errors.send(Err(e)).await;
+                    if let Err(e) = error_tx.send(e) {
+                        sink.fail(e).await;
+                    }
                 }
             });
             let head = match head_rx.await {
                 Ok(head) => head?,
-                // The task ended before reading the head: its error is on the line channel.
-                Err(_) => return Err(first_error(line_rx).await),
+                // The task ended before reading the head: it sent its error.
+                Err(_) => {
+                    return Err(error_rx.await.unwrap_or_else(|_| {
+                        StoreError::Internal("the bootstrap reader stopped before reading the head".into())
+                    }));
+                }
             };
-            let lines = Box::pin(tokio_stream::wrappers::ReceiverStream::new(line_rx));
             Ok(BootstrapStream { head, lines })
         })
     }
@@ -921,6 +933,13 @@ impl Store for PostgresStore {
         })
     }
 
+    fn write_probe(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.client().await?.simple_query("UPDATE schema_version SET version = version").await.map_err(map_err)?;
+            Ok(())
+        })
+    }
+
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(async move {
             if let Some(listener) = self.listener.lock().expect("listener lock").take() {
@@ -929,15 +948,6 @@ impl Store for PostgresStore {
             self.pool.close();
         })
     }
-}
-
-async fn first_error(mut lines: mpsc::Receiver<Result<Bytes, StoreError>>) -> StoreError {
-    while let Some(line) = lines.recv().await {
-        if let Err(e) = line {
-            return e;
-        }
-    }
-    StoreError::Internal("the bootstrap reader stopped before reading the head".into())
 }
 
 #[cfg(test)]

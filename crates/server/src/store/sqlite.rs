@@ -12,20 +12,23 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
-use bytes::Bytes;
-use deltasync_protocol::change::{WireParts, write_wire_json};
+use deltasync_protocol::change::WireParts;
 use deltasync_protocol::json;
 use deltasync_protocol::wire::{DeviceStatus, Policies};
 use deltasync_protocol::{DeviceId, EntityState, StateDigest, StateHash, UserId};
 use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use super::chunks::ChunkSink;
 use super::notify::Notifier;
+use super::page::{PageAssembler, PageLimit, needs_reset, range_end};
 use super::rows::{self, ConflictRow, corrupt};
 use super::schema::SQLITE_MIGRATIONS as MIGRATIONS;
 use super::{
-    BootstrapStream, BoxFuture, ChangePage, ConflictPage, DatasetHead, DatasetStatus, Migrated, PageOutcome, PushBatch,
+    BootstrapStream, BoxFuture, ConflictPage, DatasetHead, DatasetStatus, Migrated, PageOutcome, PushBatch,
     PushOutcome, Store, StoreError,
 };
 use crate::batch::{EntityKey, PushPlan, Rules, Snapshot, batch_keys, plan_push};
@@ -34,8 +37,10 @@ use crate::batch::{EntityKey, PushPlan, Rules, Snapshot, batch_keys, plan_push};
 const MAX_GROUP_JOBS: usize = 256;
 /// How many changes one group commit takes at most (beyond the first job).
 const MAX_GROUP_CHANGES: usize = 20_000;
-/// How many lines of a bootstrap are sent to the HTTP body in one chunk.
-const BOOTSTRAP_CHUNK_BYTES: usize = 64 * 1024;
+/// How many reads (each on a blocking thread with its own connection) run at once.
+const MAX_READERS: usize = 32;
+/// How long a read waits for a free reader before answering 503.
+const READER_WAIT: Duration = Duration::from_secs(5);
 
 fn map_err(e: rusqlite::Error) -> StoreError {
     use rusqlite::ErrorCode::*;
@@ -81,24 +86,42 @@ enum Job {
         now: u64,
         reply: oneshot::Sender<Result<(), StoreError>>,
     },
+    /// A write that changes nothing, committed to learn whether writes work.
+    Probe {
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
 }
 
 impl Job {
     fn weight(&self) -> usize {
         match self {
             Job::Push { batch, .. } => batch.changes.len().max(1),
-            Job::Touch { .. } => 1,
+            Job::Touch { .. } | Job::Probe { .. } => 1,
         }
     }
 }
 
-/// Read connections, opened on demand and kept for reuse.
+/// Read connections, opened on demand and kept for reuse, at most
+/// [`MAX_READERS`] in use at once so that reads never take every blocking thread.
 struct ReadPool {
     path: PathBuf,
     idle: Mutex<Vec<Connection>>,
+    permits: Arc<Semaphore>,
 }
 
 impl ReadPool {
+    /// Waits (at most [`READER_WAIT`]) for a reader to be free.
+    async fn permit(&self) -> Result<OwnedSemaphorePermit, StoreError> {
+        match tokio::time::timeout(READER_WAIT, self.permits.clone().acquire_owned()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            Ok(Err(_)) => Err(StoreError::ShuttingDown),
+            Err(_) => Err(StoreError::Unavailable(format!(
+                "all {MAX_READERS} database readers stayed busy for {} s",
+                READER_WAIT.as_secs()
+            ))),
+        }
+    }
+
     fn get(&self) -> Result<Connection, StoreError> {
         if let Some(c) = self.idle.lock().expect("pool lock").pop() {
             return Ok(c);
@@ -149,7 +172,11 @@ impl SqliteStore {
             })
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
         Ok(SqliteStore {
-            readers: Arc::new(ReadPool { path: path.to_owned(), idle: Mutex::new(Vec::new()) }),
+            readers: Arc::new(ReadPool {
+                path: path.to_owned(),
+                idle: Mutex::new(Vec::new()),
+                permits: Arc::new(Semaphore::new(MAX_READERS)),
+            }),
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
             notifier,
@@ -170,10 +197,12 @@ impl SqliteStore {
         f: impl FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     ) -> Result<T, StoreError> {
         let pool = self.readers.clone();
+        let permit = pool.permit().await?;
         tokio::task::spawn_blocking(move || {
             let mut conn = pool.get()?;
             let out = f(&mut conn);
             pool.put(conn);
+            drop(permit);
             out
         })
         .await
@@ -324,6 +353,13 @@ fn run_group_in_transaction(conn: &Connection, jobs: Vec<Job>, notifier: &Notifi
                 finish_savepoint(conn, out.is_ok());
                 done.push(Done::Touch(reply, out));
             }
+            Job::Probe { reply } => {
+                let out = savepoint.map_err(map_err).and_then(|_| {
+                    conn.execute("UPDATE schema_version SET version = version", []).map(drop).map_err(map_err)
+                });
+                finish_savepoint(conn, out.is_ok());
+                done.push(Done::Touch(reply, out));
+            }
         }
     }
     if let Err(e) = conn.execute_batch("COMMIT") {
@@ -359,7 +395,7 @@ fn finish_savepoint(conn: &Connection, ok: bool) {
 fn fail_job(job: Job, err: impl Fn() -> StoreError) {
     match job {
         Job::Push { reply, .. } => drop(reply.send(Err(err()))),
-        Job::Touch { reply, .. } => drop(reply.send(Err(err()))),
+        Job::Touch { reply, .. } | Job::Probe { reply } => drop(reply.send(Err(err()))),
     }
 }
 
@@ -578,49 +614,41 @@ fn hashes_at(
     rows::hashes(&hash, &digest, "changes")
 }
 
-fn read_page(conn: &mut Connection, user: &UserId, cursor: u64, limit: u64) -> Result<PageOutcome, StoreError> {
+fn read_page(conn: &mut Connection, user: &UserId, cursor: u64, limit: PageLimit) -> Result<PageOutcome, StoreError> {
     let tx = conn.transaction().map_err(map_err)?;
     let head = read_head(&tx, user)?;
-    if cursor < head.horizon || cursor > head.seq {
+    if needs_reset(cursor, &head) {
         return Ok(PageOutcome::ResetRequired { head });
     }
-    let end = cursor.saturating_add(limit).min(head.seq);
-    let mut changes = Vec::with_capacity((end - cursor) as usize);
+    let mut page = PageAssembler::new(cursor, range_end(cursor, limit.rows, &head), limit.bytes);
     let mut last_hashes = None;
-    {
+    let (from, to) = page.range();
+    if to > from {
         let mut stmt = tx
             .prepare_cached(
                 "SELECT seq, change_id, device_id, collection, entity_id, op, data, hlc, base_version, server_time, state_hash, state_digest
                  FROM changes WHERE user_id = ?1 AND seq > ?2 AND seq <= ?3 ORDER BY seq",
             )
             .map_err(map_err)?;
-        let mut found = stmt.query(params![user.as_str(), cursor as i64, end as i64]).map_err(map_err)?;
-        let mut buf = Vec::with_capacity(256);
+        let mut found = stmt.query(params![user.as_str(), from as i64, to as i64]).map_err(map_err)?;
         while let Some(r) = found.next().map_err(map_err)? {
-            buf.clear();
-            let parts = wire_parts(r)?;
-            let seq = parts.seq;
-            write_wire_json(&mut buf, &parts);
-            changes.push((seq, String::from_utf8(buf.clone()).expect("UTF-8")));
-            if seq == end {
+            let before = page.end();
+            let more = page.offer(user, &wire_parts(r)?)?;
+            if page.end() != before {
                 let hash: Vec<u8> = r.get(10).map_err(map_err)?;
                 let digest: Vec<u8> = r.get(11).map_err(map_err)?;
-                last_hashes = Some(rows::hashes(&hash, &digest, "changes")?);
+                last_hashes = Some((hash, digest));
+            }
+            if !more {
+                break;
             }
         }
     }
-    if changes.len() as u64 != end - cursor {
-        return Err(corrupt(format!(
-            "the log of {user} has gaps between seq {} and {end}: found {} changes",
-            cursor + 1,
-            changes.len()
-        )));
-    }
-    let (state_hash, state_digest) = match last_hashes {
-        Some(h) => h,
-        None => hashes_at(&tx, user, end, &head)?,
+    let hashes = match last_hashes {
+        Some((hash, digest)) => rows::hashes(&hash, &digest, "changes")?,
+        None => hashes_at(&tx, user, page.end(), &head)?,
     };
-    Ok(PageOutcome::Page(ChangePage { changes, cursor: end, has_more: end < head.seq, state_hash, state_digest }))
+    Ok(PageOutcome::Page(page.finish(user, &head, hashes)?))
 }
 
 fn read_status(conn: &mut Connection, user: &UserId) -> Result<DatasetStatus, StoreError> {
@@ -679,22 +707,18 @@ fn read_conflicts(conn: &mut Connection, user: &UserId, since: u64, limit: u64) 
 }
 
 /// Streams one consistent snapshot: entities, then appends, as NDJSON lines.
+/// Stops (releasing the snapshot) as soon as the sink says the reader is gone.
 fn stream_snapshot(
     conn: &mut Connection,
     user: &UserId,
     head_tx: oneshot::Sender<Result<DatasetHead, StoreError>>,
-    lines: &mpsc::Sender<Result<Bytes, StoreError>>,
+    sink: &mut ChunkSink,
 ) -> Result<(), StoreError> {
     let tx = conn.transaction().map_err(map_err)?;
     let head = read_head(&tx, user)?;
     if head_tx.send(Ok(head)).is_err() {
         return Ok(());
     }
-    let mut chunk: Vec<u8> = Vec::with_capacity(BOOTSTRAP_CHUNK_BYTES + 1024);
-    let flush = |chunk: &mut Vec<u8>| -> bool {
-        let bytes = Bytes::from(std::mem::replace(chunk, Vec::with_capacity(BOOTSTRAP_CHUNK_BYTES + 1024)));
-        lines.blocking_send(Ok(bytes)).is_ok()
-    };
     {
         let mut stmt = tx
             .prepare(
@@ -705,7 +729,7 @@ fn stream_snapshot(
         let mut found = stmt.query([user.as_str()]).map_err(map_err)?;
         while let Some(r) = found.next().map_err(map_err)? {
             rows::write_entity_line(
-                &mut chunk,
+                sink.buf(),
                 text(r, 0)?,
                 text(r, 1)?,
                 r.get_ref(2).map_err(map_err)?.as_bytes().map_err(corrupt)?,
@@ -713,7 +737,7 @@ fn stream_snapshot(
                 r.get(4).map_err(map_err)?,
                 r.get_ref(5).map_err(map_err)?.as_bytes().map_err(corrupt)?,
             );
-            if chunk.len() >= BOOTSTRAP_CHUNK_BYTES && !flush(&mut chunk) {
+            if !sink.blocking_flush_if_full() {
                 return Ok(());
             }
         }
@@ -727,15 +751,13 @@ fn stream_snapshot(
             .map_err(map_err)?;
         let mut found = stmt.query([user.as_str()]).map_err(map_err)?;
         while let Some(r) = found.next().map_err(map_err)? {
-            rows::write_append_line(&mut chunk, &wire_parts(r)?);
-            if chunk.len() >= BOOTSTRAP_CHUNK_BYTES && !flush(&mut chunk) {
+            rows::write_append_line(sink.buf(), &wire_parts(r)?);
+            if !sink.blocking_flush_if_full() {
                 return Ok(());
             }
         }
     }
-    if !chunk.is_empty() {
-        flush(&mut chunk);
-    }
+    sink.blocking_finish();
     Ok(())
 }
 
@@ -761,7 +783,7 @@ impl Store for SqliteStore {
         &'a self,
         user: &'a UserId,
         cursor: u64,
-        limit: u64,
+        limit: PageLimit,
     ) -> BoxFuture<'a, Result<PageOutcome, StoreError>> {
         let user = user.clone();
         Box::pin(self.read(move |conn| read_page(conn, &user, cursor, limit)))
@@ -797,12 +819,17 @@ impl Store for SqliteStore {
         Box::pin(self.read(move |conn| read_conflicts(conn, &user, since, limit)))
     }
 
-    fn bootstrap<'a>(&'a self, user: &'a UserId) -> BoxFuture<'a, Result<BootstrapStream, StoreError>> {
+    fn bootstrap<'a>(
+        &'a self,
+        user: &'a UserId,
+        stall: Duration,
+    ) -> BoxFuture<'a, Result<BootstrapStream, StoreError>> {
         let user = user.clone();
         let pool = self.readers.clone();
         Box::pin(async move {
+            let permit = pool.permit().await?;
             let (head_tx, head_rx) = oneshot::channel();
-            let (line_tx, line_rx) = mpsc::channel(8);
+            let (mut sink, lines) = ChunkSink::new(stall);
             tokio::task::spawn_blocking(move || {
                 let mut conn = match pool.get() {
                     Ok(c) => c,
@@ -811,14 +838,14 @@ impl Store for SqliteStore {
                         return;
                     }
                 };
-                if let Err(e) = stream_snapshot(&mut conn, &user, head_tx, &line_tx) {
+                if let Err(e) = stream_snapshot(&mut conn, &user, head_tx, &mut sink) {
                     tracing::error!(error = %e, "bootstrap stream failed");
-                    let _ = line_tx.blocking_send(Err(e));
+                    sink.blocking_fail(e);
                 }
                 pool.put(conn);
+                drop(permit);
             });
             let head = head_rx.await.map_err(|_| StoreError::Internal("bootstrap reader stopped".into()))??;
-            let lines = Box::pin(tokio_stream::wrappers::ReceiverStream::new(line_rx));
             Ok(BootstrapStream { head, lines })
         })
     }
@@ -829,6 +856,14 @@ impl Store for SqliteStore {
 
     fn health(&self) -> BoxFuture<'_, Result<(), StoreError>> {
         Box::pin(self.read(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(map_err)))
+    }
+
+    fn write_probe(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+        Box::pin(async move {
+            let (reply, rx) = oneshot::channel();
+            self.sender()?.send(Job::Probe { reply }).await.map_err(|_| StoreError::ShuttingDown)?;
+            rx.await.map_err(|_| StoreError::Internal("the writer stopped before answering".into()))?
+        })
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {

@@ -1,0 +1,230 @@
+//! How a page of the log is assembled, the same way in every store: changes in
+//! seq order, without a gap, within a row limit and a byte budget.
+//!
+//! A store feeds the rows it reads to a [`PageAssembler`] and stops reading
+//! as soon as the assembler says the page is full, so a page's memory is
+//! bounded by `max_page_bytes` (plus one change), not by `limit` rows.
+
+use deltasync_protocol::change::{WireParts, write_wire_json};
+use deltasync_protocol::{StateDigest, StateHash, UserId};
+
+use super::rows::corrupt;
+use super::{ChangePage, DatasetHead, StoreError};
+
+/// What a change costs a page beyond its `data`: a fixed allowance for the
+/// envelope (ids, HLC, seq, op; about 250 bytes with UUID ids), so a page of
+/// many tiny changes is bounded too.
+pub const CHANGE_ENVELOPE_BYTES: u64 = 256;
+
+/// What one change costs against a page's byte budget.
+pub fn change_cost(data_bytes: usize) -> u64 {
+    data_bytes as u64 + CHANGE_ENVELOPE_BYTES
+}
+
+/// How much of the log one page may cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PageLimit {
+    /// The most changes.
+    pub rows: u64,
+    /// The most bytes, counted by [`change_cost`]; the first change is always served.
+    pub bytes: u64,
+}
+
+/// Collects the changes of one page and checks that they follow each other.
+pub struct PageAssembler {
+    cursor: u64,
+    range_end: u64,
+    budget: u64,
+    spent: u64,
+    end: u64,
+    full: bool,
+    changes: Vec<(u64, String)>,
+    buf: Vec<u8>,
+}
+
+impl PageAssembler {
+    /// A page after `cursor`, at most up to `range_end` (the head or `cursor + rows`), within `bytes`.
+    pub fn new(cursor: u64, range_end: u64, bytes: u64) -> PageAssembler {
+        PageAssembler {
+            cursor,
+            range_end,
+            budget: bytes,
+            spent: 0,
+            end: cursor,
+            full: false,
+            changes: Vec::new(),
+            buf: Vec::with_capacity(256),
+        }
+    }
+
+    /// The seqs the store should read: `cursor + 1 ..= range_end`.
+    pub fn range(&self) -> (u64, u64) {
+        (self.cursor, self.range_end)
+    }
+
+    /// Whether a change whose data is `data_bytes` long still fits; the first one always does.
+    /// Once one does not fit, none does.
+    pub fn admits(&mut self, data_bytes: usize) -> bool {
+        if self.full || self.end >= self.range_end {
+            return false;
+        }
+        let cost = change_cost(data_bytes);
+        if !self.changes.is_empty() && self.spent.saturating_add(cost) > self.budget {
+            self.full = true;
+            return false;
+        }
+        true
+    }
+
+    /// Offers the next row of the range; answers `Ok(false)` when the page is
+    /// complete and the store should stop reading.
+    pub fn offer(&mut self, user: &UserId, parts: &WireParts<'_>) -> Result<bool, StoreError> {
+        let data_bytes = parts.data_json.map_or(0, str::len);
+        if !self.admits(data_bytes) {
+            return Ok(false);
+        }
+        self.charge(user, parts.seq, data_bytes)?;
+        self.buf.clear();
+        write_wire_json(&mut self.buf, parts);
+        self.changes.push((parts.seq, String::from_utf8(self.buf.clone()).expect("JSON is UTF-8")));
+        Ok(self.end < self.range_end)
+    }
+
+    /// Counts a change that [`admits`](Self::admits) let in, without keeping
+    /// it: for a store that first learns how far a page reaches from the
+    /// sizes alone, then fetches only those changes.
+    pub fn charge(&mut self, user: &UserId, seq: u64, data_bytes: usize) -> Result<(), StoreError> {
+        if seq != self.end + 1 {
+            return Err(self.gap(user));
+        }
+        self.spent = self.spent.saturating_add(change_cost(data_bytes));
+        self.end = seq;
+        Ok(())
+    }
+
+    /// Where the page ends, once every size has been [`charge`](Self::charge)d;
+    /// refuses a range that stopped short without being full (a gap in the log).
+    pub fn reach(&self, user: &UserId) -> Result<u64, StoreError> {
+        if !self.full && self.end != self.range_end {
+            return Err(self.gap(user));
+        }
+        Ok(self.end)
+    }
+
+    /// The last seq the page covers so far.
+    pub fn end(&self) -> u64 {
+        self.end
+    }
+
+    /// Whether the page covers nothing so far.
+    pub fn is_empty(&self) -> bool {
+        self.changes.is_empty()
+    }
+
+    /// The page, with the hashes at [`end`](Self::end); refuses a page that
+    /// stopped short of its range without being full (a gap in the log).
+    pub fn finish(
+        self,
+        user: &UserId,
+        head: &DatasetHead,
+        hashes: (StateHash, StateDigest),
+    ) -> Result<ChangePage, StoreError> {
+        self.reach(user)?;
+        let (state_hash, state_digest) = hashes;
+        Ok(ChangePage {
+            changes: self.changes,
+            cursor: self.end,
+            has_more: self.end < head.seq,
+            state_hash,
+            state_digest,
+        })
+    }
+
+    fn gap(&self, user: &UserId) -> StoreError {
+        corrupt(format!(
+            "the log of {user} has a gap after seq {} (expected changes up to {})",
+            self.end, self.range_end
+        ))
+    }
+}
+
+/// The last seq a page after `cursor` may cover: the head, or `limit` changes on.
+pub fn range_end(cursor: u64, rows: u64, head: &DatasetHead) -> u64 {
+    cursor.saturating_add(rows).min(head.seq)
+}
+
+/// Whether `cursor` lies outside the log (below the horizon or above the head): the device must bootstrap.
+pub fn needs_reset(cursor: u64, head: &DatasetHead) -> bool {
+    cursor < head.horizon || cursor > head.seq
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parts(seq: u64, data: &str) -> WireParts<'_> {
+        WireParts {
+            seq,
+            change_id: "c",
+            device_id: "d",
+            collection: "notes",
+            entity_id: "e",
+            op: "upsert",
+            data_json: Some(data),
+            hlc: "h",
+            base_version: None,
+            server_time: 1,
+        }
+    }
+
+    fn user() -> UserId {
+        UserId::parse("u").unwrap()
+    }
+
+    fn head(seq: u64) -> DatasetHead {
+        DatasetHead { seq, ..DatasetHead::default() }
+    }
+
+    #[test]
+    fn a_page_stops_at_its_byte_budget_and_says_more_follows() {
+        let big = "x".repeat(1000);
+        let mut page = PageAssembler::new(0, 10, 2 * change_cost(1000));
+        assert!(page.offer(&user(), &parts(1, &big)).unwrap());
+        assert!(page.offer(&user(), &parts(2, &big)).unwrap());
+        assert!(!page.offer(&user(), &parts(3, &big)).unwrap());
+        let page = page.finish(&user(), &head(10), Default::default()).unwrap();
+        assert_eq!((page.changes.len(), page.cursor, page.has_more), (2, 2, true));
+    }
+
+    #[test]
+    fn the_first_change_is_served_even_when_it_alone_exceeds_the_budget() {
+        let big = "x".repeat(10_000);
+        let mut page = PageAssembler::new(4, 10, 100);
+        assert!(page.offer(&user(), &parts(5, &big)).unwrap());
+        assert!(!page.offer(&user(), &parts(6, "{}")).unwrap());
+        let page = page.finish(&user(), &head(10), Default::default()).unwrap();
+        assert_eq!((page.changes.len(), page.cursor), (1, 5));
+    }
+
+    #[test]
+    fn a_missing_seq_is_a_gap() {
+        let mut page = PageAssembler::new(0, 3, u64::MAX);
+        page.offer(&user(), &parts(1, "{}")).unwrap();
+        assert!(matches!(page.offer(&user(), &parts(3, "{}")), Err(StoreError::Corrupt(_))));
+        let mut sizes = PageAssembler::new(0, 3, u64::MAX);
+        sizes.charge(&user(), 1, 2).unwrap();
+        assert!(matches!(sizes.reach(&user()), Err(StoreError::Corrupt(_))));
+        let mut short = PageAssembler::new(0, 3, u64::MAX);
+        short.offer(&user(), &parts(1, "{}")).unwrap();
+        assert!(matches!(short.finish(&user(), &head(3), Default::default()), Err(StoreError::Corrupt(_))));
+    }
+
+    #[test]
+    fn the_row_limit_ends_the_page_at_its_range() {
+        let mut page = PageAssembler::new(0, 2, u64::MAX);
+        assert!(page.offer(&user(), &parts(1, "{}")).unwrap());
+        assert!(!page.offer(&user(), &parts(2, "{}")).unwrap());
+        let page = page.finish(&user(), &head(5), Default::default()).unwrap();
+        assert_eq!((page.cursor, page.has_more), (2, true));
+    }
+}
