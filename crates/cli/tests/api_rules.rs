@@ -981,6 +981,25 @@ async fn conflicts_limit_defaults_to_100_and_is_clamped_to_1000(backend: &Backen
     assert_error(zero, 400, "invalid_request");
 }
 
+store_test!(#[tokio::test] async fn conflicts_since_past_the_largest_id_is_empty_not_wrapped);
+async fn conflicts_since_past_the_largest_id_is_empty_not_wrapped(backend: &Backend) {
+    // `since` at or above 2^63 fits no stored id: it must not wrap around to a
+    // negative number and list the records from the first one.
+    let server = Server::start(backend);
+    let (c, url) = (client(), server.url.as_str());
+    let t = base();
+    push(&c, url, "w", vec![upsert("win", "tasks", "e", json!({"a": 0}), &hlc(t + 10_000, 0, "w"))]).await;
+    let losers = (0..3).map(|i| upsert(&format!("l{i}"), "tasks", "e", json!({"a": i}), &hlc(t + i, 0, "l"))).collect();
+    push(&c, url, "l", losers).await;
+    assert_eq!(all_conflicts(&c, url).await.len(), 3);
+    for since in ["9223372036854775807", "9223372036854775808", "18446744073709551615"] {
+        let (s, page) = get(&c, url, &format!("/v1/conflicts?since={since}")).await;
+        assert_eq!(s, 200, "since={since}: {page}");
+        assert_eq!(page["conflicts"], json!([]), "since={since}: {page}");
+        assert_eq!(page["has_more"], false, "since={since}: {page}");
+    }
+}
+
 // ---------------------------------------------------------------- pull
 
 store_test!(#[tokio::test] async fn pull_pages_in_order_with_cursor_and_has_more);

@@ -415,5 +415,68 @@ pub async fn bootstrap_lines(c: &reqwest::Client, url: &str, device: &str) -> Ve
 pub fn temp_path(dir: &Path, name: &str) -> PathBuf {
     dir.join(name)
 }
+/// A random version-4 UUID in its usual text form, for entity ids.
+pub fn random_uuid() -> String {
+    let a = (random_u64() & 0xffff_ffff_ffff_0fff) | 0x4000;
+    let b = (random_u64() & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+/// An HS256 token for `user`, valid for an hour, signed with `secret` (for a
+/// server started with [`Options::jwt_secret`] set to the same secret).
+pub fn token_for(secret: &str, user: &str) -> String {
+    let exp = now_ms() / 1000 + 3600;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &json!({"sub": user, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A document-like JSON object whose compact (and canonical) text is exactly
+/// `bytes` long (at least 400): a few short fields and a long `body` of
+/// pseudo-random lowercase words, different for every `seed`. Only ASCII
+/// letters, digits and spaces, integer numbers and ASCII keys, so that
+/// `serde_json::to_string` of it (keys sorted, no escapes) is its JCS form.
+pub fn document(seed: u64, bytes: usize) -> Value {
+    const WORDS: [&str; 16] = [
+        "sync", "offline", "device", "ledger", "merge", "cursor", "replica", "change", "digest", "vector", "window",
+        "harbor", "signal", "quartz", "meadow", "copper",
+    ];
+    let mut doc = json!({
+        "title": format!("Quarterly notes {seed}"),
+        "owner": format!("user-{:04}", seed % 9973),
+        "kind": "document",
+        "tags": ["notes", "draft", format!("batch-{}", seed % 7)],
+        "revision": seed % 1000,
+        "created_ms": 1_700_000_000_000u64 + seed,
+        "body": "",
+    });
+    let fixed = serde_json::to_string(&doc).unwrap().len();
+    assert!(bytes >= fixed + 16, "document({seed}, {bytes}): too small, the fields alone take {fixed} bytes");
+    let want = bytes - fixed;
+    let mut body = String::with_capacity(want + 16);
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    while body.len() < want {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        body.push_str(WORDS[(x % 16) as usize]);
+        body.push(' ');
+    }
+    body.truncate(want);
+    doc["body"] = Value::String(body);
+    debug_assert_eq!(serde_json::to_string(&doc).unwrap().len(), bytes);
+    doc
+}
+
 pub mod devices;
 pub mod pg_cluster;

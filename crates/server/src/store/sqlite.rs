@@ -149,6 +149,7 @@ pub struct SqliteStore {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     notifier: Arc<Notifier>,
+    failure: WriteFailure,
 }
 
 impl SqliteStore {
@@ -160,14 +161,16 @@ impl SqliteStore {
         // only checkpoints itself if the WAL grows past about 80 MiB.
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES).map_err(map_err)?;
         migrate(&conn)?;
-        let checkpoints = Checkpointer::start(path)?;
+        let failure = WriteFailure::default();
+        let checkpoints = Checkpointer::start(path, failure.clone())?;
+        let writer_failure = failure.clone();
         let notifier = Arc::new(Notifier::default());
         let (tx, rx) = mpsc::channel(1024);
         let writer_notifier = notifier.clone();
         let writer = std::thread::Builder::new()
             .name("deltasync-writer".into())
             .spawn(move || {
-                writer_loop(conn, rx, &writer_notifier, &checkpoints);
+                writer_loop(conn, rx, &writer_notifier, &checkpoints, &writer_failure);
                 checkpoints.finish();
             })
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
@@ -180,6 +183,7 @@ impl SqliteStore {
             jobs: Mutex::new(Some(tx)),
             writer: Mutex::new(Some(writer)),
             notifier,
+            failure,
         })
     }
 
@@ -254,8 +258,30 @@ struct Checkpointer {
     thread: JoinHandle<()>,
 }
 
+/// Whether the disk takes writes, as the last real write said: set by a
+/// group commit or checkpoint that failed, cleared by a commit of pushes or a
+/// checkpoint that succeeded. A no-op commit (the health probe) can succeed
+/// on a full disk, because its frame fits in WAL space already allocated, so
+/// it neither sets nor clears this; the checkpoint that follows it does.
+#[derive(Clone, Default)]
+struct WriteFailure(Arc<Mutex<Option<String>>>);
+
+impl WriteFailure {
+    fn set(&self, error: String) {
+        *self.0.lock().expect("write failure lock") = Some(error);
+    }
+
+    fn clear(&self) {
+        *self.0.lock().expect("write failure lock") = None;
+    }
+
+    fn get(&self) -> Option<String> {
+        self.0.lock().expect("write failure lock").clone()
+    }
+}
+
 impl Checkpointer {
-    fn start(path: &Path) -> Result<Checkpointer, StoreError> {
+    fn start(path: &Path, failure: WriteFailure) -> Result<Checkpointer, StoreError> {
         let conn = Connection::open(path)
             .map_err(|e| StoreError::Unavailable(format!("cannot open SQLite database {}: {e}", path.display())))?;
         conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(map_err)?;
@@ -267,8 +293,12 @@ impl Checkpointer {
                 while rx.recv().is_ok() {
                     std::thread::sleep(CHECKPOINT_DELAY);
                     while rx.try_recv().is_ok() {}
-                    if let Err(e) = conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
-                        tracing::warn!(error = %e, "WAL checkpoint failed; it will be retried after the next commit");
+                    match conn.query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(())) {
+                        Ok(()) => failure.clear(),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "WAL checkpoint failed; it will be retried after the next commit");
+                            failure.set(format!("the WAL checkpoint failed: {e}"));
+                        }
                     }
                 }
                 let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
@@ -289,7 +319,13 @@ impl Checkpointer {
     }
 }
 
-fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, notifier: &Notifier, checkpoints: &Checkpointer) {
+fn writer_loop(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Job>,
+    notifier: &Notifier,
+    checkpoints: &Checkpointer,
+    failure: &WriteFailure,
+) {
     while let Some(first) = rx.blocking_recv() {
         let mut weight = first.weight();
         let mut jobs = vec![first];
@@ -302,7 +338,12 @@ fn writer_loop(conn: Connection, mut rx: mpsc::Receiver<Job>, notifier: &Notifie
                 Err(_) => break,
             }
         }
-        run_group(&conn, jobs, notifier);
+        let pushes = jobs.iter().any(|j| matches!(j, Job::Push { .. }));
+        match run_group(&conn, jobs, notifier) {
+            Ok(()) if pushes => failure.clear(),
+            Ok(()) => {}
+            Err(e) => failure.set(e),
+        }
         checkpoints.committed();
     }
     tracing::debug!("writer stopped: every queued write is committed");
@@ -313,7 +354,8 @@ enum Done {
     Touch(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
 }
 
-fn run_group(conn: &Connection, jobs: Vec<Job>, notifier: &Notifier) {
+/// Runs a group of jobs in one transaction; `Err` when the transaction itself failed.
+fn run_group(conn: &Connection, jobs: Vec<Job>, notifier: &Notifier) -> Result<(), String> {
     // A group of cursor updates only is committed without an fsync: a cursor
     // lost to a power cut only makes compaction keep more. The next push's
     // FULL commit syncs the WAL, these frames included.
@@ -321,13 +363,14 @@ fn run_group(conn: &Connection, jobs: Vec<Job>, notifier: &Notifier) {
     if touches_only {
         let _ = conn.execute_batch("PRAGMA synchronous = NORMAL");
     }
-    run_group_in_transaction(conn, jobs, notifier);
+    let outcome = run_group_in_transaction(conn, jobs, notifier);
     if touches_only {
         let _ = conn.execute_batch("PRAGMA synchronous = FULL");
     }
+    outcome
 }
 
-fn run_group_in_transaction(conn: &Connection, jobs: Vec<Job>, notifier: &Notifier) {
+fn run_group_in_transaction(conn: &Connection, jobs: Vec<Job>, notifier: &Notifier) -> Result<(), String> {
     let mut done = Vec::with_capacity(jobs.len());
     let mut heads: HashMap<UserId, u64> = HashMap::new();
     if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
@@ -335,7 +378,7 @@ fn run_group_in_transaction(conn: &Connection, jobs: Vec<Job>, notifier: &Notifi
         for job in jobs {
             fail_job(job, || StoreError::Unavailable(msg.clone()));
         }
-        return;
+        return Err(msg);
     }
     for job in jobs {
         let savepoint = conn.execute_batch("SAVEPOINT job");
@@ -372,7 +415,7 @@ fn run_group_in_transaction(conn: &Connection, jobs: Vec<Job>, notifier: &Notifi
                 Done::Touch(reply, _) => drop(reply.send(Err(StoreError::Unavailable(msg.clone())))),
             }
         }
-        return;
+        return Err(msg);
     }
     for d in done {
         match d {
@@ -383,6 +426,7 @@ fn run_group_in_transaction(conn: &Connection, jobs: Vec<Job>, notifier: &Notifi
     for (user, head) in heads {
         notifier.publish(&user, head);
     }
+    Ok(())
 }
 
 fn finish_savepoint(conn: &Connection, ok: bool) {
@@ -862,7 +906,11 @@ impl Store for SqliteStore {
         Box::pin(async move {
             let (reply, rx) = oneshot::channel();
             self.sender()?.send(Job::Probe { reply }).await.map_err(|_| StoreError::ShuttingDown)?;
-            rx.await.map_err(|_| StoreError::Internal("the writer stopped before answering".into()))?
+            rx.await.map_err(|_| StoreError::Internal("the writer stopped before answering".into()))??;
+            match self.failure.get() {
+                Some(e) => Err(StoreError::Unavailable(e)),
+                None => Ok(()),
+            }
         })
     }
 
