@@ -176,6 +176,16 @@ fn one_level_deeper_is_refused_whole(api: &Api, answers: &mut Answers, max_depth
             assert_eq!(details[0].change_id.as_deref(), change["change_id"].as_str(), "{text}");
         }
     }
+    // Past what the server's JSON parser reads at all (128 levels): still a
+    // 413 naming max_depth, not a 400 about invalid JSON.
+    let beyond = upsert("deep-4", "tasks", "e4", nested(200), &hlc(t, 4, "w1"));
+    for path in ["/v1/push", "/v1/sync"] {
+        let (status, text) = api.post(path, &json!({"device_id": "w1", "changes": [beyond]}));
+        assert_eq!(status, 413, "{path} of data 200 deep: {text}");
+        let body: ErrorBody = answers.parse("413", &text);
+        assert_eq!(body.error, "payload_too_large", "{text}");
+        assert!(body.message.contains(&format!("max_depth = {max_depth}")), "{text}");
+    }
     let status: StatusResponse = answers.ok("status", api.get("/v1/status"));
     assert_eq!(status.head, 0, "a refused request wrote something");
 }
