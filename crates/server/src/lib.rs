@@ -19,6 +19,7 @@ pub mod batch;
 pub mod clock;
 pub mod config;
 pub mod net;
+pub mod refusals;
 pub mod store;
 
 use std::future::Future;

@@ -21,6 +21,7 @@ use futures_util::StreamExt;
 use super::query::Query;
 use super::{ApiError, AppState, AuthUser, parse_device};
 use crate::config::Limits;
+use crate::refusals::RefusalCounter;
 
 /// How long a client refused for too many bootstraps is told to wait.
 const RETRY_AFTER_SECS: u64 = 5;
@@ -28,7 +29,15 @@ const RETRY_AFTER_SECS: u64 = 5;
 /// The bootstraps streaming now, in all and per user.
 #[derive(Default)]
 pub struct BootstrapSlots {
-    taken: Mutex<(usize, HashMap<UserId, usize>)>,
+    taken: Mutex<Taken>,
+}
+
+#[derive(Default)]
+struct Taken {
+    total: usize,
+    per_user: HashMap<UserId, usize>,
+    refused_per_user: RefusalCounter,
+    refused_total: RefusalCounter,
 }
 
 /// One streaming bootstrap's place; freed when dropped (the stream ended or was dropped).
@@ -41,10 +50,17 @@ impl BootstrapSlots {
     /// Takes a slot for `user`, or refuses with the limit that is reached.
     fn take(app: &Arc<AppState>, user: &UserId, limits: &Limits) -> Result<BootstrapSlot, ApiError> {
         let mut taken = app.bootstraps.taken.lock().expect("bootstrap slots lock");
-        let (total, per_user) = &mut *taken;
+        let Taken { total, per_user, refused_per_user, refused_total } = &mut *taken;
         let mine = per_user.get(user).copied().unwrap_or(0);
         if mine >= limits.max_bootstraps_per_user {
-            tracing::warn!(%user, limit = limits.max_bootstraps_per_user, "bootstrap refused: per-user cap reached");
+            if let Some(refused) = refused_per_user.count() {
+                tracing::warn!(
+                    last_user = %user,
+                    refused,
+                    max_bootstraps_per_user = limits.max_bootstraps_per_user,
+                    "bootstraps refused: a user's cap reached"
+                );
+            }
             return Err(ApiError::RateLimited {
                 message: format!(
                     "this user already has {mine} bootstraps streaming (max_bootstraps_per_user is {}); finish or close one, then retry",
@@ -54,7 +70,13 @@ impl BootstrapSlots {
             });
         }
         if *total >= limits.max_bootstraps {
-            tracing::warn!(limit = limits.max_bootstraps, "bootstrap refused: server-wide cap reached");
+            if let Some(refused) = refused_total.count() {
+                tracing::warn!(
+                    refused,
+                    max_bootstraps = limits.max_bootstraps,
+                    "bootstraps refused: the server's cap reached"
+                );
+            }
             return Err(ApiError::Unavailable(format!(
                 "the server is streaming {total} bootstraps, its maximum (max_bootstraps); retry later"
             )));
@@ -63,17 +85,12 @@ impl BootstrapSlots {
         per_user.insert(user.clone(), mine + 1);
         Ok(BootstrapSlot { slots: app.clone(), user: user.clone() })
     }
-
-    /// How many bootstraps stream now, in all.
-    pub fn streaming(&self) -> usize {
-        self.taken.lock().expect("bootstrap slots lock").0
-    }
 }
 
 impl Drop for BootstrapSlot {
     fn drop(&mut self) {
         let mut taken = self.slots.bootstraps.taken.lock().expect("bootstrap slots lock");
-        let (total, per_user) = &mut *taken;
+        let Taken { total, per_user, .. } = &mut *taken;
         *total -= 1;
         if let Some(n) = per_user.get_mut(&self.user) {
             *n -= 1;

@@ -23,7 +23,6 @@ pub mod socket;
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,12 +35,12 @@ use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, watch};
 use tokio::task::JoinSet;
-use tokio::time::Instant;
 use tower_service::Service;
 
 use self::activity::{Activity, IdleDeadlines, InFlight};
 use self::socket::WatchedSocket;
 use crate::config::Network;
+use crate::refusals::RefusalCounter;
 
 /// The largest request header hyper buffers; past it the request is answered 431.
 pub const MAX_HEADER_BYTES: usize = 64 * 1024;
@@ -51,8 +50,6 @@ pub const MAX_HEADER_FIELDS: usize = 100;
 pub const MAX_CONCURRENT_STREAMS: u32 = 64;
 /// File descriptors kept for the store and the process itself, outside the connection cap.
 const RESERVED_FDS: u64 = 256;
-/// How often a cap being hit is logged at most.
-const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Raises the open-file soft limit to the hard limit and returns the cap on
 /// connections that fits in it.
@@ -75,29 +72,6 @@ pub fn connection_cap(configured: usize) -> usize {
         fitting as usize
     } else {
         configured
-    }
-}
-
-/// Counts refused connections and logs them at most once per [`REFUSAL_LOG_INTERVAL`].
-struct RefusalLog {
-    refused: u64,
-    last_logged: Option<Instant>,
-}
-
-impl RefusalLog {
-    fn refused(&mut self, cap: usize, peer: SocketAddr) {
-        self.refused += 1;
-        let now = Instant::now();
-        if self.last_logged.is_none_or(|at| now.duration_since(at) >= REFUSAL_LOG_INTERVAL) {
-            tracing::warn!(
-                max_connections = cap,
-                refused = self.refused,
-                last_peer = %peer,
-                "connection cap reached: refusing new connections until open ones close"
-            );
-            self.refused = 0;
-            self.last_logged = Some(now);
-        }
     }
 }
 
@@ -128,8 +102,8 @@ pub async fn serve(
     let builder = Arc::new(http_builder());
     let (closing_tx, closing) = watch::channel(false);
     let mut connections = JoinSet::new();
-    let mut refusals = RefusalLog { refused: 0, last_logged: None };
-    let mut accept_errors = RefusalLog { refused: 0, last_logged: None };
+    let mut refusals = RefusalCounter::default();
+    let mut accept_errors = RefusalCounter::default();
     tracing::debug!(max_connections = cap, "accepting connections");
     tokio::pin!(shutdown);
     loop {
@@ -140,7 +114,14 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let Ok(permit) = permits.clone().try_acquire_owned() else {
-                        refusals.refused(cap, peer);
+                        if let Some(refused) = refusals.count() {
+                            tracing::warn!(
+                                max_connections = cap,
+                                refused,
+                                last_peer = %peer,
+                                "connection cap reached: refusing new connections until open ones close"
+                            );
+                        }
                         drop(stream);
                         continue;
                     };
@@ -153,9 +134,8 @@ pub async fn serve(
                 Err(e) => {
                     // Out of file descriptors (or another transient failure): back off
                     // briefly instead of spinning, and keep serving open connections.
-                    if accept_errors.last_logged.is_none_or(|at| at.elapsed() >= REFUSAL_LOG_INTERVAL) {
-                        tracing::error!(error = %e, "cannot accept a connection");
-                        accept_errors.last_logged = Some(Instant::now());
+                    if let Some(failed) = accept_errors.count() {
+                        tracing::error!(error = %e, failed, "cannot accept a connection");
                     }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
