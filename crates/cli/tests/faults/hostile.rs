@@ -306,6 +306,25 @@ async fn unread_bootstrap(ctx: Ctx, generation: u64) {
         if stream.write_all(request.as_bytes()).await.is_err() {
             continue;
         }
+        // The status line comes at once: a refusal is noticed now, not after the hold.
+        let mut head = [0u8; 12];
+        let answered = tokio::time::timeout(Duration::from_secs(5), stream.read_exact(&mut head)).await;
+        if !matches!(answered, Ok(Ok(_))) || !head.starts_with(b"HTTP/1.1 ") {
+            // No answer (the server went away): not a held bootstrap.
+            sleep_a_little().await;
+            continue;
+        }
+        if head.starts_with(b"HTTP/1.1 429") {
+            // Over the per-user cap of bootstraps: refused at once, as it should be.
+            ctx.stats.lock().unwrap().bootstraps_refused += 1;
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        if !head.starts_with(b"HTTP/1.1 200") {
+            // Another refusal (503 while the store is down): not a held bootstrap.
+            sleep_a_little().await;
+            continue;
+        }
         while opened.elapsed() < ctx.bootstrap_hold && !ctx.stopped() && !replaced() {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -313,8 +332,7 @@ async fn unread_bootstrap(ctx: Ctx, generation: u64) {
             return;
         }
         // Drain: a whole stream ends with its end line; an abandoned one stops short.
-        let mut total = 0u64;
-        let mut head = Vec::new();
+        let mut total = head.len() as u64;
         let mut tail = Vec::new();
         let mut buf = vec![0u8; 64 * 1024];
         let drained = tokio::time::timeout(Duration::from_secs(20), async {
@@ -323,12 +341,6 @@ async fn unread_bootstrap(ctx: Ctx, generation: u64) {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
                         total += n as u64;
-                        if head.len() < 12 {
-                            head.extend_from_slice(&buf[..n.min(12)]);
-                            if head.len() >= 12 && !head.starts_with(b"HTTP/1.1 200") {
-                                break;
-                            }
-                        }
                         tail.extend_from_slice(&buf[..n]);
                         let keep = tail.len().saturating_sub(256);
                         tail.drain(..keep);
@@ -337,15 +349,6 @@ async fn unread_bootstrap(ctx: Ctx, generation: u64) {
             }
         })
         .await;
-        if head.starts_with(b"HTTP/1.1 429") {
-            // Over the per-user cap of bootstraps: refused at once, as it should be.
-            ctx.stats.lock().unwrap().bootstraps_refused += 1;
-            continue;
-        }
-        if !head.starts_with(b"HTTP/1.1 200") {
-            // No answer (the server went away) or another refusal: not a held bootstrap.
-            continue;
-        }
         let whole = String::from_utf8_lossy(&tail).contains("\"end\":true");
         if drained.is_ok() && !whole {
             ctx.stats.lock().unwrap().bootstrap_bytes_after_close.push(total);
