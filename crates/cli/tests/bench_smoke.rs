@@ -124,3 +124,27 @@ fn bench_on_postgres_with_two_instances_reports_each_figure_and_drops_its_schema
     });
     assert_eq!(left, 0, "schema {schema} is still in the database after the bench");
 }
+
+#[test]
+fn bench_measures_the_client_sdk_first_sync_and_outbox() {
+    let dir = tempfile::tempdir().unwrap();
+    let (report, stderr) =
+        run_bench(dir.path(), &["--workloads", "client", "--client-changes", "1500", "--client-outbox", "300"]);
+    let figures = report["figures"].as_array().unwrap();
+    let figure = |name: &str| {
+        figures.iter().find(|f| f["workload"] == name).unwrap_or_else(|| {
+            panic!(
+                "no {name:?}: {report}
+{stderr}"
+            )
+        })
+    };
+    let first = figure("client, first sync into a fresh replica");
+    let received = first["details"]["pulled"].as_u64().unwrap() + first["details"]["bootstrapped"].as_u64().unwrap();
+    assert_eq!(received, 1500, "{first}");
+    assert_eq!(first["details"]["verified"], true, "{first}");
+    assert!(first["value"].as_f64().unwrap() > 0.0);
+    let outbox = figure("client, sync of a 300-change outbox");
+    assert_eq!(outbox["details"]["verified"], true, "{outbox}");
+    assert!(outbox["value"].as_f64().unwrap() > 0.0);
+}

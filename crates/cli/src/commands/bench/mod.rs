@@ -39,6 +39,9 @@ pub enum Workload {
     Propagation,
     /// A fresh device streams a snapshot of --bootstrap-entities entities.
     Bootstrap,
+    /// The client SDK: a first sync of --client-changes changes into a fresh
+    /// replica, then the sync of a --client-outbox change outbox.
+    Client,
 }
 
 /// Flags of `deltasync bench`.
@@ -64,7 +67,7 @@ pub struct BenchArgs {
     /// on instance 0 and pushes through instance 1; every other workload uses instance 0.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     instances: u32,
-    /// Which workloads to run (comma-separated); all by default.
+    /// Which workloads to run (comma-separated); all but `client` by default.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Workload::Wire, Workload::Push, Workload::Update, Workload::Pull, Workload::Propagation, Workload::Bootstrap])]
     workloads: Vec<Workload>,
     /// How many entities each push workload creates.
@@ -85,6 +88,12 @@ pub struct BenchArgs {
     /// Trials of the propagation workload.
     #[arg(long, default_value_t = 500)]
     trials: usize,
+    /// Changes in the log (filled up to it first) that the client workload's fresh replica syncs.
+    #[arg(long, default_value_t = 100_000)]
+    client_changes: usize,
+    /// Local writes the client workload then syncs as one outbox.
+    #[arg(long, default_value_t = 10_000)]
+    client_outbox: usize,
     /// Write the figures as JSON to this file.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -274,6 +283,9 @@ async fn bench(args: &BenchArgs, store: &Store, schema: Option<&BenchSchema>) ->
     }
     if has(Workload::Propagation) {
         bench.propagation(args.trials).await?;
+    }
+    if has(Workload::Client) {
+        bench.client(args.client_changes, args.client_outbox, args.batch).await?;
     }
     if has(Workload::Bootstrap) {
         bench.bootstrap(args.bootstrap_entities, args.batch, args.devices).await?;

@@ -463,6 +463,53 @@ impl Bench {
         Ok(())
     }
 
+    /// client: the SDK's first sync into a fresh replica of a log of at least
+    /// `changes` changes (pull, verify, apply), then the same replica's sync of
+    /// an outbox of `outbox` new entities with random UUID ids.
+    pub async fn client(&mut self, changes: usize, outbox: usize, batch: usize) -> anyhow::Result<()> {
+        if self.entities < changes {
+            self.push_new("seeding the log", changes - self.entities, batch, 1).await?;
+        }
+        let dir = tempfile::tempdir()?;
+        let options = ClientOptions { server: Some(self.url().to_owned()), ..Default::default() };
+        let client = Client::open(dir.path().join("client.db"), options)?;
+        let t = Instant::now();
+        let first = client.sync().await?;
+        let s = t.elapsed().as_secs_f64();
+        let received = first.pulled + first.bootstrapped;
+        self.figures.push(Figure::new(
+            "client, first sync into a fresh replica",
+            received as f64 / s,
+            "changes/s",
+            None,
+            json!({"seconds": s, "pulled": first.pulled, "bootstrapped": first.bootstrapped, "cursor": first.cursor, "verified": first.verified}),
+        ));
+        let progress = bar(outbox as u64, "client, local writes");
+        let t = Instant::now();
+        for i in 0..outbox {
+            let data =
+                json!({"title": format!("task {i}"), "done": false, "priority": i % 5, "notes": "x".repeat(120)});
+            client.put("tasks", &uuid_like(self.run_id, i as u64), data.as_object().cloned().unwrap_or_default())?;
+            progress.inc(1);
+        }
+        let writes = t.elapsed().as_secs_f64();
+        progress.finish_and_clear();
+        let t = Instant::now();
+        let pushed = client.sync().await?;
+        let s = t.elapsed().as_secs_f64();
+        if pushed.pushed != outbox as u64 {
+            bail!("the client pushed {} changes of an outbox of {outbox}", pushed.pushed);
+        }
+        self.figures.push(Figure::new(
+            format!("client, sync of a {outbox}-change outbox"),
+            outbox as f64 / s,
+            "changes/s",
+            None,
+            json!({"seconds": s, "local_writes_per_sec": outbox as f64 / writes, "verified": pushed.verified}),
+        ));
+        Ok(())
+    }
+
     /// memory: each server's peak RSS over the whole run (VmHWM); the figure is the highest.
     pub fn memory(&mut self) {
         if self.server_pids.is_empty() {
@@ -483,4 +530,25 @@ impl Bench {
             json!({"per_instance_mib": peaks}),
         ));
     }
+}
+
+/// An id shaped like a random (version 4) UUID, different for every `(run, i)`:
+/// the ids real clients send, which do not arrive in key order.
+fn uuid_like(run: u64, i: u64) -> String {
+    let mut x = run ^ i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    let (a, b) = (next(), next());
+    format!(
+        "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xfff,
+        0x8000 | (b >> 48) & 0x3fff,
+        b & 0xffff_ffff_ffff
+    )
 }
