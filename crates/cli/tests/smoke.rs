@@ -30,3 +30,12 @@ async fn serves_push_and_pull_on_a_fresh_store(backend: &Backend) {
         assert!(file.exists(), "{}", file.display());
     }
 }
+
+/// A log that goes to a file (not a terminal) carries no ANSI colour codes.
+#[test]
+fn logs_to_a_file_have_no_colour_codes() {
+    let server = Server::start_with(&Backend::Sqlite, Options { capture_log: true, ..Options::default() });
+    let log = server.log();
+    assert!(log.contains("INFO"), "the server logged nothing at start: {log:?}");
+    assert!(!log.contains('\u{1b}'), "colour codes in a log file: {log:?}");
+}

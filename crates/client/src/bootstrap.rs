@@ -79,7 +79,7 @@ impl Client {
                     }
                     local::put_confirmed(&tx, &state, h.as_ref())?;
                     entities += 1;
-                    if entities % 10_000 == 0 {
+                    if entities.is_multiple_of(10_000) {
                         self.progress(Progress::Bootstrap { entities });
                     }
                 }

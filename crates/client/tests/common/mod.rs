@@ -150,10 +150,10 @@ impl TestServer {
         self.task = Some(task);
         // Wait until it answers.
         for _ in 0..200 {
-            if let Ok(r) = self.http.get(format!("{}/healthz", self.url)).send().await {
-                if r.status().is_success() {
-                    return;
-                }
+            if let Ok(r) = self.http.get(format!("{}/healthz", self.url)).send().await
+                && r.status().is_success()
+            {
+                return;
             }
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

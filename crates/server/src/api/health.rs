@@ -33,10 +33,10 @@ impl WriteProbe {
     async fn verdict(&self, app: &AppState) -> Result<(), String> {
         // Holding the lock across the probe makes concurrent calls share one probe.
         let mut last = self.last.lock().await;
-        if let Some((at, verdict)) = &*last {
-            if at.elapsed() < PROBE_EVERY {
-                return verdict.clone();
-            }
+        if let Some((at, verdict)) = &*last
+            && at.elapsed() < PROBE_EVERY
+        {
+            return verdict.clone();
         }
         let verdict = app.store.write_probe().await.map_err(|e| e.to_string());
         if let Err(e) = &verdict {

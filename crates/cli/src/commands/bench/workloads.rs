@@ -55,7 +55,7 @@ fn now_ms() -> u64 {
 fn entity_data(i: usize) -> String {
     format!(
         r#"{{"title":"Task number {i} with a reasonably long title","done":{},"priority":{},"tags":["work","home","t{}"],"estimate":{}}}"#,
-        i % 3 == 0,
+        i.is_multiple_of(3),
         i % 5,
         i % 17,
         (i % 100) as f64 / 4.0
