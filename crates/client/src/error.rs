@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use deltasync_engine::Error as EngineError;
+pub use deltasync_engine::TimeoutKind;
 use deltasync_protocol::wire::ErrorDetail;
 use deltasync_protocol::{ChangeError, NameError};
 
@@ -49,6 +51,22 @@ pub enum ClientError {
     /// A name or value given by the caller is not valid.
     #[error("invalid input: {0}")]
     Invalid(String),
+    /// The replica holds another user's data than the token's.
+    #[error("{}", EngineError::WrongUser { replica_user: replica_user.clone(), token_user: token_user.clone() })]
+    WrongUser {
+        /// The user the replica belongs to.
+        replica_user: String,
+        /// The user the token names.
+        token_user: String,
+    },
+    /// A reset was refused because local changes are not synced.
+    #[error("{}", EngineError::PendingChanges { pending: *pending, failed: *failed })]
+    PendingChanges {
+        /// Changes not yet in the confirmed state.
+        pending: u64,
+        /// Changes refused for good.
+        failed: u64,
+    },
     /// No server URL is known: pass one when opening the client.
     #[error("no server URL: pass --server URL (or set DELTASYNC_SERVER) once; it is kept in the local database")]
     NoServer,
@@ -101,29 +119,6 @@ pub enum ClientError {
     Integrity(String),
 }
 
-/// Which time limit a [`ClientError::Timeout`] ran into.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum TimeoutKind {
-    /// One request got no complete answer within `ClientOptions::request_timeout`.
-    Request,
-    /// A streamed answer (bootstrap) sent nothing for `ClientOptions::stall_timeout`.
-    Stall,
-    /// A whole sync took longer than `ClientOptions::sync_timeout`.
-    Sync,
-}
-
-impl TimeoutKind {
-    /// The setting that holds the limit.
-    pub fn setting(self) -> &'static str {
-        match self {
-            TimeoutKind::Request => "ClientOptions::request_timeout",
-            TimeoutKind::Stall => "ClientOptions::stall_timeout",
-            TimeoutKind::Sync => "ClientOptions::sync_timeout",
-        }
-    }
-}
-
 impl ClientError {
     /// The short code printed by the command line (`{"error": code, …}`).
     pub fn code(&self) -> &str {
@@ -135,6 +130,8 @@ impl ClientError {
             | ClientError::SchemaTooNew { .. } => "local_store",
             ClientError::Invalid(_) => "invalid_input",
             ClientError::NoServer => "no_server",
+            ClientError::WrongUser { .. } => "wrong_user",
+            ClientError::PendingChanges { .. } => "pending_changes",
             ClientError::Unreachable { .. } => "unreachable",
             ClientError::Timeout { .. } => "timeout",
             ClientError::Server { code, .. } => code,
@@ -163,6 +160,31 @@ impl From<NameError> for ClientError {
 impl From<ChangeError> for ClientError {
     fn from(e: ChangeError) -> Self {
         ClientError::Invalid(e.to_string())
+    }
+}
+
+impl From<EngineError> for ClientError {
+    fn from(e: EngineError) -> Self {
+        match e {
+            EngineError::Store(inner) => match inner.downcast::<ClientError>() {
+                Ok(mine) => *mine,
+                Err(other) => ClientError::LocalCorrupt(other.to_string()),
+            },
+            EngineError::LocalCorrupt(m) => ClientError::LocalCorrupt(m),
+            EngineError::Invalid(m) => ClientError::Invalid(m),
+            EngineError::NoServer => ClientError::NoServer,
+            EngineError::WrongUser { replica_user, token_user } => ClientError::WrongUser { replica_user, token_user },
+            EngineError::PendingChanges { pending, failed } => ClientError::PendingChanges { pending, failed },
+            EngineError::Unreachable { url, message } => ClientError::Unreachable { url, message },
+            EngineError::Timeout { kind, operation, after } => ClientError::Timeout { kind, operation, after },
+            EngineError::Server { status, code, message, retry_after, details } => {
+                ClientError::Server { status, code, message, retry_after, details }
+            }
+            EngineError::Protocol { request, message } => ClientError::Protocol { request, message },
+            EngineError::Integrity(m) => ClientError::Integrity(m),
+            // The engine's error enum is non-exhaustive: a new kind shows its own message.
+            other => ClientError::Invalid(other.to_string()),
+        }
     }
 }
 

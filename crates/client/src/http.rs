@@ -9,13 +9,13 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use deltasync_protocol::Change;
 use deltasync_protocol::wire::{ErrorBody, PullResponse, StatusResponse, SyncResponse};
 use futures_util::{Stream, StreamExt};
-use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::error::{ClientError, Result, TimeoutKind};
+use deltasync_engine::transport::{BOOTSTRAP, ByteStream, CONFLICTS, PULL, STATUS, SYNC, SyncBody, Transport};
+use deltasync_engine::{Error, Result, TimeoutKind};
+use deltasync_protocol::wire::ConflictsResponse;
 
 /// How long a pooled connection may sit idle before it is closed: below the
 /// server's keep-alive (60 s by default), so the client never reuses a
@@ -27,29 +27,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The most characters of a foreign error body quoted in a message.
 const EXCERPT_CHARS: usize = 200;
-
-/// `POST /v1/sync`, as named in errors.
-pub const SYNC: &str = "POST /v1/sync";
-/// `GET /v1/pull`, as named in errors.
-pub const PULL: &str = "GET /v1/pull";
-/// `GET /v1/status`, as named in errors.
-pub const STATUS: &str = "GET /v1/status";
-/// `GET /v1/bootstrap`, as named in errors.
-pub const BOOTSTRAP: &str = "GET /v1/bootstrap";
-
-/// The body of `POST /v1/sync`.
-#[derive(Serialize)]
-pub struct SyncBody<'a> {
-    /// The syncing device.
-    pub device_id: &'a str,
-    /// The device's cursor.
-    pub cursor: u64,
-    /// The changes to push.
-    pub changes: &'a [Change],
-    /// The most seqs the answer may cover (the server's default, 1000, when absent).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub limit: Option<u64>,
-}
 
 /// How the HTTP client talks to the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,14 +54,14 @@ impl ServerApi {
     pub fn new(base: &str, token: Option<String>, options: HttpOptions) -> Result<Self> {
         let base = base.trim_end_matches('/').to_owned();
         if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(ClientError::Invalid(format!("server URL must start with http:// or https://, got {base:?}")));
+            return Err(Error::Invalid(format!("server URL must start with http:// or https://, got {base:?}")));
         }
         let mut builder =
             reqwest::Client::builder().connect_timeout(CONNECT_TIMEOUT).pool_idle_timeout(POOL_IDLE_TIMEOUT);
         if options.http2_prior_knowledge {
             builder = builder.http2_prior_knowledge();
         }
-        let http = builder.build().map_err(|e| ClientError::Invalid(format!("cannot build the HTTP client: {e}")))?;
+        let http = builder.build().map_err(|e| Error::Invalid(format!("cannot build the HTTP client: {e}")))?;
         Ok(Self { http, base, token, options })
     }
 
@@ -102,9 +79,9 @@ impl ServerApi {
     }
 
     /// Maps a network-level error of `request`, given the time limit it ran under.
-    fn network_error(&self, request: &'static str, limit: Duration, e: reqwest::Error) -> ClientError {
+    fn network_error(&self, request: &'static str, limit: Duration, e: reqwest::Error) -> Error {
         if e.is_timeout() {
-            return ClientError::Timeout { kind: TimeoutKind::Request, operation: request.to_owned(), after: limit };
+            return Error::Timeout { kind: TimeoutKind::Request, operation: request.to_owned(), after: limit };
         }
         let mut message = e.to_string();
         let mut source = std::error::Error::source(&e);
@@ -113,11 +90,11 @@ impl ServerApi {
             message.push_str(&s.to_string());
             source = s.source();
         }
-        ClientError::Unreachable { url: self.base.clone(), message }
+        Error::Unreachable { url: self.base.clone(), message }
     }
 
     /// Sends `req` (named `request` in errors) and turns an error answer into
-    /// [`ClientError::Server`]. With `limit`, the whole exchange, the answer's
+    /// [`Error::Server`]. With `limit`, the whole exchange, the answer's
     /// body included, must finish within it.
     async fn send(
         &self,
@@ -140,7 +117,7 @@ impl ServerApi {
             Ok(body) => (body.error, body.message, body.details.unwrap_or_default()),
             Err(_) => (code_for_status(status).to_owned(), foreign_message(status, &self.base, &bytes), Vec::new()),
         };
-        Err(ClientError::Server { status, code, message, retry_after, details })
+        Err(Error::Server { status, code, message, retry_after, details })
     }
 
     /// Sends a request whose whole answer is one JSON value, within `limit`.
@@ -152,14 +129,25 @@ impl ServerApi {
     ) -> Result<T> {
         let resp = self.send(request, req.timeout(limit), limit).await?;
         let bytes = resp.bytes().await.map_err(|e| self.network_error(request, limit, e))?;
-        serde_json::from_slice(&bytes).map_err(|e| ClientError::Protocol {
+        serde_json::from_slice(&bytes).map_err(|e| Error::Protocol {
             request,
             message: format!("cannot read the {}-byte answer: {e}", bytes.len()),
         })
     }
+}
 
-    /// `POST /v1/sync`.
-    pub async fn sync(&self, body: &SyncBody<'_>) -> Result<SyncResponse> {
+impl Transport for ServerApi {
+    type Stream = BodyStream;
+
+    fn base(&self) -> &str {
+        &self.base
+    }
+
+    fn token(&self) -> Option<&str> {
+        self.token.as_deref()
+    }
+
+    async fn sync(&self, body: &SyncBody<'_>) -> Result<SyncResponse> {
         let bytes = serde_json::to_vec(body).expect("sync body serialises");
         let req = self
             .request(reqwest::Method::POST, "/v1/sync")
@@ -168,8 +156,7 @@ impl ServerApi {
         self.json(SYNC, req, self.options.request_timeout).await
     }
 
-    /// `GET /v1/pull`, waiting up to `wait` for a change when there is none.
-    pub async fn pull(&self, device_id: &str, cursor: u64, limit: u64, wait: Duration) -> Result<PullResponse> {
+    async fn pull(&self, device_id: &str, cursor: u64, limit: u64, wait: Duration) -> Result<PullResponse> {
         let wait_s = wait.as_secs().to_string();
         let req = self.request(reqwest::Method::GET, "/v1/pull").query(&[
             ("device_id", device_id),
@@ -180,37 +167,61 @@ impl ServerApi {
         self.json(PULL, req, self.options.request_timeout + Duration::from_secs(wait.as_secs())).await
     }
 
-    /// `GET /v1/status`.
-    pub async fn status(&self, device_id: &str) -> Result<StatusResponse> {
-        let req = self.request(reqwest::Method::GET, "/v1/status").query(&[("device_id", device_id)]);
+    async fn status(&self, device_id: Option<&str>) -> Result<StatusResponse> {
+        let mut req = self.request(reqwest::Method::GET, "/v1/status");
+        if let Some(device_id) = device_id {
+            req = req.query(&[("device_id", device_id)]);
+        }
         self.json(STATUS, req, self.options.request_timeout).await
     }
 
-    /// `GET /v1/bootstrap`: the answer's head, within the request timeout; the
-    /// caller reads the body with [`ServerApi::next_chunk`].
-    pub async fn bootstrap(&self, device_id: &str) -> Result<reqwest::Response> {
+    /// The answer's head within the request timeout; its body may then go
+    /// silent for at most the stall timeout at a time.
+    async fn bootstrap(&self, device_id: &str) -> Result<BodyStream> {
         let limit = self.options.request_timeout;
         let req = self.request(reqwest::Method::GET, "/v1/bootstrap").query(&[("device_id", device_id)]);
-        match tokio::time::timeout(limit, self.send(BOOTSTRAP, req, limit)).await {
-            Ok(result) => result,
+        let resp = match tokio::time::timeout(limit, self.send(BOOTSTRAP, req, limit)).await {
+            Ok(result) => result?,
             Err(_) => {
-                Err(ClientError::Timeout { kind: TimeoutKind::Request, operation: BOOTSTRAP.to_owned(), after: limit })
+                return Err(Error::Timeout {
+                    kind: TimeoutKind::Request,
+                    operation: BOOTSTRAP.to_owned(),
+                    after: limit,
+                });
             }
-        }
+        };
+        Ok(BodyStream { api: self.clone(), request: BOOTSTRAP, stream: Box::pin(resp.bytes_stream()) })
     }
 
-    /// The next chunk of a streamed answer to `request`: `None` at its end, a
-    /// [`TimeoutKind::Stall`] error when nothing arrives for the stall timeout.
-    pub async fn next_chunk<S>(&self, request: &'static str, stream: &mut S) -> Option<Result<Bytes>>
-    where
-        S: Stream<Item = reqwest::Result<Bytes>> + Unpin,
-    {
-        let limit = self.options.stall_timeout;
-        match tokio::time::timeout(limit, stream.next()).await {
-            Ok(next) => next.map(|chunk| chunk.map_err(|e| self.network_error(request, limit, e))),
-            Err(_) => Some(Err(ClientError::Timeout {
+    async fn conflicts(&self, since: u64, limit: Option<u64>) -> Result<ConflictsResponse> {
+        let mut query = vec![("since", since.to_string())];
+        if let Some(limit) = limit {
+            query.push(("limit", limit.to_string()));
+        }
+        let req = self.request(reqwest::Method::GET, "/v1/conflicts").query(&query);
+        self.json(CONFLICTS, req, self.options.request_timeout).await
+    }
+}
+
+/// A streamed answer's body, read chunk by chunk under the stall timeout.
+pub struct BodyStream {
+    api: ServerApi,
+    request: &'static str,
+    stream: std::pin::Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+}
+
+impl ByteStream for BodyStream {
+    /// The next chunk: `None` at the end, a [`TimeoutKind::Stall`] error when
+    /// nothing arrives for the stall timeout.
+    async fn next_chunk(&mut self) -> Option<Result<Vec<u8>>> {
+        let limit = self.api.options.stall_timeout;
+        match tokio::time::timeout(limit, self.stream.next()).await {
+            Ok(next) => {
+                next.map(|chunk| chunk.map(Vec::from).map_err(|e| self.api.network_error(self.request, limit, e)))
+            }
+            Err(_) => Some(Err(Error::Timeout {
                 kind: TimeoutKind::Stall,
-                operation: format!("{request} (streaming)"),
+                operation: format!("{} (streaming)", self.request),
                 after: limit,
             })),
         }

@@ -56,16 +56,20 @@
 //! # }
 //! ```
 
-pub mod backoff;
-mod bootstrap;
-mod client;
+//! # Layout
+//!
+//! The rules live in the I/O-free engine ([`deltasync_engine`]); this crate
+//! is its native adapters: [`local`] (the SQLite store), [`http`] (the
+//! reqwest transport), [`client`] (the handle and the system clock) and
+//! [`runner`] (the tokio background sync).
+
+pub mod client;
 pub mod error;
 pub mod http;
 pub mod local;
-mod restore;
 pub mod runner;
-mod sync;
-pub mod view;
+
+pub use deltasync_engine::{backoff, sync, view};
 
 pub use client::{
     ChangeEvent, Client, ClientOptions, DEFAULT_JOURNAL_LIMIT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_STALL_TIMEOUT,

@@ -182,7 +182,7 @@ async fn run(
         let _ = last.send(Some(Arc::new(outcome)));
         failures = if ok { 0 } else { failures + 1 };
         let mut deadline =
-            synced_at + if ok { options.interval } else { Client::network_backoff(failures - 1, options.interval) };
+            synced_at + if ok { options.interval } else { client.network_backoff(failures - 1, options.interval) };
         loop {
             let long_poll = async {
                 if options.live && failures == 0 {
@@ -208,7 +208,7 @@ async fn run(
                     if let Err(e) = r {
                         streak.log(&client, "long poll", &e);
                         failures += 1;
-                        deadline = Instant::now() + Client::network_backoff(failures - 1, options.interval);
+                        deadline = Instant::now() + client.network_backoff(failures - 1, options.interval);
                     }
                 }
             }

@@ -9,11 +9,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Devices, TestServer, config, listing, obj, system_ms};
+use common::{Devices, FakeClock, TestServer, config, listing, obj, system_ms};
 use deltasync_client::backoff::MAX_RETRIES;
 use deltasync_client::{Client, ClientError, OutboxEntry, OutboxStatus};
 use deltasync_protocol::ConflictReason;
 use serde_json::{Value, json};
+
+/// Longer than any refusal backoff (its cap is 300 s).
+const BACKOFF_PASSED_MS: u64 = 301_000;
 
 fn entry<'a>(outbox: &'a [OutboxEntry], change_id: &str) -> &'a OutboxEntry {
     outbox
@@ -42,7 +45,9 @@ fn write_big_scenario(client: &Client) -> [String; 4] {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_change_is_retried_then_failed_while_the_outbox_keeps_moving() {
-    let mut server = TestServer::start_with(config("[server]\nmax_data_bytes = 64\n"), None).await;
+    let clock = FakeClock::at_system_time();
+    let mut server =
+        TestServer::start_with(config("[server]\nmax_data_bytes = 64\n"), Some(clock.server_clock())).await;
 
     // The server refuses the request whole with 413, naming the offending change's index.
     let hlc = format!("{:013}-00000-probe", system_ms());
@@ -58,7 +63,7 @@ async fn a_refused_change_is_retried_then_failed_while_the_outbox_keeps_moving()
     assert_eq!(server.head().await, 0, "a refused request changes nothing");
 
     let devices = Devices::new();
-    let client = devices.open("phone", &server.url);
+    let client = devices.open_clocked("phone", &server.url, clock.wall(0));
     let [good1, big, good2, good3] = write_big_scenario(&client);
     // Pending changes show in reads, the refused-to-be one included (for now).
     let view = client.get("tasks", "big").unwrap().unwrap();
@@ -83,7 +88,8 @@ async fn a_refused_change_is_retried_then_failed_while_the_outbox_keeps_moving()
 
     // A network failure is not a refusal: retries do not move.
     server.stop().await;
-    let err = client.sync().await.unwrap_err();
+    clock.advance(BACKOFF_PASSED_MS);
+    let err = client.sync_scheduled().await.unwrap_err();
     assert!(matches!(err, ClientError::Unreachable { .. }), "{err:?}");
     assert!(err.is_transient());
     let e = client.outbox().unwrap();
@@ -91,9 +97,10 @@ async fn a_refused_change_is_retried_then_failed_while_the_outbox_keeps_moving()
     assert_eq!(entry(&e, &good3).retries, 0);
     server.restart().await;
 
-    // Each manual sync is one more refusal; good3 keeps waiting.
+    // Each scheduled sync past the backoff is one more refusal; good3 keeps waiting.
     for expected_retries in 2..MAX_RETRIES {
-        let r = client.sync().await.unwrap();
+        clock.advance(BACKOFF_PASSED_MS);
+        let r = client.sync_scheduled().await.unwrap();
         assert_eq!((r.pushed, r.failed, r.pending), (0, 0, 2), "{r:?}");
         let outbox = client.outbox().unwrap();
         let e = entry(&outbox, &big);
@@ -104,7 +111,8 @@ async fn a_refused_change_is_retried_then_failed_while_the_outbox_keeps_moving()
     }
 
     // The fifth refusal sets big aside as failed, and good3 goes through in the same sync.
-    let r = client.sync().await.unwrap();
+    clock.advance(BACKOFF_PASSED_MS);
+    let r = client.sync_scheduled().await.unwrap();
     assert_eq!((r.failed, r.pushed, r.pending), (1, 1, 0), "{r:?}");
     assert!(r.conflicts >= 1, "{r:?}");
     assert_eq!(logged_ids(&server.log().await), [good1, good2, good3]);
@@ -134,12 +142,15 @@ async fn a_refused_change_is_retried_then_failed_while_the_outbox_keeps_moving()
 /// server refused it") should say so.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_change_counts_every_refusal() {
-    let mut server = TestServer::start_with(config("[server]\nmax_data_bytes = 64\n"), None).await;
+    let clock = FakeClock::at_system_time();
+    let mut server =
+        TestServer::start_with(config("[server]\nmax_data_bytes = 64\n"), Some(clock.server_clock())).await;
     let devices = Devices::new();
-    let client = devices.open("phone", &server.url);
+    let client = devices.open_clocked("phone", &server.url, clock.wall(0));
     let [_, big, _, _] = write_big_scenario(&client);
     for _ in 0..MAX_RETRIES {
-        client.sync().await.unwrap();
+        clock.advance(BACKOFF_PASSED_MS);
+        client.sync_scheduled().await.unwrap();
     }
     let outbox = client.outbox().unwrap();
     let e = entry(&outbox, &big);
@@ -153,6 +164,32 @@ async fn a_failed_change_counts_every_refusal() {
         "the server refused it {MAX_RETRIES} times (last_error: {last_error:?}), but the failed entry records {} retries",
         e.retries
     );
+    server.stop().await;
+}
+
+/// A sync the user asks for gives refused changes a fresh start (seed 003:
+/// "manual sync resets retry logic"): their count goes back to 0 before the
+/// attempt, so a refusal in it leaves 1, and it is not set aside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_sync_resets_the_retry_count_of_refused_changes() {
+    let clock = FakeClock::at_system_time();
+    let mut server =
+        TestServer::start_with(config("[server]\nmax_data_bytes = 64\n"), Some(clock.server_clock())).await;
+    let devices = Devices::new();
+    let client = devices.open_clocked("phone", &server.url, clock.wall(0));
+    let [_, big, _, _] = write_big_scenario(&client);
+    for _ in 1..MAX_RETRIES {
+        clock.advance(BACKOFF_PASSED_MS);
+        client.sync_scheduled().await.unwrap();
+    }
+    assert_eq!(entry(&client.outbox().unwrap(), &big).retries, MAX_RETRIES - 1);
+
+    // No wait for the backoff: the manual sync sends it at once, counting from 0.
+    let r = client.sync().await.unwrap();
+    assert_eq!(r.failed, 0, "one refusal after a reset does not set it aside: {r:?}");
+    let e = entry(&client.outbox().unwrap(), &big).clone();
+    assert_eq!((e.status, e.retries), (OutboxStatus::Pending, 1), "{e:?}");
+    assert!(e.next_attempt_at > clock.now(), "the new refusal backs off again: {e:?}");
     server.stop().await;
 }
 

@@ -1,67 +1,11 @@
 //! The outbox: local changes not yet in the confirmed state, in the order
 //! they were made, with where each stands (pending, sent, failed).
 
+use deltasync_engine::{OutboxEntry, OutboxStatus};
 use deltasync_protocol::{Change, Collection, Conflict, EntityId};
 use rusqlite::{Connection, params};
 
 use crate::error::{ClientError, Result};
-
-/// Where an outbox change stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OutboxStatus {
-    /// Not yet acknowledged by the server.
-    Pending,
-    /// Acknowledged with a seq, not yet in the confirmed state.
-    Sent,
-    /// Refused for good; kept for the app to show, no longer applied to reads.
-    Failed,
-}
-
-impl OutboxStatus {
-    /// The status as stored and exported.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            OutboxStatus::Pending => "pending",
-            OutboxStatus::Sent => "sent",
-            OutboxStatus::Failed => "failed",
-        }
-    }
-
-    fn parse(s: &str) -> Result<Self> {
-        match s {
-            "pending" => Ok(OutboxStatus::Pending),
-            "sent" => Ok(OutboxStatus::Sent),
-            "failed" => Ok(OutboxStatus::Failed),
-            other => Err(ClientError::LocalCorrupt(format!("outbox status {other:?}"))),
-        }
-    }
-}
-
-/// One local change in the outbox.
-#[derive(Debug, Clone, PartialEq)]
-pub struct OutboxEntry {
-    /// Its position in the outbox (the order changes were made in).
-    pub id: i64,
-    /// The change.
-    pub change: Change,
-    /// Where it stands.
-    pub status: OutboxStatus,
-    /// The seq the server gave it, once acknowledged.
-    pub seq: Option<u64>,
-    /// How many times the server refused it.
-    pub retries: u32,
-    /// Not to be sent before this time (ms since the epoch) by background syncs.
-    pub next_attempt_at: u64,
-    /// The last refusal's message.
-    pub last_error: Option<String>,
-    /// The server's conflict, for a change refused for good.
-    pub conflict: Option<Conflict>,
-    /// When the change was made.
-    pub created_at: u64,
-    /// Whether a heal put it back from the journal: the server acknowledged it
-    /// once, but the server it syncs with now may have lost it.
-    pub requeued: bool,
-}
 
 const OUTBOX_COLUMNS: &str =
     "id, change, status, seq, retries, next_attempt_at, last_error, conflict, created_at, requeued FROM outbox";
@@ -81,7 +25,7 @@ fn decode_entry(raw: RawEntry) -> Result<OutboxEntry> {
     Ok(OutboxEntry {
         id,
         change,
-        status: OutboxStatus::parse(&status)?,
+        status: OutboxStatus::parse(&status).map_err(|e| ClientError::LocalCorrupt(e.to_string()))?,
         seq,
         retries,
         next_attempt_at,
@@ -140,16 +84,14 @@ pub fn pending_entries_after(conn: &Connection, after: i64, limit: u32) -> Resul
     query_entries(conn, "status = 'pending' AND id > ?1 ORDER BY id LIMIT ?2", params![after, limit])
 }
 
-/// Whether a change of the same entity made after `entry` is still unacknowledged.
-pub fn has_pending_after(conn: &Connection, entry: &OutboxEntry) -> Result<bool> {
+/// Whether a change of the entity made after outbox entry `id` is still unacknowledged.
+pub fn has_pending_after(conn: &Connection, collection: &Collection, entity_id: &EntityId, id: i64) -> Result<bool> {
     Ok(conn
         .prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM outbox WHERE collection = ?1 AND entity_id = ?2 AND id > ?3
              AND status = 'pending')",
         )?
-        .query_row(params![entry.change.collection.as_str(), entry.change.entity_id.as_str(), entry.id], |r| {
-            r.get(0)
-        })?)
+        .query_row(params![collection.as_str(), entity_id.as_str(), id], |r| r.get(0))?)
 }
 
 /// Counts of pending (pending and sent) and failed entries.
@@ -230,6 +172,16 @@ pub fn unsend_above(conn: &Connection, cursor: u64) -> Result<u64> {
              WHERE status = 'sent' AND seq > ?1",
         )?
         .execute([cursor])? as u64)
+}
+
+/// Sets the retry count and the next attempt of every pending entry to 0 (a
+/// sync the user asked for).
+pub fn reset_retries(conn: &Connection) -> Result<()> {
+    conn.prepare_cached(
+        "UPDATE outbox SET retries = 0, next_attempt_at = 0 WHERE status = 'pending' AND (retries > 0 OR next_attempt_at > 0)",
+    )?
+    .execute([])?;
+    Ok(())
 }
 
 /// Sends failed entries back to pending, with their retry count reset.

@@ -175,7 +175,9 @@ fn create(path: &Path) -> Result<()> {
         let conn = Connection::open(&temp)?;
         configure(&conn)?;
         migrate(&conn, 0)?;
-        super::sync_state(&conn)?; // makes the device id
+        // The device id, made once and kept for good.
+        let device = deltasync_engine::replica::new_device_id(uuid::Uuid::now_v7().as_u64_pair().1);
+        super::set_meta(&conn, deltasync_engine::replica::keys::DEVICE_ID, device.as_str())?;
         // Closing the last connection copies the WAL into the file and removes it.
         conn.close().map_err(|(_, e)| e)?;
         std::fs::File::open(&temp).and_then(|f| f.sync_all()).map_err(io)

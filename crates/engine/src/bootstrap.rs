@@ -1,0 +1,149 @@
+//! Bootstrap: replace the confirmed state by the server's streamed snapshot,
+//! in one transaction, verified against the snapshot's digest, keeping every
+//! pending and failed change.
+
+use deltasync_protocol::wire::{BootstrapEnd, BootstrapHeader, BootstrapLine};
+use deltasync_protocol::{EntityState, Meta, StateDigest};
+
+use crate::clock::Clock;
+use crate::engine::{Engine, Origin, Progress};
+use crate::error::{Error, Result};
+use crate::replica::{self, keys};
+use crate::store::{Access, LocalStore, StoreTx};
+use crate::transport::{self, ByteStream, Transport};
+
+/// Progress is reported every this many entities.
+const PROGRESS_EVERY: u64 = 10_000;
+
+/// An unreadable bootstrap answer.
+fn bootstrap_error(message: String) -> Error {
+    Error::Protocol { request: transport::BOOTSTRAP, message }
+}
+
+/// The snapshot as read so far.
+#[derive(Default)]
+struct Snapshot {
+    header: Option<BootstrapHeader>,
+    end: Option<BootstrapEnd>,
+    /// Entity and change lines read.
+    lines: u64,
+    entities: u64,
+    digest: StateDigest,
+}
+
+/// What one line of the snapshot is.
+enum Line {
+    Blank,
+    Header(BootstrapHeader),
+    Body(BootstrapLine),
+    End(BootstrapEnd),
+}
+
+impl Snapshot {
+    /// Reads one NDJSON line in its place: the header first, the end line last.
+    fn read(&mut self, line: &[u8]) -> Result<Line> {
+        if line.iter().all(|b| b.is_ascii_whitespace()) {
+            return Ok(Line::Blank);
+        }
+        if self.end.is_some() {
+            return Err(bootstrap_error("lines after the end line".into()));
+        }
+        let line_no = self.lines + 2;
+        let bad = |e: serde_json::Error| bootstrap_error(format!("cannot read line {line_no}: {e}"));
+        if self.header.is_none() {
+            return Ok(Line::Header(serde_json::from_slice(line).map_err(bad)?));
+        }
+        if line.starts_with(br#"{"end""#) {
+            return Ok(Line::End(serde_json::from_slice(line).map_err(bad)?));
+        }
+        self.lines += 1;
+        Ok(Line::Body(serde_json::from_slice(line).map_err(bad)?))
+    }
+
+    /// The header and the checks of a whole snapshot: an end line counting
+    /// every line, and the digest the header promised.
+    fn finish(self, url: &str) -> Result<(BootstrapHeader, StateDigest, u64)> {
+        let header = self.header.ok_or_else(|| bootstrap_error("the answer was empty".into()))?;
+        let end = self.end.ok_or_else(|| Error::Unreachable {
+            url: url.to_owned(),
+            message: "the bootstrap stream ended before its last line".into(),
+        })?;
+        if end.count != self.lines {
+            let lines = self.lines;
+            return Err(bootstrap_error(format!("the end line counts {} lines, {lines} were sent", end.count)));
+        }
+        if self.digest != header.state_digest {
+            return Err(Error::Integrity(format!(
+                "the server's snapshot at seq {} has digest {}, but the server says {}",
+                header.cursor, self.digest, header.state_digest
+            )));
+        }
+        Ok((header, self.digest, self.entities))
+    }
+}
+
+/// The newest stamp an entity's state carries.
+fn newest_stamp(state: &EntityState) -> Option<&deltasync_protocol::Hlc> {
+    match &state.meta {
+        Meta::Fields { t, u, .. } => t.as_ref().max(u.as_ref()),
+        Meta::Last { hlc } => Some(hlc),
+    }
+}
+
+impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
+    /// Replaces the confirmed state by the server's streamed snapshot, in one
+    /// transaction, keeping every pending and failed change. Returns the
+    /// number of entities loaded.
+    pub(crate) async fn bootstrap(&self, transport: &T) -> Result<u64> {
+        let mut stream = transport.bootstrap(self.device.as_str()).await?;
+        let mut tx = self.store.begin(Access::Write).await?;
+        tx.clear_confirmed().await?;
+        let mut snapshot = Snapshot::default();
+        let mut buf: Vec<u8> = Vec::new();
+        while let Some(chunk) = stream.next_chunk().await {
+            buf.extend_from_slice(&chunk?);
+            let mut start = 0;
+            while let Some(nl) = buf[start..].iter().position(|b| *b == b'\n') {
+                self.load_line(&mut tx, &mut snapshot, &buf[start..start + nl]).await?;
+                start += nl + 1;
+            }
+            buf.drain(..start);
+        }
+        self.load_line(&mut tx, &mut snapshot, &buf).await?;
+        let (header, digest, entities) = snapshot.finish(transport.base())?;
+        replica::set_position(&mut tx, header.cursor, &header.state_hash, &digest).await?;
+        let clock = self.device_clock().observe_stamps(None);
+        tx.set_meta(keys::CLOCK, clock.as_str()).await?;
+        replica::set_policies(&mut tx, &header.policies).await?;
+        tx.confirm_up_to(header.cursor).await?;
+        // Acknowledged at seqs the server no longer has: it was restored.
+        tx.unsend_above(header.cursor).await?;
+        tx.set_meta(keys::JOURNAL_UNCHECKED, "1").await?;
+        tx.commit().await?;
+        self.emit(Origin::Reset, Vec::new());
+        Ok(entities)
+    }
+
+    /// Reads one line of the snapshot and writes what it holds.
+    async fn load_line(&self, tx: &mut S::Tx<'_>, snapshot: &mut Snapshot, line: &[u8]) -> Result<()> {
+        match snapshot.read(line)? {
+            Line::Blank => {}
+            Line::Header(h) => snapshot.header = Some(h),
+            Line::End(e) => snapshot.end = Some(e),
+            Line::Body(BootstrapLine::Change(c)) => tx.put_append(c.seq, &c.to_wire_json()).await?,
+            Line::Body(BootstrapLine::Entity(state)) => {
+                self.device_clock().observe_stamps(newest_stamp(&state));
+                let h = state.entity_hash();
+                if let Some(h) = &h {
+                    snapshot.digest.add(h);
+                }
+                tx.put_confirmed(&state, h.as_ref()).await?;
+                snapshot.entities += 1;
+                if snapshot.entities.is_multiple_of(PROGRESS_EVERY) {
+                    self.progress(Progress::Bootstrap { entities: snapshot.entities });
+                }
+            }
+        }
+        Ok(())
+    }
+}
