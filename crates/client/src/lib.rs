@@ -56,6 +56,7 @@
 //! # }
 //! ```
 
+pub mod answer;
 pub mod backoff;
 mod bootstrap;
 mod client;
