@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use deltasync_protocol::Change;
-use deltasync_protocol::wire::{PullResponse, StatusResponse, SyncResponse};
+use deltasync_protocol::wire::{ConflictsResponse, PullResponse, StatusResponse, SyncResponse};
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -37,6 +37,8 @@ pub const PULL: &str = "GET /v1/pull";
 pub const STATUS: &str = "GET /v1/status";
 /// `GET /v1/bootstrap`, as named in errors.
 pub const BOOTSTRAP: &str = "GET /v1/bootstrap";
+/// `GET /v1/conflicts`, as named in errors.
+pub const CONFLICTS: &str = "GET /v1/conflicts";
 
 /// The body of `POST /v1/sync`.
 #[derive(Serialize)]
@@ -201,6 +203,15 @@ impl ServerApi {
     pub async fn status(&self, device_id: &str) -> Result<StatusResponse> {
         let req = self.request(reqwest::Method::GET, "/v1/status").query(&[("device_id", device_id)]);
         self.json(STATUS, req, self.options.request_timeout).await
+    }
+
+    /// `GET /v1/conflicts`: the conflict records after record `since`, at most
+    /// `limit` of them (the server's default, 100, when absent).
+    pub async fn conflicts(&self, since: u64, limit: Option<u64>) -> Result<ConflictsResponse> {
+        let mut query = vec![("since", since.to_string())];
+        query.extend(limit.map(|l| ("limit", l.to_string())));
+        let req = self.request(reqwest::Method::GET, "/v1/conflicts").query(&query);
+        self.json(CONFLICTS, req, self.options.request_timeout).await
     }
 
     /// `GET /v1/bootstrap`: the answer's head, within the request timeout; the

@@ -60,6 +60,7 @@ pub mod answer;
 pub mod backoff;
 mod bootstrap;
 mod client;
+mod conflicts;
 pub mod error;
 pub mod http;
 pub mod local;
