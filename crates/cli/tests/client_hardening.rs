@@ -219,6 +219,9 @@ fn a_web_server_that_is_not_deltasync_is_named_so_in_one_short_line() {
     assert!(message.contains(&format!("GET /v1/status to {}/v1/status", welcome.url)), "{message}");
     assert!(message.contains("HTTP 200, text/html") && message.contains("Welcome to nginx!"), "{message}");
     assert!(message.contains("check --server / DELTASYNC_SERVER"), "{message}");
+    let (code, message) = short_error(&a, &welcome.url, &["conflicts"]);
+    assert_eq!(code, "not_deltasync", "{message}");
+    assert!(message.contains("GET /v1/conflicts to"), "{message}");
 
     let (code, message) = short_error(&a, &missing.url, &["sync"]);
     assert_eq!(code, "no_endpoint", "{message}");
