@@ -215,6 +215,10 @@ fn watch_prints_an_error_line_per_failed_sync_and_keeps_going(backend: &Backend)
     let st = a.status();
     assert_eq!((&st["pending"], &st["failed_syncs"]), (&json!(1), &json!(2)), "{st}");
     assert_eq!(st["last_error"]["code"], "unreachable", "{st}");
+
+    // With no server at all, every sync would fail alike: watch says so once and exits 1.
+    let fresh = Device::new(dir.path(), "fresh");
+    assert_eq!(fresh.run(None, &["watch", "--count", "2"]).error()["error"], "no_server");
 }
 
 /// Starts `watch --interval 30` on `device` with stdout piped, and reads its first line.

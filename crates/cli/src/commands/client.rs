@@ -294,6 +294,10 @@ fn dispatch(
         ClientCommand::RetryFailed => json_line(&json!({"requeued": client.retry_failed()?})),
         ClientCommand::DiscardFailed => json_line(&json!({"discarded": client.discard_failed()?})),
         ClientCommand::Watch { interval, live, count } => {
+            // Every sync would fail the same way: say so once, not once per sync.
+            if client.stats()?.server.is_none() {
+                return Err(ClientError::NoServer);
+            }
             let options = RunnerOptions { interval: Duration::from_secs(interval), live, ..Default::default() };
             runtime()?.block_on(watch(client.clone(), options, count))?
         }
