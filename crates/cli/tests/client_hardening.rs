@@ -1,7 +1,8 @@
 //! `deltasync client` against what should not stall or fool it: a server that
-//! answers a byte a second, a proxy's HTML error page, an answer it cannot
-//! parse, a database path holding something else, a process killed while it
-//! creates its database, and a reader that closes stdout early.
+//! answers a byte a second, a proxy's HTML error page, a web server that is
+//! not deltasync at all, an answer it cannot parse, a database path holding
+//! something else, a process killed while it creates its database, and a
+//! reader that closes stdout early.
 //!
 //! Bounds on time are liveness bounds, never speed measurements.
 
@@ -154,21 +155,22 @@ const NGINX_502: &str = "<html>\r\n<head><title>502 Bad Gateway</title></head>\r
                          Gateway</h1></center>\r\n<hr><center>nginx</center>\r\n</body>\r\n</html>\r\n";
 
 #[test]
-fn a_proxys_error_page_maps_to_the_documented_code_of_its_status() {
+fn a_proxys_error_page_is_not_deltasync_unless_it_says_the_server_is_down_or_busy() {
     let dir = tempfile::tempdir().unwrap();
     let a = Device::new(dir.path(), "a");
     a.put("tasks", "t1", json!({"v": 1}));
     let cases = [
+        // A gateway saying the server is down, and a rate limit: transient, retried.
         (502, "unavailable"),
         (503, "unavailable"),
         (504, "unavailable"),
         (429, "rate_limited"),
-        (401, "unauthorized"),
-        (408, "request_timeout"),
-        (413, "payload_too_large"),
-        (404, "not_found"),
-        (400, "invalid_request"),
-        (500, "internal"),
+        // Anything else did not come from deltasync.
+        (401, "not_deltasync"),
+        (408, "not_deltasync"),
+        (413, "not_deltasync"),
+        (400, "not_deltasync"),
+        (500, "not_deltasync"),
     ];
     for (status, code) in cases {
         let server = TinyServer::start(Pace::AtOnce, move |_| {
@@ -177,12 +179,59 @@ fn a_proxys_error_page_maps_to_the_documented_code_of_its_status() {
         let err = a.sync_fails(&server.url);
         assert_eq!(err["error"], code, "status {status}: {err}");
         let message = err["message"].as_str().unwrap();
-        assert!(message.contains(&format!("HTTP {status}")), "{message}");
-        assert!(message.contains("did not come from deltasync"), "{message}");
+        assert!(message.contains(&format!("GET /v1/status to {}/v1/status", server.url)), "{message}");
+        assert!(message.contains(&format!("did not come from deltasync: HTTP {status}, text/html")), "{message}");
         assert!(message.contains(&format!("<title>{status} From Proxy</title>")), "{message}");
         assert!(!message.contains('\n'), "{message}");
+        assert_eq!(a.status()["last_error"]["code"], code);
     }
     assert_eq!(pending_count(&a), 1);
+}
+
+/// A long HTML page, as a web server that is not deltasync answers.
+fn html_page(title: &str) -> String {
+    let para = "<p>This is the default page of a web server; the site you are looking for is not here.</p>\n";
+    format!(
+        "<!DOCTYPE html>\n<html>\n<head><title>{title}</title></head>\n<body>\n{}</body>\n</html>\n",
+        para.repeat(300)
+    )
+}
+
+/// Runs `args` against `url` and returns the error, checking that its message is one short line.
+fn short_error(device: &Device, url: &str, args: &[&str]) -> (String, String) {
+    let err = device.run(Some(url), args).error();
+    let message = err["message"].as_str().unwrap().to_owned();
+    assert!(message.chars().count() < 500, "{} characters: {message}", message.chars().count());
+    assert!(!message.contains('\n') && !message.contains('\r'), "{message}");
+    (err["error"].as_str().unwrap().to_owned(), message)
+}
+
+#[test]
+fn a_web_server_that_is_not_deltasync_is_named_so_in_one_short_line() {
+    let welcome = TinyServer::start(Pace::AtOnce, |_| http_answer(200, "text/html", &html_page("Welcome to nginx!")));
+    let missing = TinyServer::start(Pace::AtOnce, |_| http_answer(404, "text/html", &html_page("404 Not Found")));
+    let dir = tempfile::tempdir().unwrap();
+    let a = Device::new(dir.path(), "a");
+    a.put("tasks", "t1", json!({"v": 1}));
+
+    let (code, message) = short_error(&a, &welcome.url, &["sync"]);
+    assert_eq!(code, "not_deltasync", "{message}");
+    assert!(message.contains(&format!("GET /v1/status to {}/v1/status", welcome.url)), "{message}");
+    assert!(message.contains("HTTP 200, text/html") && message.contains("Welcome to nginx!"), "{message}");
+    assert!(message.contains("check --server / DELTASYNC_SERVER"), "{message}");
+    let (code, message) = short_error(&a, &welcome.url, &["conflicts"]);
+    assert_eq!(code, "not_deltasync", "{message}");
+    assert!(message.contains("GET /v1/conflicts to"), "{message}");
+
+    let (code, message) = short_error(&a, &missing.url, &["sync"]);
+    assert_eq!(code, "no_endpoint", "{message}");
+    assert!(message.contains(&format!("the server at {} has no GET /v1/status: an older", missing.url)), "{message}");
+    assert!(message.contains("did not look like deltasync: HTTP 404, text/html"), "{message}");
+    assert!(message.contains("404 Not Found"), "{message}");
+
+    // Nothing local was lost, and status shows the last failure.
+    assert_eq!(pending_count(&a), 1);
+    assert_eq!(a.status()["last_error"]["code"], "no_endpoint");
 }
 
 store_test!(#[test] fn an_answer_that_cannot_be_parsed_is_named_and_shown_by_status_until_a_sync_succeeds);

@@ -94,9 +94,11 @@ pub enum ClientError {
     Server {
         /// The HTTP status.
         status: u16,
-        /// The error code of the body (`unauthorized`, `unavailable`, …); for
-        /// an answer that did not come from deltasync (a proxy's page), the
-        /// documented code its status stands for.
+        /// The error code of the body (`unauthorized`, `unavailable`, …), or
+        /// the client's own for what the body cannot say: `no_endpoint` for
+        /// any 404, `not_deltasync` for an answer that did not come from
+        /// deltasync (`unavailable` or `rate_limited` for a gateway's 502,
+        /// 503, 504 or 429). See [`crate::answer`].
         code: String,
         /// The server's message.
         message: String,

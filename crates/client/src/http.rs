@@ -9,10 +9,11 @@
 use std::time::Duration;
 
 use bytes::Bytes;
-use deltasync_protocol::wire::{ErrorBody, PullResponse, StatusResponse, SyncResponse};
+use deltasync_protocol::wire::{PullResponse, StatusResponse, SyncResponse};
 use futures_util::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 
+use deltasync_engine::answer;
 use deltasync_engine::transport::{BOOTSTRAP, ByteStream, CONFLICTS, PULL, STATUS, SYNC, SyncBody, Transport};
 use deltasync_engine::{Error, Result, TimeoutKind};
 use deltasync_protocol::wire::ConflictsResponse;
@@ -25,8 +26,8 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(20);
 /// How long establishing a connection may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// The most characters of a foreign error body quoted in a message.
-const EXCERPT_CHARS: usize = 200;
+/// How much of an answer that cannot be a deltasync error is read, to quote its start.
+const FOREIGN_BODY_BYTES: usize = 64 * 1024;
 
 /// How the HTTP client talks to the server.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,9 +94,10 @@ impl ServerApi {
         Error::Unreachable { url: self.base.clone(), message }
     }
 
-    /// Sends `req` (named `request` in errors) and turns an error answer into
-    /// [`Error::Server`]. With `limit`, the whole exchange, the answer's
-    /// body included, must finish within it.
+    /// Sends `req` (named `request` in errors) and turns an answer that is not
+    /// a deltasync success into [`Error::Server`], as [`answer`] rules. With
+    /// `limit`, the whole exchange, the answer's body included, must finish
+    /// within it.
     async fn send(
         &self,
         request: &'static str,
@@ -103,21 +105,36 @@ impl ServerApi {
         limit: Duration,
     ) -> Result<reqwest::Response> {
         let resp = req.send().await.map_err(|e| self.network_error(request, limit, e))?;
-        if resp.status().is_success() {
+        let status = resp.status().as_u16();
+        let header = |name| resp.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let content_type = header(reqwest::header::CONTENT_TYPE);
+        if answer::is_success(request, status, content_type.as_deref()) {
             return Ok(resp);
         }
-        let status = resp.status().as_u16();
-        let retry_after = resp
-            .headers()
-            .get(reqwest::header::RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.trim().parse().ok());
-        let bytes = resp.bytes().await.map_err(|e| self.network_error(request, limit, e))?;
-        let (code, message, details) = match serde_json::from_slice::<ErrorBody>(&bytes) {
-            Ok(body) => (body.error, body.message, body.details.unwrap_or_default()),
-            Err(_) => (code_for_status(status).to_owned(), foreign_message(status, &self.base, &bytes), Vec::new()),
-        };
-        Err(Error::Server { status, code, message, retry_after, details })
+        let retry_after = header(reqwest::header::RETRY_AFTER).and_then(|v| v.trim().parse().ok());
+        let most =
+            if answer::may_be_error_body(status, content_type.as_deref()) { usize::MAX } else { FOREIGN_BODY_BYTES };
+        let body = self.body_start(request, limit, resp, most).await?;
+        let e = answer::error_answer(request, &self.base, status, content_type.as_deref(), &body);
+        Err(Error::Server { status, code: e.code, message: e.message, retry_after, details: e.details })
+    }
+
+    /// The first `most` bytes of an answer's body (or a little more: whole chunks).
+    async fn body_start(
+        &self,
+        request: &'static str,
+        limit: Duration,
+        mut resp: reqwest::Response,
+        most: usize,
+    ) -> Result<Vec<u8>> {
+        let mut body = Vec::new();
+        while body.len() < most {
+            match resp.chunk().await.map_err(|e| self.network_error(request, limit, e))? {
+                Some(chunk) => body.extend_from_slice(&chunk),
+                None => break,
+            }
+        }
+        Ok(body)
     }
 
     /// Sends a request whose whole answer is one JSON value, within `limit`.
@@ -225,88 +242,5 @@ impl ByteStream for BodyStream {
                 after: limit,
             })),
         }
-    }
-}
-
-/// The documented error code an HTTP status stands for, used when an error
-/// answer's body is not a deltasync error (a proxy's or gateway's own page).
-pub fn code_for_status(status: u16) -> &'static str {
-    match status {
-        401 => "unauthorized",
-        403 => "forbidden",
-        404 => "not_found",
-        405 => "method_not_allowed",
-        408 => "request_timeout",
-        410 => "reset_required",
-        413 => "payload_too_large",
-        429 => "rate_limited",
-        502..=504 => "unavailable",
-        400..=499 => "invalid_request",
-        _ => "internal",
-    }
-}
-
-/// The message for an error answer whose body did not come from deltasync,
-/// with a short excerpt of that body (control characters and runs of white
-/// space shown as one space).
-fn foreign_message(status: u16, base: &str, body: &[u8]) -> String {
-    let text = String::from_utf8_lossy(body);
-    let mut excerpt = String::new();
-    for word in text.split(|c: char| c.is_whitespace() || c.is_control()).filter(|w| !w.is_empty()) {
-        if !excerpt.is_empty() {
-            excerpt.push(' ');
-        }
-        excerpt.push_str(word);
-        if excerpt.chars().count() > EXCERPT_CHARS {
-            break;
-        }
-    }
-    let excerpt = if excerpt.chars().count() > EXCERPT_CHARS {
-        format!("{}…", excerpt.chars().take(EXCERPT_CHARS).collect::<String>())
-    } else {
-        excerpt
-    };
-    let quoted = if excerpt.is_empty() { "an empty body".to_owned() } else { format!("{excerpt:?}") };
-    format!(
-        "HTTP {status} from {base} with a body that did not come from deltasync (a proxy or gateway in between?): {quoted}"
-    )
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn foreign_error_answers_map_to_documented_codes_by_status() {
-        let cases = [
-            (502, "unavailable"),
-            (503, "unavailable"),
-            (504, "unavailable"),
-            (429, "rate_limited"),
-            (401, "unauthorized"),
-            (408, "request_timeout"),
-            (413, "payload_too_large"),
-            (404, "not_found"),
-            (400, "invalid_request"),
-            (418, "invalid_request"),
-            (500, "internal"),
-            (501, "internal"),
-            (599, "internal"),
-        ];
-        for (status, code) in cases {
-            assert_eq!(code_for_status(status), code, "status {status}");
-        }
-    }
-
-    #[test]
-    fn a_foreign_body_is_quoted_short_and_on_one_line() {
-        let page = format!("<html>\r\n<head><title>502 Bad Gateway</title></head>\n<body>{}</body>", "x ".repeat(500));
-        let m = foreign_message(502, "http://h:1", page.as_bytes());
-        assert!(m.starts_with("HTTP 502 from http://h:1 with a body that did not come from deltasync"), "{m}");
-        assert!(m.contains("<head><title>502 Bad Gateway</title></head>"), "{m}");
-        assert!(!m.contains('\n') && !m.contains('\r'), "{m}");
-        assert!(m.chars().count() < 400, "{} characters: {m}", m.chars().count());
-        assert!(m.ends_with("…\""), "{m}");
-        assert!(foreign_message(503, "http://h:1", b"").ends_with("an empty body"));
     }
 }

@@ -69,7 +69,7 @@ pub mod http;
 pub mod local;
 pub mod runner;
 
-pub use deltasync_engine::{backoff, sync, view};
+pub use deltasync_engine::{self as engine, backoff, sync, view};
 
 pub use client::{
     ChangeEvent, Client, ClientOptions, DEFAULT_JOURNAL_LIMIT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_STALL_TIMEOUT,

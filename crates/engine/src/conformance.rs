@@ -1,1 +1,308 @@
-//! placeholder
+//! The store conformance suite: the rules of [`crate::store`] as checks that
+//! any [`LocalStore`] must pass. Run it from a test with a function that
+//! makes an empty store:
+//!
+//! ```
+//! # futures_executor::block_on(async {
+//! deltasync_engine::conformance::run(deltasync_engine::MemoryStore::new).await;
+//! # });
+//! ```
+//!
+//! Each check starts from a fresh store and panics, naming the rule, when
+//! the store breaks it. The last checks drive the engine itself (local
+//! writes, reads, a sync's records) on the store, offline.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use deltasync_protocol::{Change, ChangeId, Collection, Conflict, EntityId, EntityState, Hlc, Meta, Op};
+use serde_json::{Map, json};
+
+use crate::clock::Clock;
+use crate::engine::{Engine, EngineOptions};
+use crate::store::{Access, LocalStore, OutboxStatus, StoreTx};
+use crate::transport::NoServer;
+
+/// A clock for checks: the time stands still unless moved, randomness is a counter.
+#[derive(Debug)]
+pub struct TestClock {
+    now: AtomicU64,
+    next: AtomicU64,
+}
+
+impl TestClock {
+    /// A clock standing at `ms`.
+    pub fn at(ms: u64) -> Self {
+        TestClock { now: AtomicU64::new(ms), next: AtomicU64::new(1) }
+    }
+}
+
+impl Clock for TestClock {
+    fn wall_ms(&self) -> u64 {
+        self.now.load(Ordering::SeqCst)
+    }
+
+    fn monotonic_ms(&self) -> u64 {
+        self.now.load(Ordering::SeqCst)
+    }
+
+    fn random_u64(&self) -> u64 {
+        self.next.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::SeqCst)
+    }
+}
+
+/// Runs every check, each on a store made by `fresh`.
+pub async fn run<S: LocalStore>(fresh: impl Fn() -> S) {
+    meta_is_kept_by_commit_and_undone_by_drop(&fresh()).await;
+    confirmed_state_is_replaced_listed_and_cleared(&fresh()).await;
+    outbox_keeps_order_and_status(&fresh()).await;
+    refusals_and_retries_are_recorded(&fresh()).await;
+    acknowledged_changes_move_to_the_journal(&fresh()).await;
+    the_journal_is_trimmed_and_gives_entries_back(&fresh()).await;
+    clear_all_keeps_only_the_named_meta(&fresh()).await;
+    the_engine_writes_and_reads_offline(fresh()).await;
+}
+
+fn change(n: u32, entity: &str, base_version: u64) -> Change {
+    Change {
+        change_id: ChangeId::parse(format!("c{n:03}")).expect("valid id"),
+        collection: Collection::parse("tasks").expect("valid collection"),
+        entity_id: EntityId::parse(entity).expect("valid entity id"),
+        op: Op::Upsert,
+        data: Some(json!({ "n": n })),
+        hlc: Hlc::parse(format!("1763800000000-{n:05}-dev-1")).expect("valid hlc"),
+        base_version: Some(base_version),
+    }
+}
+
+fn entity(id: &str, version: u64) -> EntityState {
+    let mut data = Map::new();
+    data.insert("v".into(), json!(version));
+    EntityState {
+        collection: Collection::parse("tasks").expect("valid collection"),
+        entity_id: EntityId::parse(id).expect("valid entity id"),
+        data,
+        version,
+        deleted: false,
+        meta: Meta::Last { hlc: Hlc::parse(format!("1763800000000-{version:05}-dev-1")).expect("valid hlc") },
+    }
+}
+
+/// A write transaction, or a panic naming the check.
+async fn write<S: LocalStore>(store: &S) -> S::Tx<'_> {
+    store.begin(Access::Write).await.expect("begin a write transaction")
+}
+
+async fn ids<S: LocalStore>(store: &S) -> Vec<(i64, OutboxStatus, Option<u64>)> {
+    let mut tx = store.begin(Access::Read).await.expect("begin a read transaction");
+    tx.all_entries().await.expect("all_entries").iter().map(|e| (e.id, e.status, e.seq)).collect()
+}
+
+async fn meta_is_kept_by_commit_and_undone_by_drop<S: LocalStore>(store: &S) {
+    let mut tx = write(store).await;
+    tx.set_meta("k", "1").await.unwrap();
+    tx.set_meta("gone", "x").await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = write(store).await;
+    tx.set_meta("k", "2").await.unwrap();
+    tx.remove_meta("gone").await.unwrap();
+    tx.push_outbox(&change(1, "t1", 0), 5).await.unwrap();
+    assert_eq!(tx.meta("k").await.unwrap().as_deref(), Some("2"), "a transaction reads its own writes");
+    drop(tx);
+    let mut tx = write(store).await;
+    assert_eq!(tx.meta("k").await.unwrap().as_deref(), Some("1"), "a dropped transaction leaves nothing");
+    assert_eq!(tx.meta("gone").await.unwrap().as_deref(), Some("x"), "a dropped removal is undone");
+    assert_eq!(tx.all_entries().await.unwrap(), vec![], "a dropped outbox write is undone");
+    tx.remove_meta("gone").await.unwrap();
+    tx.remove_meta("never-set").await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = store.begin(Access::Read).await.unwrap();
+    assert_eq!(tx.meta("gone").await.unwrap(), None, "a committed removal stays");
+}
+
+async fn confirmed_state_is_replaced_listed_and_cleared<S: LocalStore>(store: &S) {
+    let mut tx = write(store).await;
+    tx.put_confirmed(&entity("a", 1), Some(&[1; 32])).await.unwrap();
+    tx.put_confirmed(&entity("b", 2), None).await.unwrap();
+    tx.put_confirmed(&entity("a", 3), Some(&[3; 32])).await.unwrap();
+    tx.put_append(7, r#"{"seq":7}"#).await.unwrap();
+    tx.put_append(7, r#"{"seq":7,"again":true}"#).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = write(store).await;
+    let a = tx.confirmed("tasks", "a").await.unwrap().expect("a is confirmed");
+    assert_eq!((a.state, a.hash), (entity("a", 3), Some([3; 32])), "put_confirmed replaces");
+    assert_eq!(tx.confirmed("tasks", "b").await.unwrap().expect("b").hash, None);
+    assert_eq!(tx.confirmed("other", "a").await.unwrap(), None, "entities are per collection");
+    let mut all = tx.confirmed_in("tasks").await.unwrap();
+    all.sort_by(|x, y| x.entity_id.cmp(&y.entity_id));
+    assert_eq!(all, vec![entity("a", 3), entity("b", 2)]);
+    assert_eq!(tx.confirmed_in("other").await.unwrap(), vec![]);
+    tx.clear_confirmed().await.unwrap();
+    assert_eq!(tx.confirmed_in("tasks").await.unwrap(), vec![], "clear_confirmed forgets every entity");
+    drop(tx);
+    let mut tx = store.begin(Access::Read).await.unwrap();
+    assert_eq!(tx.confirmed_in("tasks").await.unwrap().len(), 2, "a dropped clear is undone");
+}
+
+async fn outbox_keeps_order_and_status<S: LocalStore>(store: &S) {
+    let mut tx = write(store).await;
+    for (n, e) in [(1, "t1"), (2, "t2"), (3, "t1"), (4, "t3")] {
+        tx.push_outbox(&change(n, e, 0), 100 + n as u64).await.unwrap();
+    }
+    let all = tx.all_entries().await.unwrap();
+    assert!(all.windows(2).all(|w| w[0].id < w[1].id), "ids increase in the order changes were made");
+    assert!(all.iter().all(|e| e.status == OutboxStatus::Pending && e.retries == 0 && !e.requeued));
+    assert_eq!(all[0].created_at, 101);
+    let (id1, id2, id3) = (all[0].id, all[1].id, all[2].id);
+    tx.mark_failed(id3, "no", Some(&Conflict::clock_skew())).await.unwrap();
+    tx.mark_sent(id1, 10).await.unwrap();
+    let (t1, e1) = (Collection::parse("tasks").unwrap(), EntityId::parse("t1").unwrap());
+    let active: Vec<i64> = tx.active_for_entity(&t1, &e1).await.unwrap().iter().map(|e| e.id).collect();
+    assert_eq!(active, vec![id1], "failed entries are not active; sent ones are");
+    assert_eq!(tx.active_in("tasks").await.unwrap().len(), 3);
+    let pending: Vec<i64> = tx.pending_after(0, 10).await.unwrap().iter().map(|e| e.id).collect();
+    assert_eq!(pending, vec![id2, all[3].id], "pending_after lists pending entries only");
+    assert_eq!(tx.pending_after(id2, 10).await.unwrap().len(), 1, "pending_after starts after the id");
+    assert_eq!(tx.pending_after(0, 1).await.unwrap().len(), 1, "pending_after keeps to its limit");
+    assert!(!tx.has_pending_after(&t1, &e1, id1).await.unwrap(), "a failed follower is not pending");
+    let t2 = EntityId::parse("t2").unwrap();
+    assert!(tx.has_pending_after(&t1, &t2, 0).await.unwrap());
+    assert!(!tx.has_pending_after(&t1, &t2, id2).await.unwrap());
+    assert_eq!(tx.outbox_counts().await.unwrap(), (3, 1), "(active, failed)");
+    let failed = tx.all_entries().await.unwrap().into_iter().find(|e| e.id == id3).unwrap();
+    assert_eq!((failed.last_error.as_deref(), failed.conflict), (Some("no"), Some(Conflict::clock_skew())));
+    tx.commit().await.unwrap();
+}
+
+async fn refusals_and_retries_are_recorded<S: LocalStore>(store: &S) {
+    let mut tx = write(store).await;
+    for n in 1..=3 {
+        tx.push_outbox(&change(n, "t1", 0), 100).await.unwrap();
+    }
+    let ids: Vec<i64> = tx.all_entries().await.unwrap().iter().map(|e| e.id).collect();
+    tx.mark_retry(ids[0], 2, 5_000, "later").await.unwrap();
+    tx.mark_retry(ids[1], 4, 6_000, "later").await.unwrap();
+    tx.mark_failed(ids[1], "set aside", None).await.unwrap();
+    let mut restamped = change(3, "t1", 9);
+    restamped.hlc = Hlc::parse("1763800009999-00000-dev-1").unwrap();
+    tx.replace_change(ids[2], &restamped).await.unwrap();
+    tx.reset_retries().await.unwrap();
+    let all = tx.all_entries().await.unwrap();
+    assert_eq!((all[0].retries, all[0].next_attempt_at), (0, 0), "reset_retries clears pending entries");
+    assert_eq!(all[0].last_error.as_deref(), Some("later"), "the last error stays for the app to show");
+    assert_eq!((all[1].retries, all[1].status), (4, OutboxStatus::Failed), "failed entries keep their count");
+    assert_eq!(all[2].change, restamped, "replace_change replaces the change");
+    assert_eq!(tx.requeue_failed().await.unwrap(), 1);
+    let back = &tx.all_entries().await.unwrap()[1];
+    assert_eq!((back.status, back.retries, back.conflict.clone()), (OutboxStatus::Pending, 0, None));
+    tx.mark_failed(ids[1], "again", None).await.unwrap();
+    assert_eq!(tx.discard_failed().await.unwrap(), 1);
+    assert_eq!(tx.all_entries().await.unwrap().len(), 2);
+    tx.mark_sent(ids[0], 20).await.unwrap();
+    tx.mark_sent(ids[2], 21).await.unwrap();
+    assert_eq!(tx.unsend_above(20).await.unwrap(), 1, "unsend_above takes back seqs above the cursor");
+    let e = tx.all_entries().await.unwrap()[1].clone();
+    assert_eq!((e.status, e.seq, e.requeued, e.next_attempt_at), (OutboxStatus::Pending, None, true, 0));
+    tx.commit().await.unwrap();
+    tx = write(store).await;
+    tx.push_outbox(&change(9, "t9", 0), 100).await.unwrap();
+    let newest = tx.all_entries().await.unwrap().last().unwrap().id;
+    assert!(newest > ids[2], "ids are never reused, not even after a discard");
+}
+
+async fn acknowledged_changes_move_to_the_journal<S: LocalStore>(store: &S) {
+    let mut tx = write(store).await;
+    for n in 1..=4 {
+        tx.push_outbox(&change(n, "t1", 0), 100).await.unwrap();
+    }
+    let ids: Vec<i64> = tx.all_entries().await.unwrap().iter().map(|e| e.id).collect();
+    tx.mark_sent(ids[0], 10).await.unwrap();
+    tx.mark_sent(ids[1], 11).await.unwrap();
+    tx.confirm_up_to(10).await.unwrap();
+    assert!(tx.confirm("c003", 12).await.unwrap(), "confirm moves a pending entry by change id");
+    assert!(!tx.confirm("someone-elses", 13).await.unwrap());
+    tx.mark_failed(ids[3], "no", None).await.unwrap();
+    assert!(!tx.confirm("c004", 14).await.unwrap(), "a failed entry is not confirmed");
+    let journal: Vec<(i64, String, u64)> = tx
+        .journal_by_seq()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|j| (j.id, j.change.change_id.as_str().to_owned(), j.seq))
+        .collect();
+    assert_eq!(journal, vec![(ids[0], "c001".into(), 10), (ids[2], "c003".into(), 12)]);
+    assert_eq!(tx.journal_len().await.unwrap(), 2);
+    tx.commit().await.unwrap();
+    let left: Vec<i64> = self::ids(store).await.iter().map(|e| e.0).collect();
+    assert_eq!(left, vec![ids[1], ids[3]], "journaled entries leave the outbox");
+}
+
+async fn the_journal_is_trimmed_and_gives_entries_back<S: LocalStore>(store: &S) {
+    let mut tx = write(store).await;
+    for n in 1..=6 {
+        tx.push_outbox(&change(n, &format!("t{n}"), 0), 100 + n as u64).await.unwrap();
+        assert!(tx.confirm(&format!("c{n:03}"), 10 + n as u64).await.unwrap());
+    }
+    let journal_ids = |j: Vec<crate::store::Journaled>| j.iter().map(|e| e.id).collect::<Vec<_>>();
+    let all = journal_ids(tx.journal_by_seq().await.unwrap());
+    assert_eq!(tx.trim_journal(4, 0).await.unwrap(), 2, "the newest 4 are kept");
+    assert_eq!(journal_ids(tx.journal_by_seq().await.unwrap()), all[2..].to_vec());
+    assert_eq!(tx.trim_journal(4, 14).await.unwrap(), 2, "none at or below the horizon");
+    assert_eq!(journal_ids(tx.journal_by_seq().await.unwrap()), all[4..].to_vec());
+    tx.journal_to_outbox(all[4]).await.unwrap();
+    let back = tx.all_entries().await.unwrap();
+    assert_eq!(back.len(), 1);
+    let e = &back[0];
+    assert_eq!((e.id, e.status, e.requeued, e.seq), (all[4], OutboxStatus::Pending, true, None), "{e:?}");
+    assert_eq!((e.change.change_id.as_str(), e.created_at), ("c005", 105), "the change and its time come back");
+    assert_eq!(tx.journal_len().await.unwrap(), 1);
+    assert_eq!(tx.trim_journal(0, 0).await.unwrap(), 1);
+    assert_eq!(tx.journal_len().await.unwrap(), 0);
+    tx.commit().await.unwrap();
+}
+
+async fn clear_all_keeps_only_the_named_meta<S: LocalStore>(store: &S) {
+    let mut tx = write(store).await;
+    tx.set_meta("device_id", "dev-1").await.unwrap();
+    tx.set_meta("cursor", "9").await.unwrap();
+    tx.put_confirmed(&entity("a", 1), None).await.unwrap();
+    tx.push_outbox(&change(1, "t1", 0), 1).await.unwrap();
+    tx.push_outbox(&change(2, "t2", 0), 1).await.unwrap();
+    assert!(tx.confirm("c002", 3).await.unwrap());
+    let last = tx.all_entries().await.unwrap()[0].id;
+    tx.clear_all(&["device_id"]).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = write(store).await;
+    assert_eq!(tx.meta("device_id").await.unwrap().as_deref(), Some("dev-1"));
+    assert_eq!(tx.meta("cursor").await.unwrap(), None);
+    assert_eq!(tx.confirmed_in("tasks").await.unwrap(), vec![]);
+    assert_eq!((tx.all_entries().await.unwrap(), tx.journal_len().await.unwrap()), (vec![], 0));
+    tx.push_outbox(&change(3, "t3", 0), 1).await.unwrap();
+    assert!(tx.all_entries().await.unwrap()[0].id > last, "ids are not reused after clear_all");
+}
+
+async fn the_engine_writes_and_reads_offline<S: LocalStore>(store: S) {
+    let engine: Engine<S, NoServer, TestClock> =
+        Engine::open(store, None, TestClock::at(1_763_800_000_000), EngineOptions::default()).await.unwrap();
+    let fields = |v: serde_json::Value| v.as_object().unwrap().clone();
+    let first = engine.put("tasks", "t1", fields(json!({"title": "x", "done": false}))).await.unwrap();
+    assert!(first.is_some());
+    assert_eq!(engine.patch("tasks", "t1", fields(json!({"done": false}))).await.unwrap(), None, "no change, no write");
+    engine.patch("tasks", "t1", fields(json!({"done": true}))).await.unwrap().expect("a write");
+    engine.put("tasks", "t0", fields(json!({"n": 1.0}))).await.unwrap();
+    engine.delete("tasks", "gone").await.unwrap();
+    let t1 = engine.get("tasks", "t1").await.unwrap().expect("t1 is visible");
+    assert_eq!((t1.data, t1.pending), (fields(json!({"title": "x", "done": true})), 2));
+    assert_eq!(engine.get("tasks", "gone").await.unwrap(), None, "a deleted entity reads as absent");
+    let listed: Vec<String> = engine.list("tasks").await.unwrap().iter().map(|e| e.id.as_str().to_owned()).collect();
+    assert_eq!(listed, vec!["t0", "t1"], "list is sorted by id and skips deleted entities");
+    let stats = engine.stats().await.unwrap();
+    assert_eq!((stats.pending, stats.failed, stats.cursor), (4, 0, 0));
+    let exported = engine.export_pending().await.unwrap();
+    assert_eq!(exported[2]["data"], json!({"n": 1}), "data is kept in canonical form");
+    assert_eq!(engine.sync(true).await.unwrap_err().code(), "no_server");
+    assert_eq!(engine.stats().await.unwrap().last_error.expect("the failure is recorded").code, "no_server");
+    let err = engine.reset(false).await.unwrap_err();
+    assert_eq!(err.code(), "pending_changes");
+    engine.reset(true).await.unwrap();
+    assert_eq!(engine.list("tasks").await.unwrap(), vec![]);
+}

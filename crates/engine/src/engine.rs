@@ -154,6 +154,11 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
         &self.store
     }
 
+    /// The transport, when the device has a server.
+    pub fn transport_ref(&self) -> Option<&T> {
+        self.transport.as_ref()
+    }
+
     /// The clock.
     pub fn clock(&self) -> &C {
         &self.clock

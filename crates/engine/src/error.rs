@@ -145,6 +145,18 @@ impl Error {
         }
     }
 
+    /// Whether this is the server's `410 reset_required`: the device must
+    /// re-bootstrap (not a foreign page that happens to have status 410).
+    pub fn is_reset_required(&self) -> bool {
+        matches!(self, Error::Server { status: 410, code, .. } if code == "reset_required")
+    }
+
+    /// Whether the server refused the request's changes as too large or
+    /// invalid (a deltasync 400 or 413, not a foreign page).
+    pub fn is_refused_request(&self) -> bool {
+        matches!(self, Error::Server { status: 400 | 413, code, .. } if code == "invalid_request" || code == "payload_too_large")
+    }
+
     /// A store's own error, kept whole for the adapter to recognise.
     pub fn store(e: impl std::error::Error + Send + Sync + 'static) -> Self {
         Error::Store(Box::new(e))

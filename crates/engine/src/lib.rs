@@ -26,10 +26,12 @@
 //! - [`local`]: local writes and reads; [`view`]: the optimistic view;
 //! - [`sync`]: push, pull, verify, heal; [`bootstrap`], [`restore`];
 //! - [`user`]: the replica's user, `reset`, the conflict records;
-//! - [`store`], [`transport`], [`clock`]: the interfaces;
+//! - [`store`], [`transport`], [`clock`]: the interfaces; [`answer`]: how
+//!   an HTTP answer is judged (deltasync's, another server's, a missing endpoint);
 //!   [`replica`]: the sync state kept in the store;
 //! - [`memory`]: the in-memory store; [`slot`]: how stores lend themselves to a transaction; [`conformance`]: the suite every store passes.
 
+pub mod answer;
 pub mod backoff;
 pub mod bootstrap;
 pub mod clock;

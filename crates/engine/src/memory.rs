@@ -427,3 +427,13 @@ impl StoreTx for MemoryTx<'_> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_memory_store_passes_the_conformance_suite() {
+        futures_executor::block_on(crate::conformance::run(MemoryStore::new));
+    }
+}

@@ -24,7 +24,7 @@ use deltasync_protocol::{Change, Collection, EntityId, Op};
 
 use crate::clock::Clock;
 use crate::engine::{Engine, Notice, Origin};
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::replica::keys;
 use crate::store::{Access, Journaled, LocalStore, StoreTx};
 use crate::transport::Transport;
@@ -76,7 +76,7 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
                 .first()
                 .is_some_and(|c| c.seq == entry.seq && c.change.change_id == entry.change.change_id)),
             // Below the horizon or above the head: not there to be found.
-            Err(Error::Server { status: 410, .. }) => Ok(false),
+            Err(e) if e.is_reset_required() => Ok(false),
             Err(e) => Err(e),
         }
     }
@@ -148,6 +148,8 @@ mod tests {
     use std::cell::Cell;
 
     use futures_executor::block_on;
+
+    use crate::error::Error;
 
     use super::*;
 

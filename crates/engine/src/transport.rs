@@ -68,3 +68,47 @@ pub trait ByteStream {
     /// The next chunk: `None` at the end, an error when the stream broke or stalled.
     async fn next_chunk(&mut self) -> Option<Result<Vec<u8>>>;
 }
+
+/// The transport of a device that has no server: it cannot be made, so an
+/// `Engine<_, NoServer, _>` works offline only (every server call answers
+/// [`crate::Error::NoServer`]).
+#[derive(Debug, Clone, Copy)]
+pub enum NoServer {}
+
+impl ByteStream for NoServer {
+    async fn next_chunk(&mut self) -> Option<Result<Vec<u8>>> {
+        match *self {}
+    }
+}
+
+impl Transport for NoServer {
+    type Stream = NoServer;
+
+    fn base(&self) -> &str {
+        match *self {}
+    }
+
+    fn token(&self) -> Option<&str> {
+        match *self {}
+    }
+
+    async fn status(&self, _: Option<&str>) -> Result<StatusResponse> {
+        match *self {}
+    }
+
+    async fn sync(&self, _: &SyncBody<'_>) -> Result<SyncResponse> {
+        match *self {}
+    }
+
+    async fn pull(&self, _: &str, _: u64, _: u64, _: Duration) -> Result<PullResponse> {
+        match *self {}
+    }
+
+    async fn bootstrap(&self, _: &str) -> Result<NoServer> {
+        match *self {}
+    }
+
+    async fn conflicts(&self, _: u64, _: Option<u64>) -> Result<ConflictsResponse> {
+        match *self {}
+    }
+}

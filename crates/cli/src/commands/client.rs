@@ -1,9 +1,9 @@
 //! `deltasync client`: act as a device, with a local database as its only state.
 //!
-//! Every command prints JSON on stdout. On failure it exits 1 and prints
-//! `{"error", "message"}` as the last line of stderr; local writes are never
-//! lost by a failed sync. A reader that closes stdout early (`| head`) ends
-//! the command quietly.
+//! Every command prints JSON on stdout: one line, or for `watch` one line per
+//! sync. On failure it exits 1 and prints `{"error", "message"}` as the last
+//! line of stderr; local writes are never lost by a failed sync. A reader that
+//! closes stdout early (`| head`) ends the command quietly.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -12,7 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use deltasync_client::{Client, ClientError, ClientOptions, Progress, TimeoutKind};
+use deltasync_client::engine::transport::CONFLICTS;
+use deltasync_client::{
+    Client, ClientError, ClientOptions, Progress, RunnerOptions, SyncReport, SyncRunner, TimeoutKind,
+};
 use indicatif::ProgressBar;
 use serde_json::{Map, Value, json};
 
@@ -24,7 +27,10 @@ Reads (get, list) show the confirmed state with every pending change merged on t
 Examples:\n  \
 deltasync client --db phone.db --server http://127.0.0.1:8787 put tasks t1 '{\"title\":\"Buy milk\",\"done\":false}'\n  \
 deltasync client --db phone.db sync\n  \
-deltasync client --db laptop.db --server http://127.0.0.1:8787 sync && deltasync client --db laptop.db get tasks t1"
+deltasync client --db laptop.db --server http://127.0.0.1:8787 sync && deltasync client --db laptop.db get tasks t1\n  \
+deltasync client --db phone.db watch --live\n  \
+deltasync client --db phone.db conflicts --limit 50\n  \
+deltasync client --db phone.db export-pending > failed.json && deltasync client --db phone.db discard-failed"
 )]
 pub struct ClientArgs {
     /// The device's local database (created on first use; it keeps the device id, server URL and outbox).
@@ -39,8 +45,9 @@ pub struct ClientArgs {
     /// Speak HTTP/2 to an http:// server directly (h2c with prior knowledge; smaller requests).
     #[arg(long, env = "DELTASYNC_HTTP2")]
     http2: bool,
-    /// Give up a network command (sync) after this many seconds, exiting 1 with
-    /// error "timeout"; nothing local is lost. 0: no limit.
+    /// Give up a network command (sync, conflicts) after this many seconds,
+    /// exiting 1 with error "timeout"; nothing local is lost. With watch, each
+    /// sync gets this long. 0: no limit.
     #[arg(long, env = "DELTASYNC_TIMEOUT", value_name = "SECS", default_value_t = DEFAULT_TIMEOUT_SECS)]
     timeout: u64,
     #[command(subcommand)]
@@ -97,11 +104,75 @@ enum ClientCommand {
         collection: String,
     },
     /// Push the outbox, pull every page, verify the state hashes, and print a JSON report.
-    Sync,
+    ///
+    /// A sync you run gives changes the server refused a fresh start: their
+    /// retry counts go back to 0. With --scheduled (for cron jobs and
+    /// scripts), they keep their backoff and counts, as the background runner
+    /// does, so a change refused 5 times is set aside as failed.
+    Sync {
+        /// Sync as a scheduled job: honour the backoff of refused changes and keep counting their refusals.
+        #[arg(long)]
+        scheduled: bool,
+    },
+    /// Delete the replica (confirmed state, outbox, journal, sync state and the
+    /// user it belongs to) to start over, for example with another user's
+    /// token. Prints {"reset": true}.
+    ///
+    /// The device keeps its id and the server URL. Refused (error
+    /// pending_changes) while changes are not synced or were refused: save
+    /// them with `export-pending > pending.json` first, then pass --force.
+    Reset {
+        /// Reset even though changes are pending or failed: they are lost.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the device id, pending and failed counts, cursor, state hash and digest, last sync time.
     Status,
     /// Print the pending and failed changes as a JSON array.
     ExportPending,
+    /// Print one page of the server's conflict records (changes that lost, from
+    /// every device) as {"conflicts":[...],"cursor":N,"has_more":bool}.
+    ///
+    /// Records come oldest first. While has_more is true, pass --since <cursor>
+    /// (the cursor just printed) to read the next page.
+    Conflicts {
+        /// Print the records after this record id: the cursor of the previous page (0: from the first).
+        #[arg(long, value_name = "CURSOR", default_value_t = 0)]
+        since: u64,
+        /// At most this many records (the server's default is 100, its maximum 1000).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        limit: Option<u64>,
+    },
+    /// Send every failed change back to the outbox, to go with the next sync;
+    /// prints {"requeued": n}.
+    ///
+    /// For changes set aside after repeated refusals once the cause is fixed (a
+    /// server limit raised). A change refused with version_mismatch keeps the
+    /// version it was based on, so the server refuses it again: make the edit
+    /// anew instead.
+    RetryFailed,
+    /// Forget every failed change for good; prints {"discarded": n}.
+    ///
+    /// Run export-pending first to keep a copy of them.
+    DiscardFailed,
+    /// Keep syncing (at start and every --interval) and print one JSON line per
+    /// finished sync: its report, or {"error", "message"} when it failed.
+    ///
+    /// A failed sync is retried with backoff (from 1 s up to --interval) and
+    /// watching goes on. With --live, other devices' changes are also pulled
+    /// as soon as they reach the server, between syncs (they print no line). Stops with exit 0 on SIGINT or SIGTERM, after --count
+    /// syncs, or when stdout is closed. --timeout bounds each sync.
+    Watch {
+        /// Sync at least this often, in seconds.
+        #[arg(long, value_name = "SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        interval: u64,
+        /// Hold a long poll open between syncs, so other devices' changes arrive at once (no line is printed for them).
+        #[arg(long)]
+        live: bool,
+        /// Stop after this many syncs (failed ones included).
+        #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+        count: Option<u64>,
+    },
 }
 
 /// The default of `--timeout`: long enough for a large first sync on a slow
@@ -114,20 +185,31 @@ enum Output {
     Json(String),
     /// `{"error": code, "message"}` on stderr; the command failed.
     Fail(&'static str, String),
+    /// The command printed what it had to say itself, and succeeded.
+    Printed,
 }
 
 fn json_line(value: &impl serde::Serialize) -> Output {
     Output::Json(serde_json::to_string(value).expect("output serialises"))
 }
 
-/// Prints the command's line on stdout. A closed stdout (the reader went away,
-/// as `head` does) ends the command quietly and successfully: what it did is
-/// done, and nobody is left to read about it.
-fn print(line: &str) -> ExitCode {
+/// Writes one line on stdout and flushes it. `Ok(false)` when stdout is
+/// closed (the reader went away, as `head` does).
+fn write_line(line: &str) -> std::io::Result<bool> {
     let mut out = std::io::stdout().lock();
     match writeln!(out, "{line}").and_then(|()| out.flush()) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Prints the command's line on stdout. A closed stdout ends the command
+/// quietly and successfully: what it did is done, and nobody is left to read
+/// about it.
+fn print(line: &str) -> ExitCode {
+    match write_line(line) {
+        Ok(_) => ExitCode::SUCCESS,
         Err(e) => fail("output", &format!("cannot write the result on stdout: {e}")),
     }
 }
@@ -163,6 +245,7 @@ pub fn run(args: ClientArgs) -> ExitCode {
     match execute(args) {
         Ok(Output::Json(line)) => print(&line),
         Ok(Output::Fail(code, message)) => fail(code, &message),
+        Ok(Output::Printed) => ExitCode::SUCCESS,
         Err(e) => fail(e.code(), &message(&e)),
     }
 }
@@ -170,8 +253,24 @@ pub fn run(args: ClientArgs) -> ExitCode {
 fn execute(args: ClientArgs) -> Result<Output, ClientError> {
     // A spinner on stderr for long syncs; indicatif draws nothing when stderr is not a terminal.
     let bar = ProgressBar::new_spinner();
+    let progress = matches!(args.command, ClientCommand::Sync { .. }).then(|| spinner(&bar));
+    let deadline = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
+    let options = ClientOptions {
+        server: args.server,
+        token: args.token,
+        http2_prior_knowledge: args.http2,
+        sync_timeout: deadline,
+        progress,
+        ..Default::default()
+    };
+    let client = Client::open(&args.db, options)?;
+    dispatch(&client, args.command, &bar, deadline)
+}
+
+/// Shows each step of a sync on `bar`.
+fn spinner(bar: &ProgressBar) -> Arc<dyn Fn(Progress) + Send + Sync> {
     let shown = bar.clone();
-    let progress = move |p: Progress| {
+    Arc::new(move |p: Progress| {
         shown.set_message(match p {
             Progress::Sync { pushed, pulled, cursor } => {
                 format!("sync: pushed {pushed}, pulled {pulled}, at seq {cursor}")
@@ -179,17 +278,17 @@ fn execute(args: ClientArgs) -> Result<Output, ClientError> {
             Progress::Bootstrap { entities } => format!("bootstrap: {entities} entities loaded"),
         });
         shown.tick();
-    };
-    let options = ClientOptions {
-        server: args.server,
-        token: args.token,
-        http2_prior_knowledge: args.http2,
-        sync_timeout: (args.timeout > 0).then(|| Duration::from_secs(args.timeout)),
-        progress: Some(Arc::new(progress)),
-        ..Default::default()
-    };
-    let client = Client::open(&args.db, options)?;
-    Ok(match args.command {
+    })
+}
+
+/// Runs `command` on `client`; `deadline` bounds a network command.
+fn dispatch(
+    client: &Client,
+    command: ClientCommand,
+    bar: &ProgressBar,
+    deadline: Option<Duration>,
+) -> Result<Output, ClientError> {
+    Ok(match command {
         ClientCommand::Put { collection, id, json } => json_line(&client.put(&collection, &id, object(&json)?)?),
         ClientCommand::Patch { collection, id, json } => json_line(&client.patch(&collection, &id, object(&json)?)?),
         ClientCommand::Delete { collection, id } => json_line(&client.delete(&collection, &id)?),
@@ -207,31 +306,131 @@ fn execute(args: ClientArgs) -> Result<Output, ClientError> {
                 client.list(&collection)?.into_iter().map(|e| json!({"id": e.id, "data": e.data})).collect();
             json_line(&items)
         }
-        ClientCommand::Sync => {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .map_err(|e| ClientError::Invalid(format!("cannot start the async runtime: {e}")))?;
-            let report = runtime.block_on(client.sync());
-            bar.finish_and_clear();
-            let report = report?;
-            if let Some(m) = &report.mismatch {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "warning: local state did not match the server's ({m}); healed by re-bootstrapping"
-                );
-            }
-            if report.restored > 0 {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "warning: the server had lost {} change(s) of this device that it once acknowledged (restored \
-                     from a backup?); they were sent again",
-                    report.restored
-                );
-            }
-            json_line(&report)
+        ClientCommand::Sync { scheduled } => sync(client, bar, scheduled)?,
+        ClientCommand::Reset { force } => {
+            runtime()?.block_on(client.reset(force))?;
+            json_line(&json!({"reset": true}))
         }
         ClientCommand::Status => json_line(&client.stats()?),
         ClientCommand::ExportPending => json_line(&client.export_pending()?),
+        ClientCommand::Conflicts { since, limit } => {
+            json_line(&runtime()?.block_on(within(deadline, CONFLICTS, client.conflicts(since, limit)))?)
+        }
+        ClientCommand::RetryFailed => json_line(&json!({"requeued": client.retry_failed()?})),
+        ClientCommand::DiscardFailed => json_line(&json!({"discarded": client.discard_failed()?})),
+        ClientCommand::Watch { interval, live, count } => {
+            // Every sync would fail the same way: say so once, not once per sync.
+            if client.stats()?.server.is_none() {
+                return Err(ClientError::NoServer);
+            }
+            let options = RunnerOptions { interval: Duration::from_secs(interval), live, ..Default::default() };
+            runtime()?.block_on(watch(client.clone(), options, count))?
+        }
+    })
+}
+
+/// A runtime for one network command, on this thread.
+fn runtime() -> Result<tokio::runtime::Runtime, ClientError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| ClientError::Invalid(format!("cannot start the async runtime: {e}")))
+}
+
+/// Runs `work` (named `operation` in the error), failing with a `timeout` past `deadline`.
+async fn within<T>(
+    deadline: Option<Duration>,
+    operation: &str,
+    work: impl Future<Output = Result<T, ClientError>>,
+) -> Result<T, ClientError> {
+    let Some(after) = deadline else { return work.await };
+    tokio::time::timeout(after, work).await.unwrap_or_else(|_| {
+        Err(ClientError::Timeout { kind: TimeoutKind::Sync, operation: operation.to_owned(), after })
+    })
+}
+
+/// `sync`: one sync, its report on stdout and its warnings on stderr.
+fn sync(client: &Client, bar: &ProgressBar, scheduled: bool) -> Result<Output, ClientError> {
+    let report =
+        runtime()?.block_on(async { if scheduled { client.sync_scheduled().await } else { client.sync().await } });
+    bar.finish_and_clear();
+    let report = report?;
+    if let Some(m) = &report.mismatch {
+        let _ = writeln!(
+            std::io::stderr(),
+            "warning: local state did not match the server's ({m}); healed by re-bootstrapping"
+        );
+    }
+    if report.restored > 0 {
+        let _ = writeln!(
+            std::io::stderr(),
+            "warning: the server had lost {} change(s) of this device that it once acknowledged (restored from a \
+             backup?); they were sent again",
+            report.restored
+        );
+    }
+    Ok(json_line(&report))
+}
+
+/// `watch`: a [`SyncRunner`] whose every finished sync is one line on stdout,
+/// until SIGINT or SIGTERM, `count` syncs, or a closed stdout.
+async fn watch(client: Client, options: RunnerOptions, count: Option<u64>) -> Result<Output, ClientError> {
+    // The handlers go in before the first sync, so a signal never kills the process midway.
+    let stop = stop_signal().map_err(|e| ClientError::Invalid(format!("cannot install the signal handlers: {e}")))?;
+    let mut stop = std::pin::pin!(stop);
+    let runner = SyncRunner::start(client, options);
+    let mut outcomes = runner.outcomes();
+    let mut printed = 0;
+    let output = loop {
+        tokio::select! {
+            () = &mut stop => break Output::Printed,
+            changed = outcomes.changed() => {
+                if changed.is_err() {
+                    break Output::Printed; // the runner ended: nothing more will come
+                }
+                let line = outcome_line(outcomes.borrow_and_update().as_deref());
+                let Some(line) = line else { continue };
+                match write_line(&line) {
+                    Ok(true) => {}
+                    Ok(false) => break Output::Printed,
+                    Err(e) => break Output::Fail("output", format!("cannot write a sync's outcome on stdout: {e}")),
+                }
+                printed += 1;
+                if count == Some(printed) {
+                    break Output::Printed;
+                }
+            }
+        }
+    };
+    runner.stop().await;
+    Ok(output)
+}
+
+/// A sync's outcome as `watch` prints it: the report, or `{"error", "message"}`.
+fn outcome_line(outcome: Option<&Result<SyncReport, ClientError>>) -> Option<String> {
+    Some(match outcome? {
+        Ok(report) => serde_json::to_string(report).expect("a report serialises"),
+        Err(e) => json!({"error": e.code(), "message": message(e)}).to_string(),
+    })
+}
+
+/// Resolves on SIGINT or SIGTERM (on other systems, Ctrl-C). The handlers are
+/// installed when this is called, not when it is first polled.
+fn stop_signal() -> std::io::Result<impl Future<Output = ()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        Ok(async move {
+            tokio::select! {
+                _ = interrupt.recv() => {}
+                _ = terminate.recv() => {}
+            }
+        })
+    }
+    #[cfg(not(unix))]
+    Ok(async {
+        let _ = tokio::signal::ctrl_c().await;
     })
 }

@@ -218,3 +218,21 @@ impl StoreTx for SqliteTx<'_> {
         self.with(|c| super::clear_all(c, keep))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    use super::*;
+
+    #[test]
+    fn the_sqlite_store_passes_the_conformance_suite() {
+        let dir = tempfile::tempdir().unwrap();
+        let n = AtomicU32::new(0);
+        let fresh = || {
+            let path = dir.path().join(format!("replica-{}.db", n.fetch_add(1, Ordering::SeqCst)));
+            SqliteStore::new(super::super::open(&path).unwrap())
+        };
+        run_now(deltasync_engine::conformance::run(fresh));
+    }
+}

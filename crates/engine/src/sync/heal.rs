@@ -52,7 +52,7 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
         let device = self.device.as_str();
         let resp = match transport.pull(device, cursor, self.options.page_limit, wait).await {
             Ok(resp) => resp,
-            Err(Error::Server { status: 410, .. }) => {
+            Err(e) if e.is_reset_required() => {
                 let _guard = self.sync_lock.lock().await;
                 self.bootstrap(transport).await?;
                 self.restore_journal(transport).await?;

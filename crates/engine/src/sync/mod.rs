@@ -228,7 +228,7 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
     /// when the batch was too much, set aside the changes it named, or give up.
     async fn sync_refused(&self, transport: &T, run: &mut SyncRun, batch: &[OutboxEntry], e: Error) -> Result<()> {
         match e {
-            Error::Server { status: 410, message, .. } => {
+            Error::Server { status: 410, message, .. } if e.is_reset_required() => {
                 self.heal(transport, &mut run.report, &mut run.heals, None, &message).await?;
                 run.more_to_pull = true;
                 Ok(())
@@ -240,7 +240,9 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
                 run.batch_size = (batch.len() / 2).max(1);
                 Ok(())
             }
-            Error::Server { status: 400 | 413, message, details, .. } if !batch.is_empty() => {
+            Error::Server { status: 400 | 413, message, details, .. }
+                if !batch.is_empty() && e.is_refused_request() =>
+            {
                 let mut tx = self.store.begin(Access::Write).await?;
                 if !details.is_empty() {
                     for d in details {
