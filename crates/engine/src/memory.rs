@@ -163,6 +163,22 @@ fn restore_into<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: Option<V>) -
     }
 }
 
+/// A pending outbox entry with no refusal yet.
+fn pending_entry(id: i64, change: Change, created_at: u64, requeued: bool) -> OutboxEntry {
+    OutboxEntry {
+        id,
+        change,
+        status: OutboxStatus::Pending,
+        seq: None,
+        retries: 0,
+        next_attempt_at: 0,
+        last_error: None,
+        conflict: None,
+        created_at,
+        requeued,
+    }
+}
+
 fn same_entity(e: &OutboxEntry, collection: &str, entity_id: &str) -> bool {
     e.change.collection.as_str() == collection && e.change.entity_id.as_str() == entity_id
 }
@@ -226,18 +242,7 @@ impl StoreTx for MemoryTx<'_> {
     async fn push_outbox(&mut self, change: &Change, now: u64) -> Result<()> {
         let data = self.data_mut();
         data.last_id += 1;
-        let entry = OutboxEntry {
-            id: data.last_id,
-            change: change.clone(),
-            status: OutboxStatus::Pending,
-            seq: None,
-            retries: 0,
-            next_attempt_at: 0,
-            last_error: None,
-            conflict: None,
-            created_at: now,
-            requeued: false,
-        };
+        let entry = pending_entry(data.last_id, change.clone(), now, false);
         // Ids are never reused, not even after a rollback: last_id stays.
         self.set_outbox(entry.id, Some(entry));
         Ok(())
@@ -397,19 +402,7 @@ impl StoreTx for MemoryTx<'_> {
             return Ok(());
         }
         let JournalEntry { journaled, created_at } = entry;
-        let back = OutboxEntry {
-            id,
-            change: journaled.change,
-            status: OutboxStatus::Pending,
-            seq: None,
-            retries: 0,
-            next_attempt_at: 0,
-            last_error: None,
-            conflict: None,
-            created_at,
-            requeued: true,
-        };
-        self.set_outbox(id, Some(back));
+        self.set_outbox(id, Some(pending_entry(id, journaled.change, created_at, true)));
         Ok(())
     }
 
