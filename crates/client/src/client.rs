@@ -331,6 +331,6 @@ impl Client {
     /// How long the background runner waits after a network failure, doubling from 1 s up to `cap`.
     pub(crate) fn network_backoff(&self, failures: u32, cap: Duration) -> Duration {
         let unit = deltasync_engine::clock::unit_random(self.engine().clock());
-        deltasync_engine::backoff::delay(failures, Duration::from_secs(1), cap, unit)
+        deltasync_engine::schedule::retry_delay(failures, cap, unit)
     }
 }

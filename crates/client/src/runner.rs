@@ -17,72 +17,12 @@ use tokio::sync::{Notify, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until};
 
+pub use deltasync_engine::schedule::PERSISTENT_FAILURES;
+use deltasync_engine::schedule::{self, FailureStreak};
+
 use crate::client::Client;
-use crate::error::{ClientError, Result};
+use crate::error::Result;
 use crate::sync::SyncReport;
-
-/// How many failures in a row with the same error code make the runner log at error level.
-pub const PERSISTENT_FAILURES: u32 = 3;
-
-/// How loudly a failure is logged.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Loudness {
-    /// A failure that may pass: a warning.
-    Warn,
-    /// A failure that persists: an error.
-    Error,
-    /// A failure already reported at error level: debug only.
-    Quiet,
-}
-
-/// The failures in a row of the same kind, to tell a passing glitch from a failure that persists.
-#[derive(Debug, Default)]
-struct FailureStreak {
-    code: Option<String>,
-    count: u32,
-}
-
-impl FailureStreak {
-    /// Counts a failure with error `code`; returns how loudly to log it and how many in a row there were.
-    fn failed(&mut self, code: &str) -> (Loudness, u32) {
-        if self.code.as_deref() == Some(code) {
-            self.count += 1;
-        } else {
-            self.code = Some(code.to_owned());
-            self.count = 1;
-        }
-        let loudness = if self.count < PERSISTENT_FAILURES {
-            Loudness::Warn
-        } else if self.count == PERSISTENT_FAILURES || self.count.is_power_of_two() {
-            Loudness::Error
-        } else {
-            Loudness::Quiet
-        };
-        (loudness, self.count)
-    }
-
-    /// A success ends the streak.
-    fn succeeded(&mut self) {
-        *self = FailureStreak::default();
-    }
-
-    /// Logs a failure of `what` (a sync or a long poll) as loudly as the streak says.
-    fn log(&mut self, client: &Client, what: &str, e: &ClientError) {
-        let (loudness, count) = self.failed(e.code());
-        let device = client.device_id();
-        match loudness {
-            Loudness::Warn => tracing::warn!(%device, "background {what} failed: {e}"),
-            Loudness::Error => tracing::error!(
-                %device,
-                failures = count,
-                "background {what} has failed {count} times in a row with `{}`; it keeps retrying, but this looks \
-                 like it will not pass by itself: {e}",
-                e.code()
-            ),
-            Loudness::Quiet => tracing::debug!(%device, failures = count, "background {what} failed again: {e}"),
-        }
-    }
-}
 
 /// When the runner syncs.
 #[derive(Debug, Clone)]
@@ -102,10 +42,10 @@ pub struct RunnerOptions {
 impl Default for RunnerOptions {
     fn default() -> Self {
         Self {
-            interval: Duration::from_secs(30),
-            debounce: Duration::from_secs(5),
+            interval: schedule::DEFAULT_INTERVAL,
+            debounce: schedule::DEFAULT_DEBOUNCE,
             live: false,
-            wait: Duration::from_secs(30),
+            wait: schedule::DEFAULT_WAIT,
         }
     }
 }
@@ -177,7 +117,7 @@ async fn run(
         let ok = outcome.is_ok();
         match &outcome {
             Ok(_) => streak.succeeded(),
-            Err(e) => streak.log(&client, "sync", e),
+            Err(e) => streak.log(client.device_id(), "sync", e.code(), e),
         }
         let _ = last.send(Some(Arc::new(outcome)));
         failures = if ok { 0 } else { failures + 1 };
@@ -206,50 +146,12 @@ async fn run(
                 }
                 r = long_poll => {
                     if let Err(e) = r {
-                        streak.log(&client, "long poll", &e);
+                        streak.log(client.device_id(), "long poll", e.code(), &e);
                         failures += 1;
                         deadline = Instant::now() + client.network_backoff(failures - 1, options.interval);
                     }
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_same_failure_turns_from_warnings_to_an_error_and_then_quiets_down() {
-        let mut streak = FailureStreak::default();
-        let levels: Vec<(Loudness, u32)> = (0..9).map(|_| streak.failed("protocol")).collect();
-        use Loudness::*;
-        assert_eq!(
-            levels,
-            vec![
-                (Warn, 1),
-                (Warn, 2),
-                (Error, 3),
-                (Error, 4),
-                (Quiet, 5),
-                (Quiet, 6),
-                (Quiet, 7),
-                (Error, 8),
-                (Quiet, 9)
-            ]
-        );
-    }
-
-    #[test]
-    fn another_failure_or_a_success_starts_a_new_streak() {
-        let mut streak = FailureStreak::default();
-        streak.failed("unreachable");
-        streak.failed("unreachable");
-        assert_eq!(streak.failed("protocol"), (Loudness::Warn, 1));
-        streak.failed("protocol");
-        assert_eq!(streak.failed("protocol"), (Loudness::Error, 3));
-        streak.succeeded();
-        assert_eq!(streak.failed("protocol"), (Loudness::Warn, 1));
     }
 }

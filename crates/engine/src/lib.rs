@@ -26,6 +26,7 @@
 //! - [`local`]: local writes and reads; [`view`]: the optimistic view;
 //! - [`sync`]: push, pull, verify, heal; [`bootstrap`], [`restore`];
 //! - [`user`]: the replica's user, `reset`, the conflict records;
+//! - [`schedule`]: when a runner syncs, and how loudly it reports failures;
 //! - [`store`], [`transport`], [`clock`]: the interfaces; [`answer`]: how
 //!   an HTTP answer is judged (deltasync's, another server's, a missing endpoint);
 //!   [`replica`]: the sync state kept in the store;
@@ -42,6 +43,7 @@ pub mod local;
 pub mod memory;
 pub mod replica;
 pub mod restore;
+pub mod schedule;
 pub mod slot;
 pub mod store;
 pub mod sync;
