@@ -125,6 +125,8 @@ pub struct Config {
     pub network: Network,
     /// The merge policies.
     pub policies: Policies,
+    /// CORS and static files, from `deltasync serve --cors-origin` and `--static` (not the file).
+    pub web: crate::web::Web,
 }
 
 #[derive(Deserialize, Default)]
@@ -247,6 +249,7 @@ impl Config {
             limits,
             network,
             policies: Policies { default: s.default_policy.unwrap_or_default(), collections },
+            web: Default::default(),
         })
     }
 }

@@ -21,6 +21,7 @@ pub mod config;
 pub mod net;
 pub mod refusals;
 pub mod store;
+pub mod web;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 use deltasync_server::auth::{self, JwtVerifier};
+use deltasync_server::web::Web;
 use deltasync_server::{Auth, Clock, Config};
 use tracing_subscriber::EnvFilter;
 
@@ -48,6 +49,16 @@ pub struct ServeArgs {
     /// TOML configuration file: limits and per-collection merge policies (see config.example.toml).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
+    /// Let web pages from ORIGIN call the API (CORS, `Authorization` included):
+    /// scheme, host and port as the browser sends them (https://app.example.com,
+    /// http://localhost:5173), or `*` for any. Repeat for several origins.
+    /// Without it, browsers only reach the API from pages the server serves itself (--static).
+    #[arg(long = "cors-origin", value_name = "ORIGIN")]
+    cors_origins: Vec<String>,
+    /// Serve the files of DIR at `/` (index.html for directories), beside the API under /v1/,
+    /// so a web app and its server run with one command.
+    #[arg(long = "static", value_name = "DIR")]
+    static_dir: Option<PathBuf>,
 }
 
 /// Runs the server.
@@ -58,10 +69,12 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         // Colour codes only for a person at a terminal, not in a log file or a journal.
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let config = match &args.config {
+    let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
+    config.web = Web { cors_origins: args.cors_origins.clone(), static_dir: args.static_dir.clone() };
+    config.web.check()?;
     let auth = match args.auth {
         AuthMode::None => Auth::None,
         AuthMode::Jwt => {

@@ -219,6 +219,8 @@ pub struct Options {
     /// Write the server's stderr (its log, at `info`) to a file that
     /// [`Server::log`] reads, instead of the test's stderr.
     pub capture_log: bool,
+    /// More arguments for `deltasync serve`.
+    pub extra_args: Vec<String>,
 }
 
 impl Server {
@@ -255,6 +257,7 @@ impl Server {
             args.push("--jwt-secret-file".into());
             args.push(path.display().to_string());
         }
+        args.extend(opts.extra_args.iter().cloned());
         let log = opts.capture_log.then(|| dir.path().join("server.log"));
         let (child, url) = spawn(&args, log.as_deref());
         Server { child, url, database, dir, args, log, schema }

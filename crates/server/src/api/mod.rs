@@ -89,20 +89,23 @@ pub(crate) fn parse_device(s: &str) -> Result<DeviceId, ApiError> {
 
 /// The router with every endpoint.
 pub fn router(state: Arc<AppState>) -> Router {
-    Router::new()
+    let web = state.config.web.clone();
+    let routes = Router::new()
         .route("/v1/push", post(push::push))
         .route("/v1/pull", get(pull::pull))
         .route("/v1/sync", post(sync::sync))
         .route("/v1/bootstrap", get(bootstrap::bootstrap))
         .route("/v1/status", get(status::status))
         .route("/v1/conflicts", get(conflicts::conflicts))
-        .route("/healthz", get(health::healthz))
-        .fallback(not_found)
+        .route("/healthz", get(health::healthz));
+    let router = web
+        .with_static(routes, Router::new().fallback(not_found))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn(refuse_long_uris))
         .layer(middleware::from_fn(log_request))
-        .with_state(state)
+        .with_state(state);
+    web.with_cors(router)
 }
 
 async fn not_found(uri: Uri) -> ApiError {
