@@ -1,6 +1,7 @@
 //! Bootstrap: replace the confirmed state by the server's streamed snapshot,
-//! in one transaction, verified against the snapshot's digest, keeping every
-//! pending and failed change.
+//! verified against the snapshot's digest, keeping every pending and failed
+//! change. The snapshot is staged as it arrives and adopted in one
+//! transaction once it is whole and verified.
 
 use deltasync_protocol::wire::{BootstrapEnd, BootstrapHeader, BootstrapLine};
 use deltasync_protocol::{EntityState, Meta, StateDigest};
@@ -91,26 +92,33 @@ fn newest_stamp(state: &EntityState) -> Option<&deltasync_protocol::Hlc> {
 }
 
 impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
-    /// Replaces the confirmed state by the server's streamed snapshot, in one
-    /// transaction, keeping every pending and failed change. Returns the
-    /// number of entities loaded.
+    /// Replaces the confirmed state by the server's streamed snapshot (staged,
+    /// then adopted in one transaction), keeping every pending and failed
+    /// change. Returns the number of entities loaded.
     pub(crate) async fn bootstrap(&self, transport: &T) -> Result<u64> {
         let mut stream = transport.bootstrap(self.device.as_str()).await?;
         let mut tx = self.store.begin(Access::Write).await?;
-        tx.clear_confirmed().await?;
+        tx.clear_staged().await?;
+        tx.commit().await?;
         let mut snapshot = Snapshot::default();
         let mut buf: Vec<u8> = Vec::new();
+        // Each chunk's whole lines are staged in a transaction of their own:
+        // none stays open while the next chunk is awaited.
         while let Some(chunk) = stream.next_chunk().await {
             buf.extend_from_slice(&chunk?);
+            let mut tx = self.store.begin(Access::Write).await?;
             let mut start = 0;
             while let Some(nl) = buf[start..].iter().position(|b| *b == b'\n') {
                 self.load_line(&mut tx, &mut snapshot, &buf[start..start + nl]).await?;
                 start += nl + 1;
             }
+            tx.commit().await?;
             buf.drain(..start);
         }
+        let mut tx = self.store.begin(Access::Write).await?;
         self.load_line(&mut tx, &mut snapshot, &buf).await?;
         let (header, digest, entities) = snapshot.finish(transport.base())?;
+        tx.adopt_staged().await?;
         replica::set_position(&mut tx, header.cursor, &header.state_hash, &digest).await?;
         let clock = self.device_clock().observe_stamps(None);
         tx.set_meta(keys::CLOCK, clock.as_str()).await?;
@@ -130,14 +138,14 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
             Line::Blank => {}
             Line::Header(h) => snapshot.header = Some(h),
             Line::End(e) => snapshot.end = Some(e),
-            Line::Body(BootstrapLine::Change(c)) => tx.put_append(c.seq, &c.to_wire_json()).await?,
+            Line::Body(BootstrapLine::Change(c)) => tx.stage_append(c.seq, &c.to_wire_json()).await?,
             Line::Body(BootstrapLine::Entity(state)) => {
                 self.device_clock().observe_stamps(newest_stamp(&state));
                 let h = state.entity_hash();
                 if let Some(h) = &h {
                     snapshot.digest.add(h);
                 }
-                tx.put_confirmed(&state, h.as_ref()).await?;
+                tx.stage_entity(&state, h.as_ref()).await?;
                 snapshot.entities += 1;
                 if snapshot.entities.is_multiple_of(PROGRESS_EVERY) {
                     self.progress(Progress::Bootstrap { entities: snapshot.entities });

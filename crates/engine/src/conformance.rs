@@ -53,7 +53,8 @@ impl Clock for TestClock {
 /// Runs every check, each on a store made by `fresh`.
 pub async fn run<S: LocalStore>(fresh: impl Fn() -> S) {
     meta_is_kept_by_commit_and_undone_by_drop(&fresh()).await;
-    confirmed_state_is_replaced_listed_and_cleared(&fresh()).await;
+    confirmed_state_is_replaced_and_listed(&fresh()).await;
+    a_staged_snapshot_replaces_the_confirmed_state_only_when_adopted(&fresh()).await;
     outbox_keeps_order_and_status(&fresh()).await;
     refusals_and_retries_are_recorded(&fresh()).await;
     acknowledged_changes_move_to_the_journal(&fresh()).await;
@@ -119,7 +120,7 @@ async fn meta_is_kept_by_commit_and_undone_by_drop<S: LocalStore>(store: &S) {
     assert_eq!(tx.meta("gone").await.unwrap(), None, "a committed removal stays");
 }
 
-async fn confirmed_state_is_replaced_listed_and_cleared<S: LocalStore>(store: &S) {
+async fn confirmed_state_is_replaced_and_listed<S: LocalStore>(store: &S) {
     let mut tx = write(store).await;
     tx.put_confirmed(&entity("a", 1), Some(&[1; 32])).await.unwrap();
     tx.put_confirmed(&entity("b", 2), None).await.unwrap();
@@ -136,11 +137,44 @@ async fn confirmed_state_is_replaced_listed_and_cleared<S: LocalStore>(store: &S
     all.sort_by(|x, y| x.entity_id.cmp(&y.entity_id));
     assert_eq!(all, vec![entity("a", 3), entity("b", 2)]);
     assert_eq!(tx.confirmed_in("other").await.unwrap(), vec![]);
-    tx.clear_confirmed().await.unwrap();
-    assert_eq!(tx.confirmed_in("tasks").await.unwrap(), vec![], "clear_confirmed forgets every entity");
+    tx.commit().await.unwrap();
+}
+
+async fn a_staged_snapshot_replaces_the_confirmed_state_only_when_adopted<S: LocalStore>(store: &S) {
+    let mut tx = write(store).await;
+    tx.put_confirmed(&entity("old", 1), Some(&[1; 32])).await.unwrap();
+    tx.put_append(3, r#"{"seq":3}"#).await.unwrap();
+    tx.clear_staged().await.unwrap();
+    tx.stage_entity(&entity("gone", 9), None).await.unwrap();
+    tx.commit().await.unwrap();
+    // A new bootstrap starts over: what an unfinished one staged is dropped.
+    let mut tx = write(store).await;
+    tx.clear_staged().await.unwrap();
+    tx.stage_entity(&entity("a", 5), Some(&[5; 32])).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = write(store).await;
+    tx.stage_entity(&entity("b", 6), None).await.unwrap();
+    tx.stage_append(6, r#"{"seq":6}"#).await.unwrap();
+    assert_eq!(tx.confirmed_in("tasks").await.unwrap(), vec![entity("old", 1)], "staged entities are not confirmed");
+    tx.commit().await.unwrap();
+    let mut tx = write(store).await;
+    tx.stage_entity(&entity("c", 7), None).await.unwrap();
     drop(tx);
-    let mut tx = store.begin(Access::Read).await.unwrap();
-    assert_eq!(tx.confirmed_in("tasks").await.unwrap().len(), 2, "a dropped clear is undone");
+    let mut tx = write(store).await;
+    tx.adopt_staged().await.unwrap();
+    drop(tx);
+    let mut tx = write(store).await;
+    assert_eq!(tx.confirmed_in("tasks").await.unwrap(), vec![entity("old", 1)], "a dropped adoption is undone");
+    tx.adopt_staged().await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = write(store).await;
+    let mut all = tx.confirmed_in("tasks").await.unwrap();
+    all.sort_by(|x, y| x.entity_id.cmp(&y.entity_id));
+    assert_eq!(all, vec![entity("a", 5), entity("b", 6)], "adopted: the staged entities of committed stagings only");
+    assert_eq!(tx.confirmed("tasks", "a").await.unwrap().unwrap().hash, Some([5; 32]));
+    assert_eq!(tx.confirmed("tasks", "old").await.unwrap(), None, "the old confirmed state is gone");
+    tx.adopt_staged().await.unwrap();
+    assert_eq!(tx.confirmed_in("tasks").await.unwrap(), vec![], "adopting empties the staging area");
 }
 
 async fn outbox_keeps_order_and_status<S: LocalStore>(store: &S) {

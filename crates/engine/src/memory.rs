@@ -26,6 +26,8 @@ struct Data {
     appends: BTreeMap<u64, String>,
     outbox: BTreeMap<i64, OutboxEntry>,
     journal: BTreeMap<i64, JournalEntry>,
+    /// A bootstrap's snapshot, before it is adopted.
+    staged: (BTreeMap<(String, String), Confirmed>, BTreeMap<u64, String>),
     /// The highest outbox id ever given.
     last_id: i64,
 }
@@ -37,7 +39,11 @@ enum Undo {
     Append(u64, Option<String>),
     Outbox(i64, Option<OutboxEntry>),
     Journal(i64, Option<JournalEntry>),
-    Confirmed(BTreeMap<(String, String), Confirmed>, BTreeMap<u64, String>),
+    Staged(BTreeMap<(String, String), Confirmed>, BTreeMap<u64, String>),
+    StagedEntity((String, String), Option<Confirmed>),
+    StagedAppend(u64, Option<String>),
+    /// The confirmed state before an adoption (the adopted one goes back to staging).
+    Adopted(BTreeMap<(String, String), Confirmed>, BTreeMap<u64, String>),
     Whole(Box<Data>),
 }
 
@@ -81,7 +87,16 @@ impl Drop for MemoryTx<'_> {
                 Undo::Append(k, v) => restore(&mut data.appends, k, v),
                 Undo::Outbox(k, v) => restore(&mut data.outbox, k, v),
                 Undo::Journal(k, v) => restore(&mut data.journal, k, v),
-                Undo::Confirmed(entities, appends) => (data.entities, data.appends) = (entities, appends),
+                Undo::Staged(entities, appends) => data.staged = (entities, appends),
+                Undo::StagedEntity(k, v) => restore(&mut data.staged.0, k, v),
+                Undo::StagedAppend(k, v) => restore(&mut data.staged.1, k, v),
+                Undo::Adopted(entities, appends) => {
+                    let adopted = (
+                        std::mem::replace(&mut data.entities, entities),
+                        std::mem::replace(&mut data.appends, appends),
+                    );
+                    data.staged = adopted;
+                }
                 Undo::Whole(whole) => data = *whole,
             }
         }
@@ -232,10 +247,31 @@ impl StoreTx for MemoryTx<'_> {
         Ok(())
     }
 
-    async fn clear_confirmed(&mut self) -> Result<()> {
+    async fn clear_staged(&mut self) -> Result<()> {
+        let (entities, appends) = std::mem::take(&mut self.data_mut().staged);
+        self.undo.push(Undo::Staged(entities, appends));
+        Ok(())
+    }
+
+    async fn stage_entity(&mut self, state: &EntityState, hash: Option<&[u8; 32]>) -> Result<()> {
+        let key = (state.collection.as_str().to_owned(), state.entity_id.as_str().to_owned());
+        let value = Confirmed { state: state.clone(), hash: hash.copied() };
+        let old = self.data_mut().staged.0.insert(key.clone(), value);
+        self.undo.push(Undo::StagedEntity(key, old));
+        Ok(())
+    }
+
+    async fn stage_append(&mut self, seq: u64, change_json: &str) -> Result<()> {
+        let old = self.data_mut().staged.1.insert(seq, change_json.to_owned());
+        self.undo.push(Undo::StagedAppend(seq, old));
+        Ok(())
+    }
+
+    async fn adopt_staged(&mut self) -> Result<()> {
         let data = self.data_mut();
-        let undo = Undo::Confirmed(std::mem::take(&mut data.entities), std::mem::take(&mut data.appends));
-        self.undo.push(undo);
+        let (entities, appends) = std::mem::take(&mut data.staged);
+        let old = (std::mem::replace(&mut data.entities, entities), std::mem::replace(&mut data.appends, appends));
+        self.undo.push(Undo::Adopted(old.0, old.1));
         Ok(())
     }
 

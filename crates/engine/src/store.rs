@@ -13,6 +13,12 @@
 //! - the **journal**: acknowledged changes that left the outbox, kept for a
 //!   server restored from a backup.
 //!
+//! A bootstrap writes its snapshot to a **staging area** in short
+//! transactions as it arrives, and adopts it in one transaction at the end,
+//! so no transaction stays open while the network is awaited (IndexedDB
+//! cannot keep one open across a `fetch`) and reads keep showing the old
+//! state until the new one is whole and verified.
+//!
 //! Everything happens in a transaction ([`LocalStore::begin`]): a write
 //! transaction's changes are all kept by [`StoreTx::commit`] or none (dropping
 //! it uncommitted rolls back). Write transactions never overlap. The engine
@@ -144,8 +150,17 @@ pub trait StoreTx {
     async fn put_confirmed(&mut self, state: &EntityState, hash: Option<&[u8; 32]>) -> Result<()>;
     /// Records a logged `append` (the change as the wire shows it) at its seq, replacing one there.
     async fn put_append(&mut self, seq: u64, change_json: &str) -> Result<()>;
-    /// Forgets every confirmed entity and append.
-    async fn clear_confirmed(&mut self) -> Result<()>;
+    /// Empties the staging area where a bootstrap's snapshot is written
+    /// before it replaces the confirmed state. The staging area need not
+    /// survive a restart (a bootstrap that did not finish starts over).
+    async fn clear_staged(&mut self) -> Result<()>;
+    /// Stages one entity of a snapshot (replacing one staged with the same key).
+    async fn stage_entity(&mut self, state: &EntityState, hash: Option<&[u8; 32]>) -> Result<()>;
+    /// Stages one logged `append` of a snapshot at its seq.
+    async fn stage_append(&mut self, seq: u64, change_json: &str) -> Result<()>;
+    /// Makes the staged snapshot the confirmed state (every confirmed entity
+    /// and append replaced) and empties the staging area.
+    async fn adopt_staged(&mut self) -> Result<()>;
 
     /// Adds a change to the outbox as pending, with the next id.
     async fn push_outbox(&mut self, change: &Change, now: u64) -> Result<()>;

@@ -100,9 +100,51 @@ pub fn put_append(conn: &Connection, seq: u64, change_json: &str) -> Result<()> 
     Ok(())
 }
 
-/// Forgets the whole confirmed state (before a bootstrap replaces it).
-pub fn clear_confirmed(conn: &Connection) -> Result<()> {
-    conn.execute_batch("DELETE FROM entities; DELETE FROM appends;")?;
+/// Empties the staging area of a bootstrap: two tables of the connection's
+/// temporary database (shaped as `entities` and `appends`), made on first
+/// use. They need not survive the connection: a bootstrap that did not finish
+/// starts over.
+pub fn clear_staged(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TEMP TABLE IF NOT EXISTS staged_entities (
+             collection TEXT NOT NULL, entity_id TEXT NOT NULL, state TEXT NOT NULL, entity_hash BLOB,
+             PRIMARY KEY (collection, entity_id)) WITHOUT ROWID;
+         CREATE TEMP TABLE IF NOT EXISTS staged_appends (seq INTEGER PRIMARY KEY, change TEXT NOT NULL);
+         DELETE FROM temp.staged_entities; DELETE FROM temp.staged_appends;",
+    )?;
+    Ok(())
+}
+
+/// Stages one entity of a bootstrap's snapshot.
+pub fn stage_entity(conn: &Connection, state: &EntityState, hash: Option<&[u8; 32]>) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT OR REPLACE INTO temp.staged_entities (collection, entity_id, state, entity_hash) VALUES (?1, ?2, ?3, ?4)",
+    )?
+    .execute(params![
+        state.collection.as_str(),
+        state.entity_id.as_str(),
+        serde_json::to_string(state).expect("entity state serialises"),
+        hash.map(|h| h.as_slice()),
+    ])?;
+    Ok(())
+}
+
+/// Stages one logged `append` of a bootstrap's snapshot.
+pub fn stage_append(conn: &Connection, seq: u64, change_json: &str) -> Result<()> {
+    conn.prepare_cached("INSERT OR REPLACE INTO temp.staged_appends (seq, change) VALUES (?1, ?2)")?
+        .execute(params![seq, change_json])?;
+    Ok(())
+}
+
+/// Makes the staged snapshot the confirmed state and empties the staging area.
+pub fn adopt_staged(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "DELETE FROM entities; DELETE FROM appends;
+         INSERT INTO entities (collection, entity_id, state, entity_hash)
+             SELECT collection, entity_id, state, entity_hash FROM temp.staged_entities;
+         INSERT INTO appends (seq, change) SELECT seq, change FROM temp.staged_appends;
+         DELETE FROM temp.staged_entities; DELETE FROM temp.staged_appends;",
+    )?;
     Ok(())
 }
 

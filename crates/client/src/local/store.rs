@@ -117,8 +117,20 @@ impl StoreTx for SqliteTx<'_> {
         self.with(|c| super::put_append(c, seq, change_json))
     }
 
-    async fn clear_confirmed(&mut self) -> EngineResult<()> {
-        self.with(super::clear_confirmed)
+    async fn clear_staged(&mut self) -> EngineResult<()> {
+        self.with(super::clear_staged)
+    }
+
+    async fn stage_entity(&mut self, state: &EntityState, hash: Option<&[u8; 32]>) -> EngineResult<()> {
+        self.with(|c| super::stage_entity(c, state, hash))
+    }
+
+    async fn stage_append(&mut self, seq: u64, change_json: &str) -> EngineResult<()> {
+        self.with(|c| super::stage_append(c, seq, change_json))
+    }
+
+    async fn adopt_staged(&mut self) -> EngineResult<()> {
+        self.with(super::adopt_staged)
     }
 
     async fn push_outbox(&mut self, change: &Change, now: u64) -> EngineResult<()> {
