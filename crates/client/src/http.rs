@@ -14,7 +14,8 @@ use futures_util::{Stream, StreamExt};
 use serde::de::DeserializeOwned;
 
 use deltasync_engine::answer;
-use deltasync_engine::transport::{BOOTSTRAP, ByteStream, CONFLICTS, PULL, STATUS, SYNC, SyncBody, Transport};
+use deltasync_engine::requests::{self, Request};
+use deltasync_engine::transport::{ByteStream, SyncBody, Transport};
 use deltasync_engine::{Error, Result, TimeoutKind};
 use deltasync_protocol::wire::ConflictsResponse;
 
@@ -71,12 +72,18 @@ impl ServerApi {
         &self.base
     }
 
-    fn request(&self, method: reqwest::Method, path: &str) -> reqwest::RequestBuilder {
-        let req = self.http.request(method, format!("{}{path}", self.base));
-        match &self.token {
-            Some(t) => req.bearer_auth(t),
-            None => req,
+    /// The reqwest request for one of the engine's [`requests`], with the
+    /// token; its name, and the deadline of the whole exchange.
+    fn build(&self, r: Request) -> (reqwest::RequestBuilder, &'static str, Duration) {
+        let method = if r.method == "POST" { reqwest::Method::POST } else { reqwest::Method::GET };
+        let mut req = self.http.request(method, format!("{}{}", self.base, r.path));
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
         }
+        if let Some(body) = r.body {
+            req = req.header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
+        }
+        (req, r.name, self.options.request_timeout + r.held_for)
     }
 
     /// Maps a network-level error of `request`, given the time limit it ran under.
@@ -137,13 +144,9 @@ impl ServerApi {
         Ok(body)
     }
 
-    /// Sends a request whose whole answer is one JSON value, within `limit`.
-    async fn json<T: DeserializeOwned>(
-        &self,
-        request: &'static str,
-        req: reqwest::RequestBuilder,
-        limit: Duration,
-    ) -> Result<T> {
+    /// Sends a request whose whole answer is one JSON value, within its deadline.
+    async fn json<T: DeserializeOwned>(&self, r: Request) -> Result<T> {
+        let (req, request, limit) = self.build(r);
         let resp = self.send(request, req.timeout(limit), limit).await?;
         let bytes = resp.bytes().await.map_err(|e| self.network_error(request, limit, e))?;
         serde_json::from_slice(&bytes).map_err(|e| Error::Protocol {
@@ -165,58 +168,32 @@ impl Transport for ServerApi {
     }
 
     async fn sync(&self, body: &SyncBody<'_>) -> Result<SyncResponse> {
-        let bytes = serde_json::to_vec(body).expect("sync body serialises");
-        let req = self
-            .request(reqwest::Method::POST, "/v1/sync")
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(bytes);
-        self.json(SYNC, req, self.options.request_timeout).await
+        self.json(requests::sync(body)).await
     }
 
     async fn pull(&self, device_id: &str, cursor: u64, limit: u64, wait: Duration) -> Result<PullResponse> {
-        let wait_s = wait.as_secs().to_string();
-        let req = self.request(reqwest::Method::GET, "/v1/pull").query(&[
-            ("device_id", device_id),
-            ("cursor", &cursor.to_string()),
-            ("limit", &limit.to_string()),
-            ("wait", &wait_s),
-        ]);
-        self.json(PULL, req, self.options.request_timeout + Duration::from_secs(wait.as_secs())).await
+        self.json(requests::pull(device_id, cursor, limit, wait)).await
     }
 
     async fn status(&self, device_id: Option<&str>) -> Result<StatusResponse> {
-        let mut req = self.request(reqwest::Method::GET, "/v1/status");
-        if let Some(device_id) = device_id {
-            req = req.query(&[("device_id", device_id)]);
-        }
-        self.json(STATUS, req, self.options.request_timeout).await
+        self.json(requests::status(device_id)).await
     }
 
     /// The answer's head within the request timeout; its body may then go
     /// silent for at most the stall timeout at a time.
     async fn bootstrap(&self, device_id: &str) -> Result<BodyStream> {
-        let limit = self.options.request_timeout;
-        let req = self.request(reqwest::Method::GET, "/v1/bootstrap").query(&[("device_id", device_id)]);
-        let resp = match tokio::time::timeout(limit, self.send(BOOTSTRAP, req, limit)).await {
+        let (req, request, limit) = self.build(requests::bootstrap(device_id));
+        let resp = match tokio::time::timeout(limit, self.send(request, req, limit)).await {
             Ok(result) => result?,
             Err(_) => {
-                return Err(Error::Timeout {
-                    kind: TimeoutKind::Request,
-                    operation: BOOTSTRAP.to_owned(),
-                    after: limit,
-                });
+                return Err(Error::Timeout { kind: TimeoutKind::Request, operation: request.to_owned(), after: limit });
             }
         };
-        Ok(BodyStream { api: self.clone(), request: BOOTSTRAP, stream: Box::pin(resp.bytes_stream()) })
+        Ok(BodyStream { api: self.clone(), request, stream: Box::pin(resp.bytes_stream()) })
     }
 
     async fn conflicts(&self, since: u64, limit: Option<u64>) -> Result<ConflictsResponse> {
-        let mut query = vec![("since", since.to_string())];
-        if let Some(limit) = limit {
-            query.push(("limit", limit.to_string()));
-        }
-        let req = self.request(reqwest::Method::GET, "/v1/conflicts").query(&query);
-        self.json(CONFLICTS, req, self.options.request_timeout).await
+        self.json(requests::conflicts(since, limit)).await
     }
 }
 

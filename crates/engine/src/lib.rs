@@ -29,6 +29,7 @@
 //! - [`schedule`]: when a runner syncs, and how loudly it reports failures;
 //! - [`store`], [`transport`], [`clock`]: the interfaces; [`answer`]: how
 //!   an HTTP answer is judged (deltasync's, another server's, a missing endpoint);
+//!   [`requests`]: the requests every HTTP transport sends;
 //!   [`replica`]: the sync state kept in the store;
 //! - [`memory`]: the in-memory store; [`slot`]: how stores lend themselves to a transaction; [`conformance`]: the suite every store passes.
 
@@ -42,6 +43,7 @@ pub mod error;
 pub mod local;
 pub mod memory;
 pub mod replica;
+pub mod requests;
 pub mod restore;
 pub mod schedule;
 pub mod slot;
