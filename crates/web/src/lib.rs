@@ -1,0 +1,22 @@
+//! The deltasync engine in a browser. [`IdbStore`] keeps a replica in
+//! IndexedDB behind the engine's [`deltasync_engine::LocalStore`] interface;
+//! `run_conformance` (exported to JavaScript) runs the engine's store
+//! conformance suite on it, which `web/tests/conformance.mjs` does in
+//! headless Chromium.
+//!
+//! Only the row encoding ([`records`]) is built for other targets: the store
+//! needs a browser, and its checks run in one.
+
+pub mod records;
+
+#[cfg(target_arch = "wasm32")]
+mod conformance;
+#[cfg(target_arch = "wasm32")]
+mod idb;
+#[cfg(target_arch = "wasm32")]
+pub mod schema;
+
+#[cfg(target_arch = "wasm32")]
+pub use conformance::run_conformance;
+#[cfg(target_arch = "wasm32")]
+pub use idb::{IdbStore, IdbTx};

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Builds deltasync-web for the browser into web/dist (deltasync.js and its
+# wasm), installing the wasm-bindgen CLI that matches the wasm-bindgen crate
+# in Cargo.lock when it is missing or another version.
+set -euo pipefail
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+target_dir="${CARGO_TARGET_DIR:-$root/target}"
+case "$target_dir" in /*) ;; *) target_dir="$root/$target_dir" ;; esac
+
+# The CLI must be the exact version of the crate: the generated glue and the
+# wasm's custom sections are tied to it.
+want="$(awk '/^name = "wasm-bindgen"$/ { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)"
+if [ -z "$want" ]; then
+  echo "build.sh: no wasm-bindgen in Cargo.lock" >&2
+  exit 1
+fi
+have="$(wasm-bindgen --version 2>/dev/null | awk '{ print $2 }' || true)"
+if [ "$have" != "$want" ]; then
+  echo "build.sh: installing wasm-bindgen-cli $want (found: ${have:-none}); this takes a few minutes once" >&2
+  # --locked can fail when the registry lacks one of the CLI's locked
+  # versions; the unlocked build still gives the same CLI version.
+  cargo install wasm-bindgen-cli --version "$want" --locked \
+    || cargo install wasm-bindgen-cli --version "$want"
+fi
+
+rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || true
+CARGO_TARGET_DIR="$target_dir" cargo build -p deltasync-web --release --target wasm32-unknown-unknown
+wasm-bindgen --target web --out-dir web/dist --out-name deltasync \
+  "$target_dir/wasm32-unknown-unknown/release/deltasync_web.wasm"
+echo "build.sh: web/dist/deltasync.js and web/dist/deltasync_bg.wasm are ready"
