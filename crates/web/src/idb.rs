@@ -113,6 +113,15 @@ impl IdbStore {
     }
 }
 
+impl Drop for IdbStore {
+    fn drop(&mut self) {
+        // The connection closes once its transactions have ended.
+        if let Some(db) = self.db.get_mut().take() {
+            db.close();
+        }
+    }
+}
+
 impl LocalStore for IdbStore {
     type Tx<'a> = IdbTx<'a>;
 
@@ -289,7 +298,9 @@ impl IdbTx<'_> {
 impl StoreTx for IdbTx<'_> {
     async fn commit(mut self) -> Result<()> {
         self.ended = true;
-        commit_now(&self.tx).map_err(js_error)?;
+        // Throws only when the transaction is no longer active: it then ended on
+        // its own, and `done` says whether it was kept.
+        let _ = commit_now(&self.tx);
         let outcome = JsFuture::from(self.done.clone()).await.map_err(js_error)?;
         match outcome.as_string().as_deref() {
             Some("complete") => Ok(()),
