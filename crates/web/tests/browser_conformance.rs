@@ -29,7 +29,7 @@ fn chromium() -> PathBuf {
 fn missing(root: &Path) -> Vec<String> {
     let mut missing = Vec::new();
     if Command::new("node").arg("--version").output().map_or(true, |o| !o.status.success()) {
-        missing.push("node (20 or later): apt-get install -y nodejs npm".to_owned());
+        missing.push("node 20 or later, with npm (Debian 12's nodejs package is 18)".to_owned());
     }
     if !chromium().exists() {
         missing.push(format!(
