@@ -60,7 +60,7 @@ export interface SyncReport {
 export interface Status {
   device_id: string;
   server: string | null;
-  user_id: string | null;
+  user_id?: string;
   pending: number;
   failed: number;
   cursor: number;
