@@ -54,6 +54,7 @@ impl Clock for TestClock {
 pub async fn run<S: LocalStore>(fresh: impl Fn() -> S) {
     meta_is_kept_by_commit_and_undone_by_drop(&fresh()).await;
     a_batch_of_writes_is_one_transaction(fresh()).await;
+    reads_and_confirmations_of_many_match_one_at_a_time(&fresh()).await;
     engines_sharing_a_replica_stamp_in_order(fresh()).await;
     confirmed_state_is_replaced_and_listed(&fresh()).await;
     a_staged_snapshot_replaces_the_confirmed_state_only_when_adopted(&fresh()).await;
@@ -341,6 +342,38 @@ async fn the_engine_writes_and_reads_offline<S: LocalStore>(store: S) {
     assert_eq!(err.code(), "pending_changes");
     engine.reset(true).await.unwrap();
     assert_eq!(engine.list("tasks").await.unwrap(), vec![]);
+}
+
+async fn reads_and_confirmations_of_many_match_one_at_a_time<S: LocalStore>(store: &S) {
+    let mut tx = write(store).await;
+    tx.put_confirmed(&entity("a", 1), Some(&[1; 32])).await.unwrap();
+    tx.put_confirmed(&entity("b", 2), None).await.unwrap();
+    for (n, e) in [(1, "a"), (2, "b"), (3, "a"), (4, "c")] {
+        tx.push_outbox(&change(n, e, 0), 1).await.unwrap();
+    }
+    let keys = [("tasks", "b"), ("tasks", "none"), ("tasks", "a")];
+    let many = tx.confirmed_many(&keys).await.unwrap();
+    let mut one = Vec::new();
+    for (c, e) in keys {
+        one.push(tx.confirmed(c, e).await.unwrap());
+    }
+    assert_eq!(many, one, "confirmed_many answers as confirmed, in order");
+    assert!(many[1].is_none() && many[2].as_ref().is_some_and(|a| a.state.version == 1));
+
+    let (tasks, a, x) =
+        (Collection::parse("tasks").unwrap(), EntityId::parse("a").unwrap(), EntityId::parse("x").unwrap());
+    let active = tx.active_for_entities(&[(&tasks, &x), (&tasks, &a)]).await.unwrap();
+    assert!(active[0].is_empty());
+    let ids: Vec<&str> = active[1].iter().map(|e| e.change.change_id.as_str()).collect();
+    assert_eq!(ids, ["c001", "c003"], "each entity's active entries, in outbox order");
+
+    let found = tx.confirm_many(&[("c003", 10), ("unknown", 11), ("c002", 12)]).await.unwrap();
+    assert_eq!(found, 2, "only changes in the outbox are confirmed");
+    let left: Vec<String> =
+        tx.all_entries().await.unwrap().iter().map(|e| e.change.change_id.as_str().to_owned()).collect();
+    assert_eq!(left, ["c001", "c004"]);
+    let journal: Vec<u64> = tx.journal_by_seq().await.unwrap().iter().map(|j| j.seq).collect();
+    assert_eq!(journal, [10, 12], "confirmed changes go to the journal at their seq");
 }
 
 async fn a_batch_of_writes_is_one_transaction<S: LocalStore>(store: S) {
