@@ -32,7 +32,13 @@ pub struct TestClock {
 impl TestClock {
     /// A clock standing at `ms`.
     pub fn at(ms: u64) -> Self {
-        TestClock { now: AtomicU64::new(ms), next: AtomicU64::new(1) }
+        Self::seeded(ms, 1)
+    }
+
+    /// A clock standing at `ms` whose random numbers start from `seed` (two
+    /// devices need different ones, or they make the same change ids).
+    pub fn seeded(ms: u64, seed: u64) -> Self {
+        TestClock { now: AtomicU64::new(ms), next: AtomicU64::new(seed) }
     }
 }
 
@@ -374,6 +380,29 @@ async fn reads_and_confirmations_of_many_match_one_at_a_time<S: LocalStore>(stor
     assert_eq!(left, ["c001", "c004"]);
     let journal: Vec<u64> = tx.journal_by_seq().await.unwrap().iter().map(|j| j.seq).collect();
     assert_eq!(journal, [10, 12], "confirmed changes go to the journal at their seq");
+
+    // Many keys (a store may then read everything at once): the same answers.
+    let names: Vec<String> = (0..100).map(|i| format!("m{i:03}")).collect();
+    for (i, name) in names.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+        tx.put_confirmed(&entity(name, i as u64 + 1), None).await.unwrap();
+        tx.push_outbox(&change(100 + i as u32, name, 0), 1).await.unwrap();
+    }
+    let keys: Vec<(&str, &str)> = names.iter().map(|n| ("tasks", n.as_str())).collect();
+    let many = tx.confirmed_many(&keys).await.unwrap();
+    for (i, found) in many.iter().enumerate() {
+        assert_eq!(found.as_ref().map(|c| c.state.version), (i % 2 == 0).then_some(i as u64 + 1), "m{i:03}");
+    }
+    let ids: Vec<EntityId> = names.iter().map(|n| EntityId::parse(n.as_str()).unwrap()).collect();
+    let pairs: Vec<(&Collection, &EntityId)> = ids.iter().map(|e| (&tasks, e)).collect();
+    let active = tx.active_for_entities(&pairs).await.unwrap();
+    for (i, entries) in active.iter().enumerate() {
+        assert_eq!(entries.len(), usize::from(i % 2 == 0), "m{i:03}");
+    }
+    let change_ids: Vec<String> = (0..100).map(|i| format!("c{:03}", 100 + i)).collect();
+    let confirmations: Vec<(&str, u64)> =
+        change_ids.iter().enumerate().map(|(i, c)| (c.as_str(), 100 + i as u64)).collect();
+    assert_eq!(tx.confirm_many(&confirmations).await.unwrap(), 50, "the 50 changes in the outbox");
+    assert_eq!(tx.all_entries().await.unwrap().len(), 2, "c001 and c004 stay");
 }
 
 async fn a_batch_of_writes_is_one_transaction<S: LocalStore>(store: S) {
@@ -418,7 +447,7 @@ async fn a_batch_of_writes_is_one_transaction<S: LocalStore>(store: S) {
 async fn engines_sharing_a_replica_stamp_in_order<S: LocalStore>(store: S) {
     let open = |clock| Engine::<&S, NoServer, TestClock>::open(&store, None, clock, EngineOptions::default());
     let first = open(TestClock::at(1_763_800_000_000)).await.unwrap();
-    let second = open(TestClock::at(1_763_800_000_000)).await.unwrap();
+    let second = open(TestClock::seeded(1_763_800_000_000, 0x5eed)).await.unwrap();
     assert_eq!(first.device_id(), second.device_id(), "one replica, one device");
     let fields = |v: serde_json::Value| v.as_object().unwrap().clone();
     for i in 0..3 {

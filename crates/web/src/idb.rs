@@ -263,6 +263,12 @@ impl IdbTx<'_> {
         self.store(store)?.clear().map(drop).map_err(js_error)
     }
 
+    /// How many rows a store holds.
+    async fn count(&self, store: &str) -> Result<f64> {
+        let n = wait(self.store(store)?.count()).await?;
+        n.as_f64().ok_or_else(|| Error::Store("IndexedDB: count is not a number".into()))
+    }
+
     async fn get(&self, store: &str, key: &JsValue) -> Result<Option<JsValue>> {
         let value = wait(self.store(store)?.get(key)).await?;
         Ok(if value.is_undefined() { None } else { Some(value) })
@@ -362,19 +368,32 @@ impl StoreTx for IdbTx<'_> {
 
     async fn confirmed_many(&mut self, keys: &[(&str, &str)]) -> Result<Vec<Option<Confirmed>>> {
         let store = self.store(ENTITIES)?;
+        let decode = |v: JsValue| -> Result<Option<Confirmed>> {
+            if v.is_undefined() {
+                return Ok(None);
+            }
+            let text = v.as_string().ok_or_else(|| Error::LocalCorrupt("entity: not a string".into()))?;
+            decode_confirmed(&text).map(Some)
+        };
+        // No more entities than keys (a replica filling up): one read of them all.
+        if keys.len() >= 64 && self.count(ENTITIES).await? <= keys.len() as f64 {
+            let all_keys = Array::from(&wait(store.get_all_keys()).await?);
+            let values = Array::from(&wait(store.get_all()).await?);
+            let mut by_key = std::collections::HashMap::new();
+            for (key, value) in all_keys.iter().zip(values.iter()) {
+                let key = Array::from(&key);
+                if let (Some(c), Some(e)) = (key.get(0).as_string(), key.get(1).as_string()) {
+                    by_key.insert((c, e), value);
+                }
+            }
+            return keys
+                .iter()
+                .map(|(c, e)| decode(by_key.remove(&((*c).to_owned(), (*e).to_owned())).unwrap_or(JsValue::UNDEFINED)))
+                .collect();
+        }
         let requests =
             keys.iter().map(|(c, e)| store.get(&entity_key(c, e)).map_err(js_error)).collect::<Result<_>>()?;
-        let values = wait_all(requests).await?;
-        values
-            .into_iter()
-            .map(|v| {
-                if v.is_undefined() {
-                    return Ok(None);
-                }
-                let text = v.as_string().ok_or_else(|| Error::LocalCorrupt("entity: not a string".into()))?;
-                decode_confirmed(&text).map(Some)
-            })
-            .collect()
+        wait_all(requests).await?.into_iter().map(decode).collect()
     }
 
     async fn confirmed_in(&mut self, collection: &str) -> Result<Vec<EntityState>> {
@@ -426,24 +445,21 @@ impl StoreTx for IdbTx<'_> {
 
     async fn active_for_entities(&mut self, keys: &[(&Collection, &EntityId)]) -> Result<Vec<Vec<OutboxEntry>>> {
         // For many entities, one read of a small outbox beats a lookup per entity.
-        if keys.len() >= 64 {
-            let outbox = wait(self.store(OUTBOX)?.count()).await?.as_f64().unwrap_or(f64::MAX);
-            if outbox <= 4.0 * keys.len() as f64 {
-                let mut by_entity: std::collections::HashMap<(&str, &str), Vec<OutboxEntry>> = Default::default();
-                let all = self.all_outbox().await?;
-                for entry in all.iter().filter(|e| active(e)) {
-                    let key = (entry.change.collection.as_str(), entry.change.entity_id.as_str());
-                    by_entity.entry(key).or_default().push(entry.clone());
-                }
-                return Ok(keys
-                    .iter()
-                    .map(|(c, e)| {
-                        let mut entries = by_entity.get(&(c.as_str(), e.as_str())).cloned().unwrap_or_default();
-                        entries.sort_by_key(|e| e.id);
-                        entries
-                    })
-                    .collect());
+        if keys.len() >= 64 && self.count(OUTBOX).await? <= 4.0 * keys.len() as f64 {
+            let mut by_entity: std::collections::HashMap<(&str, &str), Vec<OutboxEntry>> = Default::default();
+            let all = self.all_outbox().await?;
+            for entry in all.iter().filter(|e| active(e)) {
+                let key = (entry.change.collection.as_str(), entry.change.entity_id.as_str());
+                by_entity.entry(key).or_default().push(entry.clone());
             }
+            return Ok(keys
+                .iter()
+                .map(|(c, e)| {
+                    let mut entries = by_entity.get(&(c.as_str(), e.as_str())).cloned().unwrap_or_default();
+                    entries.sort_by_key(|e| e.id);
+                    entries
+                })
+                .collect());
         }
         let index = self.store(OUTBOX)?.index(OUTBOX_BY_ENTITY).map_err(js_error)?;
         let requests = keys
@@ -572,6 +588,24 @@ impl StoreTx for IdbTx<'_> {
     }
 
     async fn confirm_many(&mut self, confirmations: &[(&str, u64)]) -> Result<u64> {
+        // A small outbox (empty, in a first sync): one read of it, not a lookup per change.
+        if confirmations.len() >= 64 && self.count(OUTBOX).await? <= 4.0 * confirmations.len() as f64 {
+            let mut by_change: std::collections::HashMap<String, OutboxEntry> = Default::default();
+            for entry in self.all_outbox().await?.into_iter().filter(active) {
+                let previous = by_change.get(entry.change.change_id.as_str()).map_or(i64::MAX, |e| e.id);
+                if entry.id < previous {
+                    by_change.insert(entry.change.change_id.as_str().to_owned(), entry);
+                }
+            }
+            let mut found = 0;
+            for (change_id, seq) in confirmations {
+                if let Some(entry) = by_change.remove(*change_id) {
+                    self.journal_entry(&entry, *seq).await?;
+                    found += 1;
+                }
+            }
+            return Ok(found);
+        }
         let index = self.store(OUTBOX)?.index(OUTBOX_BY_CHANGE).map_err(js_error)?;
         let requests = confirmations
             .iter()
