@@ -106,7 +106,8 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
         // none stays open while the next chunk is awaited.
         while let Some(chunk) = stream.next_chunk().await {
             buf.extend_from_slice(&chunk?);
-            let mut tx = self.store.begin(Access::Write).await?;
+            // Staged rows are the server's snapshot, fetched again if lost.
+            let mut tx = self.store.begin(Access::Refetchable).await?;
             let mut start = 0;
             while let Some(nl) = buf[start..].iter().position(|b| *b == b'\n') {
                 self.load_line(&mut tx, &mut snapshot, &buf[start..start + nl]).await?;

@@ -127,6 +127,18 @@ async fn meta_is_kept_by_commit_and_undone_by_drop<S: LocalStore>(store: &S) {
     tx.commit().await.unwrap();
     let mut tx = store.begin(Access::Read).await.unwrap();
     assert_eq!(tx.meta("gone").await.unwrap(), None, "a committed removal stays");
+    drop(tx);
+
+    // A refetchable write transaction commits and undoes as a write does.
+    let mut tx = store.begin(Access::Refetchable).await.unwrap();
+    tx.set_meta("k", "3").await.unwrap();
+    drop(tx);
+    let mut tx = store.begin(Access::Refetchable).await.unwrap();
+    assert_eq!(tx.meta("k").await.unwrap().as_deref(), Some("1"), "a dropped refetchable write leaves nothing");
+    tx.set_meta("k", "4").await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = store.begin(Access::Read).await.unwrap();
+    assert_eq!(tx.meta("k").await.unwrap().as_deref(), Some("4"), "a committed refetchable write stays");
 }
 
 async fn confirmed_state_is_replaced_and_listed<S: LocalStore>(store: &S) {

@@ -121,7 +121,7 @@ impl MemoryTx<'_> {
     }
 
     fn data_mut(&mut self) -> &mut Data {
-        assert_eq!(self.access, Access::Write, "a write in a read transaction");
+        assert!(self.access.writes(), "a write in a read transaction");
         self.data.as_mut().expect("the transaction holds the data")
     }
 

@@ -36,6 +36,18 @@ pub enum Access {
     Read,
     /// Reads and writes; one at a time.
     Write,
+    /// As [`Access::Write`], for writing only what the server can send again
+    /// (a page of the log, a bootstrap chunk): a store may commit it less
+    /// durably, so that a crash of the machine may undo it, whole (never in
+    /// part). The replica is then back at an older cursor and pulls again.
+    Refetchable,
+}
+
+impl Access {
+    /// Whether the transaction may write.
+    pub fn writes(self) -> bool {
+        self != Access::Read
+    }
 }
 
 /// Where an outbox change stands.

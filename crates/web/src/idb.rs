@@ -39,6 +39,9 @@ export function finished(tx) {
     tx.onabort = () => resolve("aborted: " + (tx.error ? tx.error.name + ": " + tx.error.message : "abort()"));
   });
 }
+export function transaction(db, names, mode, durability) {
+  return db.transaction(names, mode, { durability });
+}
 export function commit_now(tx) {
   if (typeof tx.commit === "function") tx.commit();
 }
@@ -48,6 +51,14 @@ extern "C" {
     fn settled(req: &IdbRequest) -> Promise;
     /// A promise of how a transaction ended: `complete`, or why it aborted.
     fn finished(tx: &IdbTransaction) -> Promise;
+    /// A transaction over `names` with a durability hint (ignored by browsers without one).
+    #[wasm_bindgen(catch)]
+    fn transaction(
+        db: &IdbDatabase,
+        names: &Array,
+        mode: IdbTransactionMode,
+        durability: &str,
+    ) -> std::result::Result<IdbTransaction, JsValue>;
     /// Asks a transaction to commit now, where the browser can.
     #[wasm_bindgen(catch)]
     fn commit_now(tx: &IdbTransaction) -> std::result::Result<(), JsValue>;
@@ -142,12 +153,16 @@ impl LocalStore for IdbStore {
 
     async fn begin(&self, access: Access) -> Result<IdbTx<'_>> {
         let db = self.database().await?;
-        let mode = match access {
-            Access::Read => IdbTransactionMode::Readonly,
-            Access::Write => IdbTransactionMode::Readwrite,
+        // A local write is flushed before it counts as done ("strict"); what the
+        // server can send again is left to the browser to flush ("relaxed"),
+        // which halves the cost of applying a page.
+        let (mode, durability) = match access {
+            Access::Read => (IdbTransactionMode::Readonly, "default"),
+            Access::Write => (IdbTransactionMode::Readwrite, "strict"),
+            Access::Refetchable => (IdbTransactionMode::Readwrite, "relaxed"),
         };
         let names: Array = STORES.iter().map(|s| JsValue::from_str(s)).collect();
-        let tx = db.transaction_with_str_sequence_and_mode(&names, mode).map_err(js_error)?;
+        let tx = transaction(&db, &names, mode, durability).map_err(js_error)?;
         let done = finished(&tx);
         Ok(IdbTx { tx, done, access, ended: false, store: PhantomData })
     }
@@ -166,7 +181,7 @@ pub struct IdbTx<'a> {
 
 impl Drop for IdbTx<'_> {
     fn drop(&mut self) {
-        if !self.ended && self.access == Access::Write {
+        if !self.ended && self.access.writes() {
             // Fails only when the transaction already ended (it then kept nothing it was not told to).
             let _ = self.tx.abort();
         }

@@ -56,7 +56,7 @@ impl LocalStore for SqliteStore {
         let conn = self.conn.take();
         let begin = match access {
             Access::Read => "BEGIN",
-            Access::Write => "BEGIN IMMEDIATE",
+            Access::Write | Access::Refetchable => "BEGIN IMMEDIATE",
         };
         if let Err(e) = conn.execute_batch(begin) {
             self.conn.give_back(conn);

@@ -64,7 +64,8 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
     /// digest, and commits only if both match the server's.
     pub(crate) async fn apply_page(&self, mut log: Vec<StoredChange>, page: &Page) -> Result<Result<(), Mismatch>> {
         log.sort_by_key(|c| c.seq);
-        let mut tx = self.store.begin(Access::Write).await?;
+        // The page can be pulled again: the store may keep it less durably.
+        let mut tx = self.store.begin(Access::Refetchable).await?;
         let state = replica::sync_state(&mut tx).await?;
         if state.cursor != page.from {
             // Another task moved the cursor while this page was on its way: drop it.
