@@ -346,7 +346,9 @@ class Tab {
         return { error: { code: e && e.code, message: String((e && e.message) || e) } };
       }
     }, options);
-    assert(!r.error, () => `${this.name}: open(${canonical({ ...options, token: options.token && "…" })}) rejected: ${r.error.code}: ${r.error.message}`);
+    const shown = { ...options };
+    if (shown.token) shown.token = "…";
+    assert(!r.error, () => `${this.name}: open(${canonical(shown)}) rejected: ${r.error.code}: ${r.error.message}`);
     return r.ok;
   }
 
@@ -746,9 +748,9 @@ async function theExampleAppSyncsTwoBrowsers(s) {
     const page = await (await s.context()).newPage();
     s.watch(page, name);
     await page.goto(`${server.url}/`);
-    try {
-      await page.waitForSelector("body[data-ready=true]", { timeout: 20_000 });
-    } catch {
+    // Ready, or an error shown: whichever comes first.
+    await page.waitForSelector("body[data-ready=true], #error:not(:empty)", { timeout: 20_000 }).catch(() => {});
+    if ((await page.getAttribute("body", "data-ready")) !== "true") {
       throw new Failure(`${name}: the app did not start: ${await page.textContent("#error")} ${s.logs.slice(-5).join(" | ")}`);
     }
     pages.push(page);
