@@ -491,7 +491,8 @@ async function twoBrowsersAndACliConverge(s) {
   // Concurrent edits, each side unaware of the others.
   await a.patch(TASKS, "t1", { title: "one (A)" }); // different fields of t1
   await b.patch(TASKS, "t1", { done: true });
-  await a.patch(TASKS, "t2", { title: "two (A)" }); // the same field of t2, three ways
+  // The same field of t2, three ways: A first, B last (HLCs follow the one wall clock here).
+  const aT2 = await a.patch(TASKS, "t2", { title: "two (A)" });
   await cli.patch(TASKS, "t2", { title: "two (cli)" });
   await b.patch(TASKS, "t2", { title: "two (B)" });
   await b.call("delete", TASKS, "t3"); // a delete racing an update
@@ -500,10 +501,20 @@ async function twoBrowsersAndACliConverge(s) {
   await b.put(TASKS, "t5", { title: "five (B)", done: false });
   await cli.put(TASKS, "t6", { title: "six (cli)", done: false });
 
-  let last;
+  // A syncs last in each round, so its t2 title, the oldest write, reaches the
+  // server after newer ones and loses: its report must list it in `lost`.
+  const rounds = [];
   for (let round = 1; round <= 2; round++) {
-    last = { a: await a.sync(), b: await b.sync(), cli: await cli.sync(server.url) };
+    const cliReport = await cli.sync(server.url);
+    const bReport = await b.sync();
+    rounds.push({ cli: cliReport, b: bReport, a: await a.sync() });
   }
+  const last = rounds[1];
+  const aLost = rounds[0].a.lost;
+  assert(
+    aLost.some((l) => l.change_id === aT2 && l.collection === TASKS && l.entity_id === "t2"),
+    () => `A's title of t2 lost to newer writes, but A's sync report does not list it in lost: ${canonical(rounds[0].a)}`,
+  );
   for (const [who, report] of Object.entries(last)) {
     assert(report.verified === true, `${who}'s last sync is not verified: ${canonical(report)}`);
     assert(report.pending === 0, `${who} still has pending changes: ${canonical(report)}`);
@@ -520,7 +531,7 @@ async function twoBrowsersAndACliConverge(s) {
   const t1 = list.find((e) => e.id === "t1");
   assertEqual(t1 && t1.data, { title: "one (A)", done: true }, "t1: edits of different fields both kept");
   const t2 = list.find((e) => e.id === "t2");
-  assert(t2 && ["two (A)", "two (B)", "two (cli)"].includes(t2.data.title), `t2's title is none of the three writes: ${canonical(t2)}`);
+  assertEqual(t2 && t2.data, { title: "two (B)", done: false }, "t2: the newest title wins");
   for (const id of ["t4", "t5", "t6"]) assert(ids(list).includes(id), `${id} is missing: ${canonical(list)}`);
   for (const tab of [a, b]) {
     const status = await tab.status();
