@@ -755,8 +755,11 @@ async function theExampleAppSyncsTwoBrowsers(s) {
   const server = await s.server({ staticDir: site, cors: undefined });
 
   const pages = [];
+  const contexts = [];
   for (const name of ["app 1", "app 2"]) {
-    const page = await (await s.context()).newPage();
+    const context = await s.context();
+    contexts.push(context);
+    const page = await context.newPage();
     s.watch(page, name);
     await page.goto(`${server.url}/`);
     // Ready, or an error shown: whichever comes first.
@@ -794,6 +797,27 @@ async function theExampleAppSyncsTwoBrowsers(s) {
   await p1.fill(`li[data-id="${id}"] .title`, renamed);
   await p1.press(`li[data-id="${id}"] .title`, "Enter");
   await seen(p2, renamed, "app 2 after the rename in app 1");
+
+  // A rename made offline in app 1 loses to a later one in app 2: once back
+  // online, app 1 lists its change among the lost ones.
+  await contexts[0].setOffline(true);
+  await p1.fill(`li[data-id="${id}"] .title`, `${title} (offline, loses)`);
+  await p1.press(`li[data-id="${id}"] .title`, "Enter");
+  const winner = `${title} (wins)`;
+  await p2.fill(`li[data-id="${id}"] .title`, winner);
+  await p2.press(`li[data-id="${id}"] .title`, "Enter");
+  await p2
+    .waitForFunction(() => document.querySelector("#status").dataset.pending === "0", null, { timeout: 15_000 })
+    .catch(async () => {
+      throw new Failure(`app 2 did not sync its rename within 15 s: ${await p2.textContent("#status")}`);
+    });
+  await contexts[0].setOffline(false);
+  await seen(p1, winner, "app 1 back online");
+  await p1
+    .waitForFunction((entity) => [...document.querySelectorAll("#lost li")].some((li) => li.textContent.includes(entity)), id, { timeout: 15_000 })
+    .catch(async () => {
+      throw new Failure(`app 1 does not list its lost rename of ${id}: #lost holds ${JSON.stringify(await p1.textContent("#lost"))}`);
+    });
 
   // Delete it in app 2: it leaves app 1.
   await p2.click(`li[data-id="${id}"] .delete`);
