@@ -325,15 +325,20 @@ class Tab {
     this.name = name;
     this.logs = logs;
     this.options = null;
+    /** Errors thrown in the page since it was made (loading the harness included). */
+    this.errors = [];
+    page.on("pageerror", (e) => this.errors.push(e.message));
   }
 
   /** Waits for the harness to load (it imports /dist/deltasync.js). */
   async ready() {
-    try {
-      await this.page.waitForFunction(() => window.harnessReady === true, null, { timeout: 20_000 });
-    } catch {
-      throw new Failure(`${this.name}: the harness page did not load: ${this.logs.slice(-10).join(" | ") || "no console output"}`);
+    // Loaded, or an error thrown while loading (a missing export): whichever comes first.
+    const deadline = Date.now() + 20_000;
+    while (this.errors.length === 0 && Date.now() < deadline) {
+      if (await this.page.evaluate(() => window.harnessReady === true).catch(() => false)) return;
+      await new Promise((r) => setTimeout(r, 100));
     }
+    throw new Failure(`${this.name}: the harness page did not load: ${this.logs.slice(-10).join(" | ") || "no console output"}`);
   }
 
   /** Opens the database in this page (`open(options)`); resolves to the device id. */
@@ -354,6 +359,7 @@ class Tab {
 
   /** Reloads the page and opens the same database again. */
   async reload() {
+    this.errors.length = 0;
     await this.page.reload();
     await this.ready();
     return this.open(this.options);
@@ -461,6 +467,7 @@ class Scope {
     const tab = new Tab(page, name, this.logs);
     await page.goto(`${this.env.web.origin}/tests/harness.html`);
     await tab.ready();
+    tab.errors.length = 0;
     if (options) await tab.open(options);
     return tab;
   }
@@ -864,6 +871,21 @@ async function main() {
   const web = await serveWeb();
   const browser = await chromium.launch({ executablePath: CHROMIUM, args: ["--no-sandbox"] });
   const env = { tmp, web, browser };
+
+  // Can the harness load the client at all? If not, say why once instead of failing every scenario.
+  {
+    const scope = new Scope(env, "preflight");
+    try {
+      await scope.tab(await scope.context(), null, "harness");
+    } catch (e) {
+      await browser.close().catch(() => {});
+      web.server.close();
+      throw new Error(`${e.message}\n(is web/dist the browser client? web/build.sh builds it)`);
+    } finally {
+      await scope.release();
+    }
+  }
+
   const results = [];
   try {
     for (const [name, scenario] of SCENARIOS) {
