@@ -2,7 +2,17 @@
 # Builds deltasync-web for the browser into web/dist (deltasync.js and its
 # wasm), installing the wasm-bindgen CLI that matches the wasm-bindgen crate
 # in Cargo.lock when it is missing or another version.
+#
+# Usage: web/build.sh                 the package apps use, in web/dist
+#        web/build.sh --conformance   with the store conformance suite, in web/dist-conformance
 set -euo pipefail
+features=()
+out=web/dist
+case "${1:-}" in
+  "") ;;
+  --conformance) features=(--features conformance); out=web/dist-conformance ;;
+  *) echo "usage: web/build.sh [--conformance]" >&2; exit 2 ;;
+esac
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 target_dir="${CARGO_TARGET_DIR:-$root/target}"
@@ -25,7 +35,14 @@ if [ "$have" != "$want" ]; then
 fi
 
 rustup target add wasm32-unknown-unknown >/dev/null 2>&1 || true
-CARGO_TARGET_DIR="$target_dir" cargo build -p deltasync-web --release --target wasm32-unknown-unknown
-wasm-bindgen --target web --out-dir web/dist --out-name deltasync \
+# What a page downloads: optimised for size (the budget is 400 KB gzipped,
+# docs/benchmarks.md), no debug info, link-time optimisation, one codegen unit.
+export CARGO_PROFILE_RELEASE_OPT_LEVEL=s CARGO_PROFILE_RELEASE_DEBUG=0 CARGO_PROFILE_RELEASE_LTO=true \
+  CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1
+CARGO_TARGET_DIR="$target_dir" cargo build -p deltasync-web --release --target wasm32-unknown-unknown "${features[@]}"
+rm -rf "$out"
+wasm-bindgen --target web --out-dir "$out" --out-name deltasync_core \
   "$target_dir/wasm32-unknown-unknown/release/deltasync_web.wasm"
-echo "build.sh: web/dist/deltasync.js and web/dist/deltasync_bg.wasm are ready"
+# The API apps import (deltasync.js) wraps the generated glue (deltasync_core.js).
+cp web/src/deltasync.js web/src/deltasync.d.ts "$out/"
+echo "build.sh: $out/deltasync.js (with deltasync_core.js and deltasync_core_bg.wasm) is ready"

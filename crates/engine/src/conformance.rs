@@ -53,6 +53,8 @@ impl Clock for TestClock {
 /// Runs every check, each on a store made by `fresh`.
 pub async fn run<S: LocalStore>(fresh: impl Fn() -> S) {
     meta_is_kept_by_commit_and_undone_by_drop(&fresh()).await;
+    a_batch_of_writes_is_one_transaction(fresh()).await;
+    engines_sharing_a_replica_stamp_in_order(fresh()).await;
     confirmed_state_is_replaced_and_listed(&fresh()).await;
     a_staged_snapshot_replaces_the_confirmed_state_only_when_adopted(&fresh()).await;
     outbox_keeps_order_and_status(&fresh()).await;
@@ -339,4 +341,58 @@ async fn the_engine_writes_and_reads_offline<S: LocalStore>(store: S) {
     assert_eq!(err.code(), "pending_changes");
     engine.reset(true).await.unwrap();
     assert_eq!(engine.list("tasks").await.unwrap(), vec![]);
+}
+
+async fn a_batch_of_writes_is_one_transaction<S: LocalStore>(store: S) {
+    use crate::local::{LocalWrite, WriteKind};
+    let engine: Engine<S, NoServer, TestClock> =
+        Engine::open(store, None, TestClock::at(1_763_800_000_000), EngineOptions::default()).await.unwrap();
+    let fields = |v: serde_json::Value| v.as_object().unwrap().clone();
+    let write = |id: &str, edit| LocalWrite { collection: "tasks".into(), entity_id: id.into(), edit };
+    engine.put("tasks", "t1", fields(json!({"title": "x"}))).await.unwrap();
+    let ids = engine
+        .write_batch(vec![
+            write("t2", WriteKind::Put(fields(json!({"title": "y"})))),
+            write("t2", WriteKind::Patch(fields(json!({"done": true})))),
+            write("t1", WriteKind::Patch(fields(json!({"title": "x"})))),
+            write("t1", WriteKind::Delete),
+        ])
+        .await
+        .unwrap();
+    assert!(ids[0].is_some() && ids[1].is_some() && ids[3].is_some());
+    assert_eq!(ids[2], None, "a write that changes nothing in the batch's view makes no change");
+    let t2 = engine.get("tasks", "t2").await.unwrap().expect("t2 was written");
+    assert_eq!(t2.data, fields(json!({"title": "y", "done": true})), "later writes see earlier ones");
+    assert_eq!(engine.get("tasks", "t1").await.unwrap(), None);
+    let stamps: Vec<String> = engine.outbox().await.unwrap().iter().map(|e| e.change.hlc.as_str().to_owned()).collect();
+    assert_eq!(stamps.len(), 4);
+    assert!(stamps.windows(2).all(|w| w[0] < w[1]), "stamps increase in outbox order: {stamps:?}");
+
+    let before = engine.outbox().await.unwrap().len();
+    let bad = engine
+        .write_batch(vec![
+            write("t3", WriteKind::Put(fields(json!({"a": 1})))),
+            write("t4", WriteKind::Put(fields(json!({"a": "x".repeat(300_000)})))),
+        ])
+        .await;
+    assert_eq!(bad.unwrap_err().code(), "invalid_input");
+    assert_eq!(engine.outbox().await.unwrap().len(), before, "a batch that fails part-way writes nothing");
+}
+
+/// Two engines on one replica (two browser tabs, two processes): each
+/// stamps after the other's last stamp, since the clock is read from the
+/// store within the write's transaction.
+async fn engines_sharing_a_replica_stamp_in_order<S: LocalStore>(store: S) {
+    let open = |clock| Engine::<&S, NoServer, TestClock>::open(&store, None, clock, EngineOptions::default());
+    let first = open(TestClock::at(1_763_800_000_000)).await.unwrap();
+    let second = open(TestClock::at(1_763_800_000_000)).await.unwrap();
+    assert_eq!(first.device_id(), second.device_id(), "one replica, one device");
+    let fields = |v: serde_json::Value| v.as_object().unwrap().clone();
+    for i in 0..3 {
+        first.put("tasks", "t", fields(json!({"n": i}))).await.unwrap();
+        second.put("tasks", "t", fields(json!({"n": i + 10}))).await.unwrap();
+    }
+    let stamps: Vec<String> = first.outbox().await.unwrap().iter().map(|e| e.change.hlc.as_str().to_owned()).collect();
+    assert_eq!(stamps.len(), 6);
+    assert!(stamps.windows(2).all(|w| w[0] < w[1]), "every stamp follows the one before: {stamps:?}");
 }

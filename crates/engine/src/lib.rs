@@ -56,7 +56,7 @@ pub mod view;
 pub use clock::Clock;
 pub use engine::{ChangeEvent, DEFAULT_JOURNAL_LIMIT, Engine, EngineOptions, Listener, Notice, Origin, Progress};
 pub use error::{Error, Result, TimeoutKind};
-pub use local::{LastError, MAX_DATA_BYTES, Stats};
+pub use local::{LastError, LocalWrite, MAX_DATA_BYTES, Stats, WriteKind};
 pub use memory::MemoryStore;
 pub use store::{Access, Confirmed, Journaled, LocalStore, OutboxEntry, OutboxStatus, StoreTx};
 pub use sync::{LostChange, SyncReport};

@@ -128,6 +128,19 @@ pub trait LocalStore {
     async fn begin(&self, access: Access) -> Result<Self::Tx<'_>>;
 }
 
+/// A shared store is a store: several engines (a process's, or a browser
+/// tab's) may work on one replica, as they would on one database.
+impl<S: LocalStore> LocalStore for &S {
+    type Tx<'a>
+        = S::Tx<'a>
+    where
+        Self: 'a;
+
+    async fn begin(&self, access: Access) -> Result<Self::Tx<'_>> {
+        (**self).begin(access).await
+    }
+}
+
 /// The operations of one transaction. Outbox lists are in outbox order
 /// (increasing id) unless said otherwise.
 #[allow(async_fn_in_trait)]

@@ -83,12 +83,14 @@ pub(crate) fn factory() -> Result<IdbFactory> {
 pub struct IdbStore {
     name: String,
     db: RefCell<Option<IdbDatabase>>,
+    /// Closed by [`IdbStore::close`]: no transaction begins any more.
+    closed: std::cell::Cell<bool>,
 }
 
 impl IdbStore {
     /// The store in the database named `name` (created on first use).
     pub fn new(name: &str) -> Self {
-        IdbStore { name: name.to_owned(), db: RefCell::new(None) }
+        IdbStore { name: name.to_owned(), db: RefCell::new(None), closed: Default::default() }
     }
 
     /// The database's name.
@@ -96,7 +98,19 @@ impl IdbStore {
         &self.name
     }
 
+    /// Closes the connection (once its transactions have ended); a
+    /// transaction begun afterwards fails.
+    pub fn close(&self) {
+        self.closed.set(true);
+        if let Some(db) = self.db.borrow_mut().take() {
+            db.close();
+        }
+    }
+
     async fn database(&self) -> Result<IdbDatabase> {
+        if self.closed.get() {
+            return Err(Error::Store(format!("the IndexedDB database {:?} was closed", self.name).into()));
+        }
         if let Some(db) = self.db.borrow().as_ref() {
             return Ok(db.clone());
         }

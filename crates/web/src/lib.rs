@@ -10,13 +10,19 @@
 pub mod records;
 
 #[cfg(target_arch = "wasm32")]
+pub mod api;
+#[cfg(target_arch = "wasm32")]
+pub mod clock;
+#[cfg(all(target_arch = "wasm32", feature = "conformance"))]
 mod conformance;
+#[cfg(target_arch = "wasm32")]
+pub mod fetch;
 #[cfg(target_arch = "wasm32")]
 mod idb;
 #[cfg(target_arch = "wasm32")]
 pub mod schema;
 
-#[cfg(target_arch = "wasm32")]
+#[cfg(all(target_arch = "wasm32", feature = "conformance"))]
 pub use conformance::run_conformance;
 #[cfg(target_arch = "wasm32")]
 pub use idb::{IdbStore, IdbTx};

@@ -94,6 +94,7 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
         tx.set_meta(keys::CLOCK, clock.as_str()).await?;
         tx.commit().await?;
         if !touched.is_empty() {
+            touched.sort();
             touched.dedup();
             self.emit(Origin::Server, touched);
         }

@@ -1,0 +1,288 @@
+//! `Core`, the class `web/src/deltasync.js` builds its API on: one engine on
+//! an [`IdbStore`], reaching the server with [`FetchTransport`], its methods
+//! returning promises of plain JS values (the JSON the command line prints).
+//!
+//! The triggers, the tabs (Web Locks, BroadcastChannel) and `subscribe` are
+//! the JS module's: they are the browser's, not the engine's rules. The
+//! runner's timings come from the engine ([`runner_defaults`], [`retry_delay_ms`]).
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use deltasync_engine::engine::Notice;
+use deltasync_engine::{Engine, EngineOptions, Error, LocalWrite, Progress, WriteKind, schedule};
+use js_sys::{Function, Promise, Reflect};
+use serde::Serialize;
+use serde_json::{Map, Value, json};
+use wasm_bindgen::prelude::*;
+use wasm_bindgen_futures::future_to_promise;
+
+use crate::clock::BrowserClock;
+use crate::fetch::FetchTransport;
+use crate::idb::IdbStore;
+
+type WebEngine = Engine<IdbStore, FetchTransport, BrowserClock>;
+
+thread_local! {
+    /// Each open `Core`'s event callback, by its number: the engine's
+    /// listener must be `Send`, so it carries the number, not the function.
+    static LISTENERS: RefCell<HashMap<u32, Function>> = RefCell::new(HashMap::new());
+    static NEXT_LISTENER: std::cell::Cell<u32> = const { std::cell::Cell::new(1) };
+}
+
+/// A JS value from anything serialisable (through JSON: plain objects and arrays).
+fn to_js(value: &impl Serialize) -> Result<JsValue, JsValue> {
+    let text = serde_json::to_string(value).map_err(|e| js_error(&Error::Invalid(e.to_string())))?;
+    js_sys::JSON::parse(&text)
+}
+
+/// A JSON value from a JS one.
+fn from_js(value: &JsValue, what: &str) -> Result<Value, Error> {
+    if value.is_undefined() {
+        return Ok(Value::Null);
+    }
+    let text =
+        js_sys::JSON::stringify(value).map_err(|_| Error::Invalid(format!("{what}: cannot be written as JSON")))?;
+    serde_json::from_str(&String::from(text)).map_err(|e| Error::Invalid(format!("{what}: {e}")))
+}
+
+/// A JSON object from a JS one.
+fn object(value: &JsValue, what: &str) -> Result<Map<String, Value>, Error> {
+    match from_js(value, what)? {
+        Value::Object(o) => Ok(o),
+        other => Err(Error::Invalid(format!("{what} must be an object, got {other}"))),
+    }
+}
+
+/// The JS `Error` for an engine error: its message, and `code` as the command line prints it.
+fn js_error(e: &Error) -> JsValue {
+    let error = js_sys::Error::new(&e.to_string());
+    let _ = Reflect::set(&error, &"code".into(), &e.code().into());
+    if let Error::Server { details, .. } = e
+        && !details.is_empty()
+        && let Ok(details) = to_js(details)
+    {
+        let _ = Reflect::set(&error, &"details".into(), &details);
+    }
+    error.into()
+}
+
+/// Calls the event callback of `Core` number `id`.
+fn dispatch(id: u32, notice: Notice) {
+    let event = match notice {
+        Notice::Changed(change) => {
+            let entities: Vec<Value> =
+                change.entities.iter().map(|(c, e)| json!({"collection": c.as_str(), "id": e.as_str()})).collect();
+            json!({"type": "change", "origin": change.origin, "entities": entities})
+        }
+        Notice::LocalWrite => json!({"type": "local-write"}),
+        Notice::Progress(Progress::Sync { pushed, pulled, cursor }) => {
+            json!({"type": "progress", "pushed": pushed, "pulled": pulled, "cursor": cursor})
+        }
+        Notice::Progress(Progress::Bootstrap { entities }) => json!({"type": "progress", "bootstrapped": entities}),
+    };
+    let callback = LISTENERS.with(|l| l.borrow().get(&id).cloned());
+    if let (Some(callback), Ok(event)) = (callback, to_js(&event)) {
+        // An exception in the page's callback is the page's; the engine goes on.
+        let _ = callback.call1(&JsValue::NULL, &event);
+    }
+}
+
+/// A promise of `work`'s value, rejected with a JS `Error` carrying `code`.
+fn promise<T: Serialize>(work: impl std::future::Future<Output = deltasync_engine::Result<T>> + 'static) -> Promise {
+    future_to_promise(async move {
+        match work.await {
+            Ok(value) => to_js(&value),
+            Err(e) => Err(js_error(&e)),
+        }
+    })
+}
+
+/// One replica in IndexedDB and its engine.
+#[wasm_bindgen]
+pub struct Core {
+    engine: Rc<WebEngine>,
+    listener: u32,
+}
+
+#[wasm_bindgen]
+impl Core {
+    /// Opens the replica in the IndexedDB database `name`, syncing with
+    /// `server` (absent: offline only); `on_event` receives the engine's events.
+    pub async fn open(
+        name: String,
+        server: Option<String>,
+        token: Option<String>,
+        on_event: Function,
+    ) -> Result<Core, JsValue> {
+        let transport = server.filter(|s| !s.is_empty()).map(|s| FetchTransport::new(&s, token)).transpose();
+        let transport = transport.map_err(|e| js_error(&e))?;
+        let listener = NEXT_LISTENER.with(|n| {
+            let id = n.get();
+            n.set(id + 1);
+            id
+        });
+        LISTENERS.with(|l| l.borrow_mut().insert(listener, on_event));
+        let options =
+            EngineOptions { listener: Some(Arc::new(move |notice| dispatch(listener, notice))), ..Default::default() };
+        match Engine::open(IdbStore::new(&name), transport, BrowserClock, options).await {
+            Ok(engine) => Ok(Core { engine: Rc::new(engine), listener }),
+            Err(e) => {
+                LISTENERS.with(|l| l.borrow_mut().remove(&listener));
+                Err(js_error(&e))
+            }
+        }
+    }
+
+    /// This device's id.
+    #[wasm_bindgen(getter, js_name = deviceId)]
+    pub fn device_id(&self) -> String {
+        self.engine.device_id().as_str().to_owned()
+    }
+
+    /// As `deltasync client put`: resolves to the change id, or null.
+    pub fn put(&self, collection: String, id: String, data: JsValue) -> Promise {
+        let engine = self.engine.clone();
+        promise(async move { engine.put(&collection, &id, object(&data, "data")?).await })
+    }
+
+    /// As `deltasync client patch`: resolves to the change id, or null.
+    pub fn patch(&self, collection: String, id: String, fields: JsValue) -> Promise {
+        let engine = self.engine.clone();
+        promise(async move { engine.patch(&collection, &id, object(&fields, "fields")?).await })
+    }
+
+    /// As `deltasync client delete`: resolves to the change id.
+    pub fn delete(&self, collection: String, id: String) -> Promise {
+        let engine = self.engine.clone();
+        promise(async move { engine.delete(&collection, &id).await })
+    }
+
+    /// Many writes (`[{op, collection, id, data}]`) in one transaction.
+    pub fn write(&self, writes: JsValue) -> Promise {
+        let engine = self.engine.clone();
+        promise(async move {
+            let writes = parse_writes(from_js(&writes, "writes")?)?;
+            engine.write_batch(writes).await
+        })
+    }
+
+    /// The entity's data, or null.
+    pub fn get(&self, collection: String, id: String) -> Promise {
+        let engine = self.engine.clone();
+        promise(async move { Ok(engine.get(&collection, &id).await?.map(|e| e.data)) })
+    }
+
+    /// `[{id, data}]`, sorted by id.
+    pub fn list(&self, collection: String) -> Promise {
+        let engine = self.engine.clone();
+        promise(async move {
+            let items = engine.list(&collection).await?;
+            Ok(items.into_iter().map(|e| json!({"id": e.id, "data": e.data})).collect::<Vec<_>>())
+        })
+    }
+
+    /// One sync; `manual` (asked for by the user) resets backoffs. Resolves to its report.
+    pub fn sync(&self, manual: bool) -> Promise {
+        let engine = self.engine.clone();
+        promise(async move { engine.sync(manual).await })
+    }
+
+    /// One long poll: waits up to `wait_secs` for other devices' changes and
+    /// applies them. Resolves to whether any arrived.
+    #[wasm_bindgen(js_name = waitForChanges)]
+    pub fn wait_for_changes(&self, wait_secs: u32) -> Promise {
+        let engine = self.engine.clone();
+        promise(async move { engine.wait_for_changes(Duration::from_secs(wait_secs.into())).await })
+    }
+
+    /// As `deltasync client status`.
+    pub fn status(&self) -> Promise {
+        let engine = self.engine.clone();
+        promise(async move { engine.stats().await })
+    }
+
+    /// As `deltasync client export-pending`.
+    #[wasm_bindgen(js_name = exportPending)]
+    pub fn export_pending(&self) -> Promise {
+        let engine = self.engine.clone();
+        promise(async move { engine.export_pending().await })
+    }
+
+    /// Sends every failed change back to the outbox; resolves to how many.
+    #[wasm_bindgen(js_name = retryFailed)]
+    pub fn retry_failed(&self) -> Promise {
+        let engine = self.engine.clone();
+        promise(async move { engine.retry_failed().await })
+    }
+
+    /// Forgets every failed change; resolves to how many.
+    #[wasm_bindgen(js_name = discardFailed)]
+    pub fn discard_failed(&self) -> Promise {
+        let engine = self.engine.clone();
+        promise(async move { engine.discard_failed().await })
+    }
+
+    /// As `deltasync client reset [--force]`.
+    pub fn reset(&self, force: bool) -> Promise {
+        let engine = self.engine.clone();
+        promise(async move { engine.reset(force).await })
+    }
+
+    /// Stops the events and closes the database connection.
+    pub fn close(&self) {
+        LISTENERS.with(|l| l.borrow_mut().remove(&self.listener));
+        self.engine.store().close();
+    }
+}
+
+/// `db.write`'s writes, each `{op: "put" | "patch" | "delete", collection, id, data}`.
+fn parse_writes(value: Value) -> Result<Vec<LocalWrite>, Error> {
+    let Value::Array(items) = value else {
+        return Err(Error::Invalid("writes must be an array of {op, collection, id, data}".into()));
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let field = |name: &str| item.get(name).and_then(Value::as_str).map(str::to_owned);
+            let (Some(op), Some(collection), Some(entity_id)) = (field("op"), field("collection"), field("id")) else {
+                return Err(Error::Invalid(format!("writes[{i}] needs string fields op, collection and id")));
+            };
+            let data = || match item.get("data") {
+                Some(Value::Object(o)) => Ok(o.clone()),
+                _ => Err(Error::Invalid(format!("writes[{i}] ({op}) needs an object `data`"))),
+            };
+            let edit = match op.as_str() {
+                "put" => WriteKind::Put(data()?),
+                "patch" => WriteKind::Patch(data()?),
+                "delete" => WriteKind::Delete,
+                other => {
+                    return Err(Error::Invalid(format!("writes[{i}]: unknown op {other:?} (put, patch or delete)")));
+                }
+            };
+            Ok(LocalWrite { collection, entity_id, edit })
+        })
+        .collect()
+}
+
+/// The background runner's defaults, the native runner's:
+/// `{interval_ms, debounce_ms, wait_secs}`.
+#[wasm_bindgen(js_name = runnerDefaults)]
+pub fn runner_defaults() -> Result<JsValue, JsValue> {
+    to_js(&json!({
+        "interval_ms": schedule::DEFAULT_INTERVAL.as_millis() as u64,
+        "debounce_ms": schedule::DEFAULT_DEBOUNCE.as_millis() as u64,
+        "wait_secs": schedule::DEFAULT_WAIT.as_secs(),
+    }))
+}
+
+/// The wait before the next try after `failures` failed syncs in a row (from 0), capped at `cap_ms`.
+#[wasm_bindgen(js_name = retryDelayMs)]
+pub fn retry_delay_ms(failures: u32, cap_ms: f64) -> f64 {
+    let cap = Duration::from_millis(cap_ms.max(1_000.0) as u64);
+    schedule::retry_delay(failures, cap, js_sys::Math::random()).as_millis() as f64
+}
