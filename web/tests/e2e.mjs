@@ -848,6 +848,28 @@ async function theExampleAppSyncsTwoBrowsers(s) {
   assertEqual(await cli.list(TASKS), [], "the CLI's tasks after the delete");
 }
 
+/**
+ * g. The runner's debounce as deltasync.d.ts documents it: "Milliseconds after
+ * the last local write before the runner syncs (default 1000)". A write made
+ * just after the runner's first sync reaches the server about a second later.
+ */
+async function theRunnerPushesAWriteAfterTheDefaultDebounce(s) {
+  const server = await s.server();
+  const tab = await s.tab(await s.context(), { name: "debounce", server: server.url, live: false });
+  await tab.call("start");
+  await until("the runner's first sync", async () => (await tab.events()).some((e) => e.type === "sync"), { timeout: 10_000 });
+  const started = Date.now();
+  await tab.put(TASKS, "d1", { title: "pushed by the runner", done: false });
+  await until("the runner to push the write", async () => (await serverLog(server.url)).length === 1, { timeout: 20_000, every: 50 });
+  const elapsed = Date.now() - started;
+  await tab.call("stop");
+  assert(
+    elapsed <= 2500,
+    `the runner pushed a local write ${elapsed} ms after it was made; deltasync.d.ts says it syncs \`debounce\` ms ` +
+      "after the last local write, default 1000 (allowing 1500 ms for the sync itself)",
+  );
+}
+
 const SCENARIOS = [
   ["two browsers and a CLI device converge", twoBrowsersAndACliConverge],
   ["offline edits survive a reload and sync once online", offlineEditsSurviveAReload],
@@ -855,6 +877,7 @@ const SCENARIOS = [
   ["a bad token is refused and the change waits for a good one", aBadTokenKeepsTheChange],
   ["a server restored from an older copy: the page heals", aRestoredServerHeals],
   ["the example app syncs two browsers", theExampleAppSyncsTwoBrowsers],
+  ["the runner pushes a write after the default debounce", theRunnerPushesAWriteAfterTheDefaultDebounce],
 ];
 
 // ---------------------------------------------------------------------------
