@@ -485,6 +485,7 @@ async function twoBrowsersAndACliConverge(s) {
   const b = await s.tab(await s.context(), { name: "converge", server: server.url, live: false }, "browser B");
   const cli = s.cli("cli");
   assert((await a.deviceId()) !== (await b.deviceId()), "two browser profiles got the same device id");
+  assert((await a.status()).device_id === (await a.deviceId()), "db.deviceId is not status().device_id");
 
   await a.put(TASKS, "t1", { title: "one", done: false });
   await a.put(TASKS, "t2", { title: "two", done: false });
@@ -563,6 +564,16 @@ async function offlineEditsSurviveAReload(s) {
   const offline = await tab.attempt("sync");
   assert(offline.error, `sync() resolved while offline: ${canonical(offline.ok)}`);
   assert(offline.error.code === "unreachable", `sync() offline rejected with code ${offline.error.code} (${offline.error.message}), not unreachable`);
+  const failing = await tab.status();
+  assert(
+    failing.last_error && failing.last_error.code === "unreachable" && failing.failed_syncs >= 1 && failing.failing_since !== null,
+    `status() after the failed sync does not show it (last_error, failed_syncs, failing_since): ${canonical(failing)}`,
+  );
+  const errorEvents = (await tab.events()).filter((e) => e.type === "sync-error");
+  assert(
+    errorEvents.some((e) => e.error && e.error.code === "unreachable"),
+    `no sync-error event with code unreachable: ${canonical(errorEvents)}`,
+  );
 
   // Reload: the page itself must come over the network, so go online for the
   // pages but keep the deltasync server unreachable from the browser.
@@ -584,6 +595,8 @@ async function offlineEditsSurviveAReload(s) {
   await context.unroute(api);
   const report = await tab.sync();
   assert(report.applied === 2 && report.verified && report.pending === 0, `the sync back online: ${canonical(report)}`);
+  const healthy = await tab.status();
+  assert(healthy.last_error === null && healthy.failed_syncs === 0, `status() after a good sync still shows the failure: ${canonical(healthy)}`);
   await cli.sync(server.url);
   assertEqual(await cli.get(TASKS, "o2"), { title: "written offline", done: false }, "the CLI's o2");
   assertEqual(await cli.get(TASKS, "o1"), { title: "before", done: true }, "the CLI's o1");
@@ -665,6 +678,8 @@ async function aBadTokenKeepsTheChange(s) {
   const refused = await tab.attempt("sync");
   assert(refused.error, `sync() with a bad token resolved: ${canonical(refused.ok)}`);
   assert(refused.error.code === "unauthorized", `sync() with a bad token rejected with ${refused.error.code} (${refused.error.message}), not unauthorized`);
+  const st = await tab.status();
+  assert(st.last_error && st.last_error.code === "unauthorized", `status().last_error after the refusal: ${canonical(st.last_error)}`);
   const pending = await tab.call("exportPending");
   assert(
     pending.some((e) => e.change_id === changeId && e.entity_id === "j1" && e.state === "pending"),
