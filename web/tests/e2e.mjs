@@ -885,6 +885,67 @@ async function theRunnerPushesAWriteAfterTheDefaultDebounce(s) {
   );
 }
 
+/** h. When the tab running the runner closes, another tab of the database takes it over. */
+async function theRunnerMovesToAnotherTab(s) {
+  const server = await s.server();
+  const context = await s.context();
+  const options = { name: "handover", server: server.url, live: true, debounce: 200 };
+  const one = await s.tab(context, options, "tab 1");
+  await one.call("start");
+  await until("tab 1's first sync", async () => (await one.events()).some((e) => e.type === "sync"), { timeout: 10_000 });
+  const two = await s.tab(context, options, "tab 2");
+  await two.call("start");
+  await two.put(TASKS, "h1", { title: "while tab 1 runs the runner", done: false });
+  await until("h1 to reach the server", async () => (await serverLog(server.url)).length === 1, { timeout: 10_000 });
+
+  await one.page.close(); // releases its locks: tab 2's runner must take over
+  await two.put(TASKS, "h2", { title: "after tab 1 closed", done: false });
+  await until("h2 to reach the server through tab 2's runner", async () => (await serverLog(server.url)).length === 2, { timeout: 15_000 });
+  await two.call("stop");
+}
+
+/** i. The API's smaller promises: no-op writes, all-or-none batches, reset's refusal, reads of absent entities. */
+async function theApiKeepsItsSmallPromises(s) {
+  const server = await s.server();
+  const tab = await s.tab(await s.context(), { name: "api", server: server.url, live: false });
+  const id = await tab.put(TASKS, "a1", { title: "same", done: false });
+  assert(typeof id === "string" && id.length > 0, `put resolved to ${canonical(id)}, not a change id`);
+  assert((await tab.put(TASKS, "a1", { title: "same", done: false })) === null, "put of the same data did not resolve to null");
+  assert((await tab.patch(TASKS, "a1", { done: false })) === null, "patch of an unchanged field did not resolve to null");
+  assert((await tab.call("get", TASKS, "nope")) === null, "get of an absent entity is not null");
+
+  const local = (await tab.events()).filter((e) => e.type === "change" && e.origin === "local");
+  assert(local.some((e) => e.entities.some((x) => x.collection === TASKS && x.id === "a1")), `no local change event for a1: ${canonical(local)}`);
+
+  // write(): all or none.
+  const bad = await tab.attempt("write", [
+    { op: "put", collection: TASKS, id: "a2", data: { title: "in a failed batch", done: false } },
+    { op: "put", collection: "", id: "a3", data: {} },
+  ]);
+  assert(bad.error, `write() with an empty collection name resolved: ${canonical(bad.ok)}`);
+  assert(bad.error.code === "invalid_input", `write() with an empty collection name rejected with ${bad.error.code} (${bad.error.message}), not invalid_input`);
+  assert((await tab.call("get", TASKS, "a2")) === null, "a write() that failed kept its first write");
+  const ok = await tab.call("write", [
+    { op: "put", collection: TASKS, id: "a2", data: { title: "batch", done: false } },
+    { op: "patch", collection: TASKS, id: "a1", data: { done: true } },
+    { op: "delete", collection: TASKS, id: "a2" },
+  ]);
+  assert(Array.isArray(ok) && ok.length === 3 && ok.every((c) => typeof c === "string"), `write() resolved to ${canonical(ok)}`);
+  assertEqual(await tab.list(TASKS), [{ id: "a1", data: { title: "same", done: true } }], "the list after the batch");
+  assert((await tab.call("get", TASKS, "a2")) === null, "get of a deleted entity is not null");
+
+  // reset(): refused while changes wait, unless forced.
+  const refused = await tab.attempt("reset");
+  assert(refused.error && refused.error.code === "pending_changes", `reset() with pending changes: ${canonical(refused)}`);
+  assert((await tab.call("retryFailed")) === 0 && (await tab.call("discardFailed")) === 0, "retryFailed/discardFailed with nothing failed");
+  await tab.sync();
+  await tab.call("reset");
+  assertEqual(await tab.list(TASKS), [], "the list after reset()");
+  const report = await tab.sync();
+  assert(report.verified, `the sync after reset(): ${canonical(report)}`);
+  assertEqual(await tab.list(TASKS), [{ id: "a1", data: { title: "same", done: true } }], "the list after reset() and a sync");
+}
+
 const SCENARIOS = [
   ["two browsers and a CLI device converge", twoBrowsersAndACliConverge],
   ["offline edits survive a reload and sync once online", offlineEditsSurviveAReload],
@@ -893,6 +954,8 @@ const SCENARIOS = [
   ["a server restored from an older copy: the page heals", aRestoredServerHeals],
   ["the example app syncs two browsers", theExampleAppSyncsTwoBrowsers],
   ["the runner pushes a write after the default debounce", theRunnerPushesAWriteAfterTheDefaultDebounce],
+  ["the runner moves to another tab when its tab closes", theRunnerMovesToAnotherTab],
+  ["the API keeps its small promises", theApiKeepsItsSmallPromises],
 ];
 
 // ---------------------------------------------------------------------------
