@@ -946,6 +946,29 @@ async function theApiKeepsItsSmallPromises(s) {
   assertEqual(await tab.list(TASKS), [{ id: "a1", data: { title: "same", done: true } }], "the list after reset() and a sync");
 }
 
+/**
+ * j. The runner syncs when the browser comes back online (deltasync.d.ts:
+ * "syncs now, …, when the browser goes online"), not at the end of its
+ * backoff after failed syncs.
+ */
+async function theRunnerSyncsWhenBackOnline(s) {
+  const server = await s.server();
+  const context = await s.context();
+  const tab = await s.tab(context, { name: "online", server: server.url, live: false, debounce: 200 });
+  await tab.call("start");
+  await until("the runner's first sync", async () => (await tab.events()).some((e) => e.type === "sync"), { timeout: 10_000 });
+  await context.setOffline(true);
+  await tab.put(TASKS, "n1", { title: "written offline", done: false });
+  // Four failed syncs: the runner's next retry is 4 to 8 s away (backoff from 1 s, doubling).
+  await until("four failed syncs", async () => (await tab.status()).failed_syncs >= 4, { timeout: 30_000 });
+  await context.setOffline(false);
+  const online = Date.now();
+  await until("n1 to reach the server", async () => (await serverLog(server.url)).length === 1, { timeout: 30_000, every: 50 });
+  const elapsed = Date.now() - online;
+  await tab.call("stop");
+  assert(elapsed <= 2500, `the runner pushed the offline write ${elapsed} ms after the browser went online, not at once`);
+}
+
 const SCENARIOS = [
   ["two browsers and a CLI device converge", twoBrowsersAndACliConverge],
   ["offline edits survive a reload and sync once online", offlineEditsSurviveAReload],
@@ -956,6 +979,7 @@ const SCENARIOS = [
   ["the runner pushes a write after the default debounce", theRunnerPushesAWriteAfterTheDefaultDebounce],
   ["the runner moves to another tab when its tab closes", theRunnerMovesToAnotherTab],
   ["the API keeps its small promises", theApiKeepsItsSmallPromises],
+  ["the runner syncs when the browser comes back online", theRunnerSyncsWhenBackOnline],
 ];
 
 // ---------------------------------------------------------------------------
