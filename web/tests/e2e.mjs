@@ -494,6 +494,10 @@ async function twoBrowsersAndACliConverge(s) {
   await b.sync();
   await cli.sync(server.url);
   assertEqual(await b.list(TASKS), await a.list(TASKS), "B after pulling A's tasks");
+  const pulled = (await b.events()).filter((e) => e.type === "change" && e.origin === "server").flatMap((e) => e.entities);
+  for (const id of ["t1", "t2", "t3"]) {
+    assert(pulled.some((x) => x.collection === TASKS && x.id === id), `B got no change event (origin server) for ${id}: ${canonical(pulled)}`);
+  }
   assertEqual(await cli.list(TASKS), await a.list(TASKS), "the CLI after pulling A's tasks");
 
   // Concurrent edits, each side unaware of the others.
@@ -941,6 +945,8 @@ async function theApiKeepsItsSmallPromises(s) {
   await tab.sync();
   await tab.call("reset");
   assertEqual(await tab.list(TASKS), [], "the list after reset()");
+  await until("a change event with origin reset", async () =>
+    (await tab.events()).some((e) => e.type === "change" && e.origin === "reset"), { timeout: 5_000 });
   const report = await tab.sync();
   assert(report.verified, `the sync after reset(): ${canonical(report)}`);
   assertEqual(await tab.list(TASKS), [{ id: "a1", data: { title: "same", done: true } }], "the list after reset() and a sync");
