@@ -975,6 +975,57 @@ async function theRunnerSyncsWhenBackOnline(s) {
   assert(elapsed <= 2500, `the runner pushed the offline write ${elapsed} ms after the browser went online, not at once`);
 }
 
+/** k. The background runner (live) heals by itself after the server comes back from an older copy. */
+async function theRunnerHealsAfterARestore(s) {
+  await mkdir(s.dir, { recursive: true });
+  const port = await freePort();
+  const dbFile = join(s.dir, "server.db");
+  const files = [dbFile, `${dbFile}-wal`, `${dbFile}-shm`];
+  let server = await s.server({ port, dbFile });
+  const tab = await s.tab(await s.context(), { name: "runner-restore", server: server.url, live: true, debounce: 200 });
+  await tab.call("start");
+  await tab.put(TASKS, "k1", { title: "in the backup", done: false });
+  await until("k1 on the server", async () => (await serverLog(server.url)).length === 1, { timeout: 10_000 });
+
+  await server.stop();
+  const backup = join(s.dir, "backup");
+  await mkdir(backup);
+  const saved = [];
+  for (const f of files) {
+    if (await exists(f)) {
+      await cp(f, join(backup, basename(f)));
+      saved.push(f);
+    }
+  }
+  server = await s.server({ port, dbFile });
+  await tab.put(TASKS, "k2", { title: "after the backup", done: false });
+  await until("k2 on the server (the runner reconnects)", async () => (await serverLog(server.url)).length === 2, { timeout: 20_000 });
+
+  await server.stop();
+  for (const f of files) await rm(f, { force: true });
+  for (const f of saved) await cp(join(backup, basename(f)), f);
+  server = await s.server({ port, dbFile });
+  await tab.put(TASKS, "k3", { title: "after the restore", done: false });
+
+  const fresh = s.cli("fresh");
+  await until("the server to hold k1, k2 and k3 again", async () => {
+    await fresh.sync(server.url);
+    assertEqual(ids(await fresh.list(TASKS)), ["k1", "k2", "k3"], "a fresh CLI device's tasks");
+    return true;
+  }, { timeout: 30_000, every: 500 });
+  await until("a sync event of the runner saying it healed", async () => {
+    const reports = (await tab.events()).filter((e) => e.type === "sync").map((e) => e.report);
+    return reports.some((r) => r.healed && r.verified);
+  }, { timeout: 10_000 });
+  await until("the page to stand at the server's state", async () => {
+    const st = await tab.status();
+    const server_ = await serverStatus(server.url);
+    assert(st.pending === 0 && st.state_digest === server_.state_digest, `page ${canonical(st)} vs server ${canonical(server_)}`);
+    return true;
+  }, { timeout: 10_000 });
+  await tab.call("stop");
+}
+
 const SCENARIOS = [
   ["two browsers and a CLI device converge", twoBrowsersAndACliConverge],
   ["offline edits survive a reload and sync once online", offlineEditsSurviveAReload],
@@ -986,6 +1037,7 @@ const SCENARIOS = [
   ["the runner moves to another tab when its tab closes", theRunnerMovesToAnotherTab],
   ["the API keeps its small promises", theApiKeepsItsSmallPromises],
   ["the runner syncs when the browser comes back online", theRunnerSyncsWhenBackOnline],
+  ["the runner heals by itself after a server restore", theRunnerHealsAfterARestore],
 ];
 
 // ---------------------------------------------------------------------------
