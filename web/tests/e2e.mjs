@@ -1026,6 +1026,47 @@ async function theRunnerHealsAfterARestore(s) {
   await tab.call("stop");
 }
 
+/** l. Odd values (Unicode, big and small numbers, nesting) and a batch larger than one request sync verified. */
+async function oddValuesAndABigBatchSyncVerified(s) {
+  const server = await s.server();
+  const tab = await s.tab(await s.context(), { name: "values", server: server.url, live: false });
+  const odd = {
+    title: "ünïcødé 🎉 \u2028 \"quoted\" \\ tab\t",
+    done: false,
+    n: 1e21,
+    f: 0.1,
+    neg: -0,
+    small: 5e-324,
+    big: 9007199254740992,
+    nested: { b: 1, a: [1, "x", null, true, { z: [] }] },
+    "key with spaces": "",
+  };
+  await tab.put(TASKS, "odd", odd);
+  const batch = Array.from({ length: 600 }, (_, i) => ({
+    op: "put",
+    collection: TASKS,
+    id: `b-${String(i).padStart(4, "0")}`,
+    data: { title: `batch ${i}`, done: i % 2 === 0 },
+  }));
+  await tab.call("write", batch);
+  const report = await tab.sync();
+  assert(report.applied === 601 && report.verified && report.pending === 0, `the sync of 601 changes: ${canonical(report)}`);
+
+  const cli = s.cli("cli");
+  const cliReport = await cli.sync(server.url);
+  assert(cliReport.state_digest === report.state_digest, `the CLI's digest ${cliReport.state_digest} vs the page's ${report.state_digest}`);
+  assertEqual(await cli.get(TASKS, "odd"), await tab.call("get", TASKS, "odd"), "odd values, CLI vs page");
+  assertEqual(await tab.call("get", TASKS, "odd"), odd, "odd values read back in the page");
+  assert((await cli.list(TASKS)).length === 601, "the CLI does not list 601 tasks");
+
+  // And the other way: the CLI writes odd values, the page pulls and verifies them.
+  await cli.put(TASKS, "odd-cli", { title: "𝄞 from the CLI", n: 123456789.125, e: 1e-7 });
+  await cli.sync(server.url);
+  const back = await tab.sync();
+  assert(back.verified && back.pulled === 1, `the page's sync pulling the CLI's odd values: ${canonical(back)}`);
+  assertEqual(await tab.call("get", TASKS, "odd-cli"), { title: "𝄞 from the CLI", n: 123456789.125, e: 1e-7 }, "the CLI's odd values in the page");
+}
+
 const SCENARIOS = [
   ["two browsers and a CLI device converge", twoBrowsersAndACliConverge],
   ["offline edits survive a reload and sync once online", offlineEditsSurviveAReload],
@@ -1038,6 +1079,7 @@ const SCENARIOS = [
   ["the API keeps its small promises", theApiKeepsItsSmallPromises],
   ["the runner syncs when the browser comes back online", theRunnerSyncsWhenBackOnline],
   ["the runner heals by itself after a server restore", theRunnerHealsAfterARestore],
+  ["odd values and a batch larger than one request sync verified", oddValuesAndABigBatchSyncVerified],
 ];
 
 // ---------------------------------------------------------------------------
