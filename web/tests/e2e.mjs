@@ -659,6 +659,14 @@ async function twoTabsShareOneReplica(s) {
     return true;
   }, { timeout: 10_000 });
 
+  // Manual syncs in both tabs at once, while the runner may be syncing too: they take turns.
+  const more = [await one.put(TASKS, "c-1-9", { title: "tab 1, last", done: false }), await two.put(TASKS, "c-2-9", { title: "tab 2, last", done: false })];
+  const [r1, r2] = await Promise.all([one.sync(), two.sync()]);
+  for (const r of [r1, r2]) assert(r.verified && r.duplicate === 0, `a manual sync in both tabs at once: ${canonical(r)}`);
+  const log2 = await serverLog(server.url);
+  assert(log2.length === 12, `the server's log holds ${log2.length} changes, not 12`);
+  for (const id of more) assert(log2.filter((c) => c.change_id === id).length === 1, `change ${id} is not in the log exactly once`);
+
   const cli = s.cli("cli");
   await cli.sync(server.url);
   assertEqual(await cli.list(TASKS), await one.list(TASKS), "the CLI's list vs tab 1's");
