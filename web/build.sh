@@ -45,4 +45,10 @@ wasm-bindgen --target web --out-dir "$out" --out-name deltasync_core \
   "$target_dir/wasm32-unknown-unknown/release/deltasync_web.wasm"
 # The API apps import (deltasync.js) wraps the generated glue (deltasync_core.js).
 cp web/src/deltasync.js web/src/deltasync.d.ts "$out/"
+if [ "$out" = web/dist ]; then
+  # The example app is served as one folder (deltasync serve --static examples/web-tasks).
+  rm -rf examples/web-tasks/dist
+  mkdir -p examples/web-tasks
+  cp -r web/dist examples/web-tasks/dist
+fi
 echo "build.sh: $out/deltasync.js (with deltasync_core.js and deltasync_core_bg.wasm) is ready"

@@ -13,7 +13,7 @@ export interface OpenOptions {
   live?: boolean;
   /** Milliseconds between periodic syncs of the runner (default 30000). */
   interval?: number;
-  /** Milliseconds after the last local write before the runner syncs (default 1000). */
+  /** Syncs caused by local writes are at least this many milliseconds apart (default 5000, the native runner's). */
   debounce?: number;
   /** Ask the browser to keep the database (`navigator.storage.persist()`; default true). */
   persist?: boolean;

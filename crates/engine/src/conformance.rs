@@ -32,7 +32,13 @@ pub struct TestClock {
 impl TestClock {
     /// A clock standing at `ms`.
     pub fn at(ms: u64) -> Self {
-        TestClock { now: AtomicU64::new(ms), next: AtomicU64::new(1) }
+        Self::seeded(ms, 1)
+    }
+
+    /// A clock standing at `ms` whose random numbers start from `seed` (two
+    /// devices need different ones, or they make the same change ids).
+    pub fn seeded(ms: u64, seed: u64) -> Self {
+        TestClock { now: AtomicU64::new(ms), next: AtomicU64::new(seed) }
     }
 }
 
@@ -54,6 +60,7 @@ impl Clock for TestClock {
 pub async fn run<S: LocalStore>(fresh: impl Fn() -> S) {
     meta_is_kept_by_commit_and_undone_by_drop(&fresh()).await;
     a_batch_of_writes_is_one_transaction(fresh()).await;
+    reads_and_confirmations_of_many_match_one_at_a_time(&fresh()).await;
     engines_sharing_a_replica_stamp_in_order(fresh()).await;
     confirmed_state_is_replaced_and_listed(&fresh()).await;
     a_staged_snapshot_replaces_the_confirmed_state_only_when_adopted(&fresh()).await;
@@ -343,6 +350,61 @@ async fn the_engine_writes_and_reads_offline<S: LocalStore>(store: S) {
     assert_eq!(engine.list("tasks").await.unwrap(), vec![]);
 }
 
+async fn reads_and_confirmations_of_many_match_one_at_a_time<S: LocalStore>(store: &S) {
+    let mut tx = write(store).await;
+    tx.put_confirmed(&entity("a", 1), Some(&[1; 32])).await.unwrap();
+    tx.put_confirmed(&entity("b", 2), None).await.unwrap();
+    for (n, e) in [(1, "a"), (2, "b"), (3, "a"), (4, "c")] {
+        tx.push_outbox(&change(n, e, 0), 1).await.unwrap();
+    }
+    let keys = [("tasks", "b"), ("tasks", "none"), ("tasks", "a")];
+    let many = tx.confirmed_many(&keys).await.unwrap();
+    let mut one = Vec::new();
+    for (c, e) in keys {
+        one.push(tx.confirmed(c, e).await.unwrap());
+    }
+    assert_eq!(many, one, "confirmed_many answers as confirmed, in order");
+    assert!(many[1].is_none() && many[2].as_ref().is_some_and(|a| a.state.version == 1));
+
+    let (tasks, a, x) =
+        (Collection::parse("tasks").unwrap(), EntityId::parse("a").unwrap(), EntityId::parse("x").unwrap());
+    let active = tx.active_for_entities(&[(&tasks, &x), (&tasks, &a)]).await.unwrap();
+    assert!(active[0].is_empty());
+    let ids: Vec<&str> = active[1].iter().map(|e| e.change.change_id.as_str()).collect();
+    assert_eq!(ids, ["c001", "c003"], "each entity's active entries, in outbox order");
+
+    let found = tx.confirm_many(&[("c003", 10), ("unknown", 11), ("c002", 12)]).await.unwrap();
+    assert_eq!(found, 2, "only changes in the outbox are confirmed");
+    let left: Vec<String> =
+        tx.all_entries().await.unwrap().iter().map(|e| e.change.change_id.as_str().to_owned()).collect();
+    assert_eq!(left, ["c001", "c004"]);
+    let journal: Vec<u64> = tx.journal_by_seq().await.unwrap().iter().map(|j| j.seq).collect();
+    assert_eq!(journal, [10, 12], "confirmed changes go to the journal at their seq");
+
+    // Many keys (a store may then read everything at once): the same answers.
+    let names: Vec<String> = (0..100).map(|i| format!("m{i:03}")).collect();
+    for (i, name) in names.iter().enumerate().filter(|(i, _)| i % 2 == 0) {
+        tx.put_confirmed(&entity(name, i as u64 + 1), None).await.unwrap();
+        tx.push_outbox(&change(100 + i as u32, name, 0), 1).await.unwrap();
+    }
+    let keys: Vec<(&str, &str)> = names.iter().map(|n| ("tasks", n.as_str())).collect();
+    let many = tx.confirmed_many(&keys).await.unwrap();
+    for (i, found) in many.iter().enumerate() {
+        assert_eq!(found.as_ref().map(|c| c.state.version), (i % 2 == 0).then_some(i as u64 + 1), "m{i:03}");
+    }
+    let ids: Vec<EntityId> = names.iter().map(|n| EntityId::parse(n.as_str()).unwrap()).collect();
+    let pairs: Vec<(&Collection, &EntityId)> = ids.iter().map(|e| (&tasks, e)).collect();
+    let active = tx.active_for_entities(&pairs).await.unwrap();
+    for (i, entries) in active.iter().enumerate() {
+        assert_eq!(entries.len(), usize::from(i % 2 == 0), "m{i:03}");
+    }
+    let change_ids: Vec<String> = (0..100).map(|i| format!("c{:03}", 100 + i)).collect();
+    let confirmations: Vec<(&str, u64)> =
+        change_ids.iter().enumerate().map(|(i, c)| (c.as_str(), 100 + i as u64)).collect();
+    assert_eq!(tx.confirm_many(&confirmations).await.unwrap(), 50, "the 50 changes in the outbox");
+    assert_eq!(tx.all_entries().await.unwrap().len(), 2, "c001 and c004 stay");
+}
+
 async fn a_batch_of_writes_is_one_transaction<S: LocalStore>(store: S) {
     use crate::local::{LocalWrite, WriteKind};
     let engine: Engine<S, NoServer, TestClock> =
@@ -385,7 +447,7 @@ async fn a_batch_of_writes_is_one_transaction<S: LocalStore>(store: S) {
 async fn engines_sharing_a_replica_stamp_in_order<S: LocalStore>(store: S) {
     let open = |clock| Engine::<&S, NoServer, TestClock>::open(&store, None, clock, EngineOptions::default());
     let first = open(TestClock::at(1_763_800_000_000)).await.unwrap();
-    let second = open(TestClock::at(1_763_800_000_000)).await.unwrap();
+    let second = open(TestClock::seeded(1_763_800_000_000, 0x5eed)).await.unwrap();
     assert_eq!(first.device_id(), second.device_id(), "one replica, one device");
     let fields = |v: serde_json::Value| v.as_object().unwrap().clone();
     for i in 0..3 {

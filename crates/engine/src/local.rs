@@ -2,7 +2,7 @@
 //! transaction that adds a change to the outbox; reads merge the outbox on top
 //! of the confirmed state ([`crate::view`]).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use deltasync_protocol::wire::Policies;
 use deltasync_protocol::{Change, ChangeId, ChangeLimits, Collection, EntityId, EntityState, Op, json};
@@ -159,6 +159,20 @@ struct Writer<'e, S, T, C> {
     policies: Policies,
     /// The newest stamp issued, to persist at the end.
     last: Option<deltasync_protocol::Hlc>,
+    /// What the writes see of each entity, read once (at once for a batch).
+    seen: HashMap<(Collection, EntityId), Seen>,
+}
+
+/// An entity as the writes of one transaction see it.
+struct Seen {
+    /// Its confirmed version (0 when never confirmed).
+    confirmed_version: u64,
+    /// Its confirmed state.
+    confirmed: Option<EntityState>,
+    /// Its active outbox changes, this transaction's included, in order.
+    changes: Vec<Change>,
+    /// The newest seq the server gave one of them.
+    acked: Option<u64>,
 }
 
 impl<'e, S: LocalStore, T: Transport, C: Clock> Writer<'e, S, T, C> {
@@ -167,7 +181,31 @@ impl<'e, S: LocalStore, T: Transport, C: Clock> Writer<'e, S, T, C> {
         if let Some(stored) = replica::clock(tx).await? {
             engine.device_clock().hlc.observe_stamp(&stored);
         }
-        Ok(Writer { engine, policies, last: None })
+        Ok(Writer { engine, policies, last: None, seen: HashMap::new() })
+    }
+
+    /// Reads the entities of `keys` not read yet, at once.
+    async fn read(&mut self, tx: &mut impl StoreTx, keys: &[(&Collection, &EntityId)]) -> Result<()> {
+        let mut missing: Vec<(&Collection, &EntityId)> =
+            keys.iter().copied().filter(|(c, e)| !self.seen.contains_key(&((*c).clone(), (*e).clone()))).collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if missing.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<(&str, &str)> = missing.iter().map(|(c, e)| (c.as_str(), e.as_str())).collect();
+        let confirmed = tx.confirmed_many(&names).await?;
+        let active = tx.active_for_entities(&missing).await?;
+        for (((collection, entity_id), confirmed), active) in missing.into_iter().zip(confirmed).zip(active) {
+            let seen = Seen {
+                confirmed_version: confirmed.as_ref().map_or(0, |c| c.state.version),
+                confirmed: confirmed.map(|c| c.state),
+                acked: active.iter().filter_map(|e| e.seq).max(),
+                changes: active.into_iter().map(|e| e.change).collect(),
+            };
+            self.seen.insert((collection.clone(), entity_id.clone()), seen);
+        }
+        Ok(())
     }
 
     /// Adds one change to the outbox; `build` sees the current view.
@@ -179,17 +217,16 @@ impl<'e, S: LocalStore, T: Transport, C: Clock> Writer<'e, S, T, C> {
         build: impl FnOnce(Option<&EntityState>) -> Edit,
     ) -> Result<Option<ChangeId>> {
         let engine = self.engine;
-        let confirmed = tx.confirmed(collection.as_str(), entity_id.as_str()).await?;
-        let active = tx.active_for_entity(collection, entity_id).await?;
-        let confirmed_version = confirmed.as_ref().map_or(0, |c| c.state.version);
-        let (view, _) = view::overlay(&self.policies, confirmed.map(|c| c.state), active.iter().map(|e| &e.change));
+        self.read(tx, &[(collection, entity_id)]).await?;
+        let seen = self.seen.get_mut(&(collection.clone(), entity_id.clone())).expect("read above");
+        let (view, _) = view::overlay(&self.policies, seen.confirmed.clone(), seen.changes.iter());
         let Some((op, data)) = build(view.as_ref()) else {
             return Ok(None);
         };
         // The version this edit is based on: the newest acknowledged local change
         // of the entity, or the confirmed version. Pending changes before it are
         // rebased when the server gives them a seq.
-        let base_version = active.iter().filter_map(|e| e.seq).max().unwrap_or(confirmed_version);
+        let base_version = seen.acked.unwrap_or(seen.confirmed_version);
         let hlc = engine.device_clock().tick(engine.wall_ms());
         let change = Change {
             change_id: ChangeId::parse(engine.new_change_id())?,
@@ -203,7 +240,9 @@ impl<'e, S: LocalStore, T: Transport, C: Clock> Writer<'e, S, T, C> {
         let change = canonical(change)?;
         tx.push_outbox(&change, engine.wall_ms()).await?;
         self.last = Some(change.hlc.clone());
-        Ok(Some(change.change_id))
+        let id = change.change_id.clone();
+        seen.changes.push(change);
+        Ok(Some(id))
     }
 
     /// Persists the clock's position.
@@ -254,6 +293,8 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
         }
         let mut tx = self.store.begin(Access::Write).await?;
         let mut writer = Writer::begin(self, &mut tx).await?;
+        let keys: Vec<(&Collection, &EntityId)> = parsed.iter().map(|(c, e, _)| (c, e)).collect();
+        writer.read(&mut tx, &keys).await?;
         let mut ids = Vec::with_capacity(parsed.len());
         let mut touched = Vec::new();
         for (collection, entity_id, edit) in parsed {

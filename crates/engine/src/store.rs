@@ -157,6 +157,16 @@ pub trait StoreTx {
 
     /// The confirmed state of one entity.
     async fn confirmed(&mut self, collection: &str, entity_id: &str) -> Result<Option<Confirmed>>;
+    /// The confirmed state of each entity of `keys` (`(collection, entity_id)`),
+    /// in order. A store whose reads make a round trip (IndexedDB) sends them
+    /// all before waiting for the first.
+    async fn confirmed_many(&mut self, keys: &[(&str, &str)]) -> Result<Vec<Option<Confirmed>>> {
+        let mut found = Vec::with_capacity(keys.len());
+        for (collection, entity_id) in keys {
+            found.push(self.confirmed(collection, entity_id).await?);
+        }
+        Ok(found)
+    }
     /// Every confirmed entity of a collection, in any order.
     async fn confirmed_in(&mut self, collection: &str) -> Result<Vec<EntityState>>;
     /// Replaces an entity's confirmed state.
@@ -179,6 +189,14 @@ pub trait StoreTx {
     async fn push_outbox(&mut self, change: &Change, now: u64) -> Result<()>;
     /// The pending and sent entries of one entity.
     async fn active_for_entity(&mut self, collection: &Collection, entity_id: &EntityId) -> Result<Vec<OutboxEntry>>;
+    /// [`StoreTx::active_for_entity`] of each entity of `keys`, in order (sent at once where that helps).
+    async fn active_for_entities(&mut self, keys: &[(&Collection, &EntityId)]) -> Result<Vec<Vec<OutboxEntry>>> {
+        let mut found = Vec::with_capacity(keys.len());
+        for (collection, entity_id) in keys {
+            found.push(self.active_for_entity(collection, entity_id).await?);
+        }
+        Ok(found)
+    }
     /// The pending and sent entries of one collection.
     async fn active_in(&mut self, collection: &str) -> Result<Vec<OutboxEntry>>;
     /// Every outbox entry.
@@ -210,6 +228,15 @@ pub trait StoreTx {
     /// Moves the non-failed entry with this change id, if any, from the outbox
     /// to the journal at `seq`. Returns whether there was one.
     async fn confirm(&mut self, change_id: &str, seq: u64) -> Result<bool>;
+    /// [`StoreTx::confirm`] of each `(change_id, seq)`, in order (looked up
+    /// at once where that helps). Returns how many were found.
+    async fn confirm_many(&mut self, confirmations: &[(&str, u64)]) -> Result<u64> {
+        let mut found = 0;
+        for (change_id, seq) in confirmations {
+            found += u64::from(self.confirm(change_id, *seq).await?);
+        }
+        Ok(found)
+    }
     /// Moves every sent entry whose seq is at most `cursor` to the journal.
     async fn confirm_up_to(&mut self, cursor: u64) -> Result<()>;
     /// Every journal entry, by seq (then id).

@@ -1,9 +1,10 @@
 //! [`IdbStore`]: a [`LocalStore`] in IndexedDB, one database per store.
 //!
 //! Each [`StoreTx`] is one IndexedDB transaction over every object store.
-//! Its methods await their requests as promises: Chromium keeps a
-//! transaction active while promise reactions run, so the engine's awaits
-//! between requests do not let it auto-commit. [`StoreTx::commit`] waits for
+//! Reads await their requests as promises: Chromium keeps a transaction
+//! active while promise reactions run, so the engine's awaits between
+//! requests do not let it auto-commit. Writes are queued without waiting
+//! (requests run in order; a failed one aborts the transaction). [`StoreTx::commit`] waits for
 //! the `complete` event; a write transaction dropped uncommitted is aborted,
 //! which rolls it back. Outbox ids come from the `outbox` store's key
 //! generator, which neither `clear()` nor deletes reset: ids are never reused.
@@ -225,25 +226,47 @@ fn strings(value: JsValue, what: &str) -> Result<Vec<String>> {
         .collect()
 }
 
+/// Awaits requests that were all sent before the first is awaited: their
+/// round trips to the browser's database overlap.
+async fn wait_all(requests: Vec<IdbRequest>) -> Result<Vec<JsValue>> {
+    let pending: Vec<Promise> = requests.iter().map(settled).collect();
+    let mut results = Vec::with_capacity(pending.len());
+    for promise in pending {
+        results.push(JsFuture::from(promise).await.map_err(js_error)?);
+    }
+    Ok(results)
+}
+
 impl IdbTx<'_> {
     fn store(&self, name: &str) -> Result<IdbObjectStore> {
         self.tx.object_store(name).map_err(js_error)
     }
 
+    // Writes are queued, not awaited: IndexedDB runs a transaction's requests
+    // in order (a later read sees them), and a failed one aborts the
+    // transaction, which `commit` then reports. Not waiting for each write's
+    // round trip through the event loop is what makes bulk writes fast.
+
     async fn put(&self, store: &str, value: &JsValue, key: &JsValue) -> Result<()> {
-        wait(self.store(store)?.put_with_key(value, key)).await.map(drop)
+        self.store(store)?.put_with_key(value, key).map(drop).map_err(js_error)
     }
 
     async fn put_row<T: serde::Serialize>(&self, store: &str, row: &T) -> Result<()> {
-        wait(self.store(store)?.put(&to_object(row)?)).await.map(drop)
+        self.store(store)?.put(&to_object(row)?).map(drop).map_err(js_error)
     }
 
     async fn delete(&self, store: &str, key: &JsValue) -> Result<()> {
-        wait(self.store(store)?.delete(key)).await.map(drop)
+        self.store(store)?.delete(key).map(drop).map_err(js_error)
     }
 
     async fn clear(&self, store: &str) -> Result<()> {
-        wait(self.store(store)?.clear()).await.map(drop)
+        self.store(store)?.clear().map(drop).map_err(js_error)
+    }
+
+    /// How many rows a store holds.
+    async fn count(&self, store: &str) -> Result<f64> {
+        let n = wait(self.store(store)?.count()).await?;
+        n.as_f64().ok_or_else(|| Error::Store("IndexedDB: count is not a number".into()))
     }
 
     async fn get(&self, store: &str, key: &JsValue) -> Result<Option<JsValue>> {
@@ -343,6 +366,36 @@ impl StoreTx for IdbTx<'_> {
         text.transpose()?.map(|t| decode_confirmed(&t)).transpose()
     }
 
+    async fn confirmed_many(&mut self, keys: &[(&str, &str)]) -> Result<Vec<Option<Confirmed>>> {
+        let store = self.store(ENTITIES)?;
+        let decode = |v: JsValue| -> Result<Option<Confirmed>> {
+            if v.is_undefined() {
+                return Ok(None);
+            }
+            let text = v.as_string().ok_or_else(|| Error::LocalCorrupt("entity: not a string".into()))?;
+            decode_confirmed(&text).map(Some)
+        };
+        // No more entities than keys (a replica filling up): one read of them all.
+        if keys.len() >= 64 && self.count(ENTITIES).await? <= keys.len() as f64 {
+            let all_keys = Array::from(&wait(store.get_all_keys()).await?);
+            let values = Array::from(&wait(store.get_all()).await?);
+            let mut by_key = std::collections::HashMap::new();
+            for (key, value) in all_keys.iter().zip(values.iter()) {
+                let key = Array::from(&key);
+                if let (Some(c), Some(e)) = (key.get(0).as_string(), key.get(1).as_string()) {
+                    by_key.insert((c, e), value);
+                }
+            }
+            return keys
+                .iter()
+                .map(|(c, e)| decode(by_key.remove(&((*c).to_owned(), (*e).to_owned())).unwrap_or(JsValue::UNDEFINED)))
+                .collect();
+        }
+        let requests =
+            keys.iter().map(|(c, e)| store.get(&entity_key(c, e)).map_err(js_error)).collect::<Result<_>>()?;
+        wait_all(requests).await?.into_iter().map(decode).collect()
+    }
+
     async fn confirmed_in(&mut self, collection: &str) -> Result<Vec<EntityState>> {
         let range = collection_range(collection)?;
         let rows = wait(self.store(ENTITIES)?.get_all_with_key(&range)).await?;
@@ -382,12 +435,46 @@ impl StoreTx for IdbTx<'_> {
 
     async fn push_outbox(&mut self, change: &Change, now: u64) -> Result<()> {
         let row = to_object(&OutboxRow::pending(change, now, false)?)?;
-        wait(self.store(OUTBOX)?.add(&row)).await.map(drop)
+        self.store(OUTBOX)?.add(&row).map(drop).map_err(js_error)
     }
 
     async fn active_for_entity(&mut self, collection: &Collection, entity_id: &EntityId) -> Result<Vec<OutboxEntry>> {
         let key = entity_key(collection.as_str(), entity_id.as_str());
         Ok(self.outbox_by(OUTBOX_BY_ENTITY, &key).await?.into_iter().filter(active).collect())
+    }
+
+    async fn active_for_entities(&mut self, keys: &[(&Collection, &EntityId)]) -> Result<Vec<Vec<OutboxEntry>>> {
+        // For many entities, one read of a small outbox beats a lookup per entity.
+        if keys.len() >= 64 && self.count(OUTBOX).await? <= 4.0 * keys.len() as f64 {
+            let mut by_entity: std::collections::HashMap<(&str, &str), Vec<OutboxEntry>> = Default::default();
+            let all = self.all_outbox().await?;
+            for entry in all.iter().filter(|e| active(e)) {
+                let key = (entry.change.collection.as_str(), entry.change.entity_id.as_str());
+                by_entity.entry(key).or_default().push(entry.clone());
+            }
+            return Ok(keys
+                .iter()
+                .map(|(c, e)| {
+                    let mut entries = by_entity.get(&(c.as_str(), e.as_str())).cloned().unwrap_or_default();
+                    entries.sort_by_key(|e| e.id);
+                    entries
+                })
+                .collect());
+        }
+        let index = self.store(OUTBOX)?.index(OUTBOX_BY_ENTITY).map_err(js_error)?;
+        let requests = keys
+            .iter()
+            .map(|(c, e)| index.get_all_with_key(&entity_key(c.as_str(), e.as_str())).map_err(js_error))
+            .collect::<Result<_>>()?;
+        wait_all(requests)
+            .await?
+            .into_iter()
+            .map(|rows| {
+                let mut entries: Vec<OutboxEntry> = outbox_entries(rows)?.into_iter().filter(active).collect();
+                entries.sort_by_key(|e| e.id);
+                Ok(entries)
+            })
+            .collect()
     }
 
     async fn active_in(&mut self, collection: &str) -> Result<Vec<OutboxEntry>> {
@@ -498,6 +585,42 @@ impl StoreTx for IdbTx<'_> {
         let Some(entry) = found else { return Ok(false) };
         self.journal_entry(&entry, seq).await?;
         Ok(true)
+    }
+
+    async fn confirm_many(&mut self, confirmations: &[(&str, u64)]) -> Result<u64> {
+        // A small outbox (empty, in a first sync): one read of it, not a lookup per change.
+        if confirmations.len() >= 64 && self.count(OUTBOX).await? <= 4.0 * confirmations.len() as f64 {
+            let mut by_change: std::collections::HashMap<String, OutboxEntry> = Default::default();
+            for entry in self.all_outbox().await?.into_iter().filter(active) {
+                let previous = by_change.get(entry.change.change_id.as_str()).map_or(i64::MAX, |e| e.id);
+                if entry.id < previous {
+                    by_change.insert(entry.change.change_id.as_str().to_owned(), entry);
+                }
+            }
+            let mut found = 0;
+            for (change_id, seq) in confirmations {
+                if let Some(entry) = by_change.remove(*change_id) {
+                    self.journal_entry(&entry, *seq).await?;
+                    found += 1;
+                }
+            }
+            return Ok(found);
+        }
+        let index = self.store(OUTBOX)?.index(OUTBOX_BY_CHANGE).map_err(js_error)?;
+        let requests = confirmations
+            .iter()
+            .map(|(id, _)| index.get_all_with_key(&(*id).into()).map_err(js_error))
+            .collect::<Result<_>>()?;
+        let mut found = 0;
+        for (rows, (_, seq)) in wait_all(requests).await?.into_iter().zip(confirmations) {
+            let mut entries: Vec<OutboxEntry> = outbox_entries(rows)?.into_iter().filter(active).collect();
+            entries.sort_by_key(|e| e.id);
+            if let Some(entry) = entries.first() {
+                self.journal_entry(entry, *seq).await?;
+                found += 1;
+            }
+        }
+        Ok(found)
     }
 
     async fn confirm_up_to(&mut self, cursor: u64) -> Result<()> {

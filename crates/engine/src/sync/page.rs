@@ -1,6 +1,8 @@
 //! A page of the log, applied in seq order in one transaction and kept only
 //! if the seqs are gapless and the chain head and digest match the server's.
 
+use std::collections::HashMap;
+
 use deltasync_protocol::wire::Policies;
 use deltasync_protocol::{Merge, Op, StateDigest, StateHash, StoredChange, merge};
 
@@ -8,7 +10,7 @@ use crate::clock::Clock;
 use crate::engine::{Engine, Origin};
 use crate::error::Result;
 use crate::replica::{self, keys};
-use crate::store::{Access, LocalStore, StoreTx};
+use crate::store::{Access, Confirmed, LocalStore, StoreTx};
 use crate::transport::Transport;
 
 /// One page of the log (`from < seq <= to`) and the server's hashes at its end.
@@ -73,6 +75,7 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
         }
         let policies = state.policies.unwrap_or_default();
         let mut fold = Fold { hash: state.state_hash, digest: state.state_digest, expected: page.from + 1 };
+        let mut states = confirmed_states(&mut tx, &log).await?;
         let mut touched = Vec::new();
         for c in &log {
             if c.seq != fold.expected {
@@ -80,12 +83,13 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
             }
             fold.expected += 1;
             fold.hash = fold.hash.fold(c);
-            if let Err(m) = apply_change(&mut tx, &policies, c, &mut fold.digest).await? {
+            if let Err(m) = apply_change(&mut tx, &policies, c, &mut fold.digest, &mut states).await? {
                 return Ok(Err(m));
             }
-            tx.confirm(c.change.change_id.as_str(), c.seq).await?;
             touched.push((c.change.collection.clone(), c.change.entity_id.clone()));
         }
+        let confirmations: Vec<(&str, u64)> = log.iter().map(|c| (c.change.change_id.as_str(), c.seq)).collect();
+        tx.confirm_many(&confirmations).await?;
         if let Some(m) = fold.check(page) {
             return Ok(Err(m));
         }
@@ -102,24 +106,43 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
     }
 }
 
-/// Merges one logged change into the confirmed state and the digest.
+/// The confirmed states of a page's entities, keyed by `(collection, entity_id)`,
+/// read at once.
+type States = HashMap<(String, String), Option<Confirmed>>;
+
+async fn confirmed_states(tx: &mut impl StoreTx, log: &[StoredChange]) -> Result<States> {
+    let mut keys: Vec<(&str, &str)> = log
+        .iter()
+        .filter(|c| c.change.op != Op::Append)
+        .map(|c| (c.change.collection.as_str(), c.change.entity_id.as_str()))
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let found = tx.confirmed_many(&keys).await?;
+    Ok(keys.into_iter().map(|(c, e)| (c.to_owned(), e.to_owned())).zip(found).collect())
+}
+
+/// Merges one logged change into the confirmed state (and `states`) and the digest.
 async fn apply_change(
     tx: &mut impl StoreTx,
     policies: &Policies,
     c: &StoredChange,
     digest: &mut StateDigest,
+    states: &mut States,
 ) -> Result<Result<(), Mismatch>> {
     if c.change.op == Op::Append {
         tx.put_append(c.seq, &c.to_wire_json()).await?;
         return Ok(Ok(()));
     }
-    let current = tx.confirmed(c.change.collection.as_str(), c.change.entity_id.as_str()).await?;
+    let key = (c.change.collection.as_str().to_owned(), c.change.entity_id.as_str().to_owned());
+    let current = states.get(&key).cloned().flatten();
     let policy = policies.of(c.change.collection.as_str());
     match merge(policy, current.as_ref().map(|c| &c.state), &c.change, c.seq) {
         Merge::Applied { state, .. } => {
             let new_hash = state.entity_hash();
             digest.replace(current.as_ref().and_then(|c| c.hash.as_ref()), new_hash.as_ref());
             tx.put_confirmed(&state, new_hash.as_ref()).await?;
+            states.insert(key, Some(Confirmed { state, hash: new_hash }));
             Ok(Ok(()))
         }
         Merge::Logged => Ok(Ok(())),
