@@ -876,25 +876,41 @@ async function theExampleAppSyncsTwoBrowsers(s) {
 }
 
 /**
- * g. The runner's debounce as deltasync.d.ts documents it: "Milliseconds after
- * the last local write before the runner syncs (default 1000)". A write made
- * just after the runner's first sync reaches the server about a second later.
+ * g. The runner's debounce as deltasync.d.ts documents it: "Syncs caused by
+ * local writes are at least this many milliseconds apart (default 5000, the
+ * native runner's)". A write right after a sync waits for the rest of the 5 s
+ * (and not much longer); with `debounce: 300`, a write made when the last sync
+ * is older than that goes at once.
  */
-async function theRunnerPushesAWriteAfterTheDefaultDebounce(s) {
+async function theRunnerSpacesWriteSyncsByTheDebounce(s) {
   const server = await s.server();
-  const tab = await s.tab(await s.context(), { name: "debounce", server: server.url, live: false });
-  await tab.call("start");
-  await until("the runner's first sync", async () => (await tab.events()).some((e) => e.type === "sync"), { timeout: 10_000 });
-  const started = Date.now();
-  await tab.put(TASKS, "d1", { title: "pushed by the runner", done: false });
-  await until("the runner to push the write", async () => (await serverLog(server.url)).length === 1, { timeout: 20_000, every: 50 });
-  const elapsed = Date.now() - started;
-  await tab.call("stop");
-  assert(
-    elapsed <= 2500,
-    `the runner pushed a local write ${elapsed} ms after it was made; deltasync.d.ts says it syncs \`debounce\` ms ` +
-      "after the last local write, default 1000 (allowing 1500 ms for the sync itself)",
-  );
+  const context = await s.context();
+  const firstSync = async (tab) => {
+    await until("the runner's first sync", async () => (await tab.events()).some((e) => e.type === "sync"), { timeout: 10_000, every: 50 });
+    return Date.now();
+  };
+  const pushed = async (count) => {
+    await until(`the runner to push write ${count}`, async () => (await serverLog(server.url)).length === count, { timeout: 20_000, every: 50 });
+    return Date.now();
+  };
+
+  const defaults = await s.tab(context, { name: "debounce-default", server: server.url, live: false });
+  await defaults.call("start");
+  const synced = await firstSync(defaults);
+  await defaults.put(TASKS, "d1", { title: "right after a sync", done: false });
+  const gap = (await pushed(1)) - synced;
+  await defaults.call("stop");
+  assert(gap >= 4000 && gap <= 6500, `with the default debounce (5000 ms), a write right after the runner's sync reached the server ${gap} ms after that sync`);
+
+  const short = await s.tab(context, { name: "debounce-300", server: server.url, live: false, debounce: 300 });
+  await short.call("start");
+  await firstSync(short);
+  await new Promise((r) => setTimeout(r, 600)); // the last sync is now older than the debounce
+  const wrote = Date.now();
+  await short.put(TASKS, "d2", { title: "long after a sync", done: false });
+  const elapsed = (await pushed(2)) - wrote;
+  await short.call("stop");
+  assert(elapsed <= 1500, `with debounce 300, a write made 600 ms after the last sync reached the server ${elapsed} ms later, not at once`);
 }
 
 /** h. When the tab running the runner closes, another tab of the database takes it over. */
@@ -958,6 +974,33 @@ async function theApiKeepsItsSmallPromises(s) {
   const report = await tab.sync();
   assert(report.verified, `the sync after reset(): ${canonical(report)}`);
   assertEqual(await tab.list(TASKS), [{ id: "a1", data: { title: "same", done: true } }], "the list after reset() and a sync");
+
+  // After close(), every call rejects with `closed`.
+  const codes = await tab.page.evaluate(async () => {
+    const db = window.harness.db;
+    await db.close();
+    const code = async (f) => {
+      try {
+        await f();
+        return "resolved";
+      } catch (e) {
+        return e && e.code;
+      }
+    };
+    return [await code(() => db.list("tasks")), await code(() => db.put("tasks", "z", {})), await code(() => db.sync())];
+  });
+  assertEqual(codes, ["closed", "closed", "closed"], "list, put and sync after close()");
+}
+
+/** m. A page from an origin the server does not allow (no --cors-origin): unreachable, and the change waits. */
+async function anOriginNotAllowedIsUnreachable(s) {
+  const server = await s.server({ cors: undefined });
+  const tab = await s.tab(await s.context(), { name: "cors", server: server.url, live: false });
+  await tab.put(TASKS, "x1", { title: "kept", done: false });
+  const r = await tab.attempt("sync");
+  assert(r.error && r.error.code === "unreachable", `sync() from an origin the server does not allow: ${canonical(r)}`);
+  assert((await tab.status()).pending === 1, "the change is not pending after the refused sync");
+  assert((await serverLog(server.url)).length === 0, "the server took a change from an origin it does not allow");
 }
 
 /**
@@ -1082,12 +1125,13 @@ const SCENARIOS = [
   ["a bad token is refused and the change waits for a good one", aBadTokenKeepsTheChange],
   ["a server restored from an older copy: the page heals", aRestoredServerHeals],
   ["the example app syncs two browsers", theExampleAppSyncsTwoBrowsers],
-  ["the runner pushes a write after the default debounce", theRunnerPushesAWriteAfterTheDefaultDebounce],
+  ["the runner spaces syncs caused by writes by the debounce", theRunnerSpacesWriteSyncsByTheDebounce],
   ["the runner moves to another tab when its tab closes", theRunnerMovesToAnotherTab],
   ["the API keeps its small promises", theApiKeepsItsSmallPromises],
   ["the runner syncs when the browser comes back online", theRunnerSyncsWhenBackOnline],
   ["the runner heals by itself after a server restore", theRunnerHealsAfterARestore],
   ["odd values and a batch larger than one request sync verified", oddValuesAndABigBatchSyncVerified],
+  ["an origin the server does not allow is unreachable", anOriginNotAllowedIsUnreachable],
 ];
 
 // ---------------------------------------------------------------------------
