@@ -992,6 +992,39 @@ async function theApiKeepsItsSmallPromises(s) {
   assertEqual(codes, ["closed", "closed", "closed"], "list, put and sync after close()");
 }
 
+/**
+ * n. Two tabs write the same field in turn, as fast as they can: the last
+ * write wins in both tabs, on the server and on a CLI device (the tabs stamp
+ * their changes in order: each write takes in the clock the store holds).
+ */
+async function twoTabsWritingInTurnLastWriteWins(s) {
+  const server = await s.server();
+  const context = await s.context();
+  const options = { name: "turns", server: server.url, live: false };
+  const one = await s.tab(context, options, "tab 1");
+  const two = await s.tab(context, options, "tab 2");
+  await one.put(TASKS, "turn", { title: "start", done: false });
+  let lastTitle = "start";
+  for (let i = 0; i < 20; i++) {
+    const tab = i % 2 ? two : one;
+    lastTitle = `write ${i} by ${tab.name}`;
+    await tab.patch(TASKS, "turn", { title: lastTitle });
+  }
+  for (const tab of [one, two]) assertEqual(await tab.call("get", TASKS, "turn"), { title: lastTitle, done: false }, `${tab.name} before the sync`);
+  const outbox = await one.call("exportPending");
+  const hlcs = outbox.map((c) => c.hlc);
+  assert(
+    hlcs.every((h, i) => i === 0 || h > hlcs[i - 1]),
+    `the outbox's HLCs are not increasing in write order: ${canonical(outbox.map((c) => [c.data && c.data.title, c.hlc]))}`,
+  );
+  const report = await two.sync();
+  assert(report.verified && report.pending === 0 && report.lost.length === 0, `the sync: ${canonical(report)}`);
+  const cli = s.cli("cli");
+  await cli.sync(server.url);
+  assertEqual(await cli.get(TASKS, "turn"), { title: lastTitle, done: false }, "the CLI's task");
+  assertEqual(await one.call("get", TASKS, "turn"), { title: lastTitle, done: false }, "tab 1 after tab 2's sync");
+}
+
 /** m. A page from an origin the server does not allow (no --cors-origin): unreachable, and the change waits. */
 async function anOriginNotAllowedIsUnreachable(s) {
   const server = await s.server({ cors: undefined });
@@ -1132,6 +1165,7 @@ const SCENARIOS = [
   ["the runner heals by itself after a server restore", theRunnerHealsAfterARestore],
   ["odd values and a batch larger than one request sync verified", oddValuesAndABigBatchSyncVerified],
   ["an origin the server does not allow is unreachable", anOriginNotAllowedIsUnreachable],
+  ["two tabs writing one field in turn: the last write wins", twoTabsWritingInTurnLastWriteWins],
 ];
 
 // ---------------------------------------------------------------------------
