@@ -4,7 +4,8 @@
 //   replica: pulled, verified and applied;
 // - 10,000 local writes: one `db.write` batch, batches of 100, and one
 //   `db.put` at a time;
-// - the size of deltasync.js, its glue and its wasm, gzipped.
+// - the size of deltasync.js, its glue and its wasm, gzipped;
+// - the ceiling: plain IndexedDB puts, one row per entity, in this browser.
 // Entity ids are random UUIDs and each task is ~200 bytes, as apps send.
 //
 // Usage: node web/bench/bench.mjs [changes]   (after web/build.sh)
@@ -148,6 +149,25 @@ async function main() {
         out.one_at_a_time = { writes: single, seconds: s, per_sec: single / s };
         out.pending = (await local.status()).pending;
         await local.close();
+
+        // The ceiling: plain IndexedDB puts of 100,000 such rows (one per
+        // entity, 10,000 per relaxed transaction), no reads, no engine.
+        const raw = await new Promise((resolve, reject) => {
+          const r = indexedDB.open("bench-raw-idb", 1);
+          r.onupgradeneeded = () => r.result.createObjectStore("e");
+          r.onsuccess = () => resolve(r.result);
+          r.onerror = () => reject(r.error);
+        });
+        const row = JSON.stringify({ state: task(0), version: 1, hash: "a".repeat(64) });
+        t = performance.now();
+        for (let p = 0; p < 10; p++) {
+          const tx = raw.transaction(["e"], "readwrite", { durability: "relaxed" });
+          const store = tx.objectStore("e");
+          for (let i = 0; i < 10_000; i++) store.put(row, ["tasks", crypto.randomUUID()]);
+          await new Promise((resolve) => (tx.oncomplete = resolve));
+        }
+        out.raw_indexeddb_puts = { per_sec: 100_000 / ((performance.now() - t) / 1000) };
+        raw.close();
         return out;
       },
       { server: url, writes },
