@@ -162,6 +162,12 @@ async function main() {
   };
 
   db.subscribe((event) => {
+    if (event.type === "progress") {
+      // A long sync (a first one pulls the whole log): say how far it got.
+      const done = event.bootstrapped ?? event.pulled;
+      statusLine.textContent = `syncing… ${done} changes received`;
+      return;
+    }
     if (event.type === "sync") {
       lastVerified = event.report.verified;
       for (const lost of event.report.lost || []) lostInSync.set(lost.change_id, lost);

@@ -77,6 +77,9 @@ export interface Status {
 export type DeltasyncEvent =
   /** Entities changed: a local write, a page from the server, or (`reset`) everything. */
   | { type: "change"; origin: "local" | "server" | "reset"; entities: { collection: string; id: string }[] }
+  /** A sync advanced: a page applied (`pushed`, `pulled` so far, the `cursor` reached) or
+   * entities loaded by a bootstrap (`bootstrapped`), for a progress display during long syncs. */
+  | { type: "progress"; pushed?: number; pulled?: number; cursor?: number; bootstrapped?: number }
   /** A sync finished (started by any tab). */
   | { type: "sync"; report: SyncReport }
   /** A sync failed (started by any tab); the outbox keeps every change. */

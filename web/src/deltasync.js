@@ -283,7 +283,7 @@ class Db {
     if (event.type === "local-write") {
       this.#localWrite();
       this.#channel?.postMessage(event);
-    } else if (event.type === "change") {
+    } else if (event.type === "change" || event.type === "progress") {
       this.#announce(event);
     }
   }

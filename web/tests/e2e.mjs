@@ -1135,6 +1135,10 @@ async function oddValuesAndABigBatchSyncVerified(s) {
   await tab.call("write", batch);
   const report = await tab.sync();
   assert(report.applied === 601 && report.verified && report.pending === 0, `the sync of 601 changes: ${canonical(report)}`);
+  const progress = (await tab.events()).filter((e) => e.type === "progress");
+  assert(progress.length > 0, "a sync of 601 changes gave no progress event");
+  const last = progress[progress.length - 1];
+  assert(last.pushed === 601 && last.cursor === report.cursor, `the last progress event: ${canonical(last)} (report: cursor ${report.cursor})`);
 
   const cli = s.cli("cli");
   const cliReport = await cli.sync(server.url);
