@@ -11,6 +11,8 @@ export interface OpenOptions {
   token?: string;
   /** Long-poll the server for changes while the page is visible and the runner started (default true). */
   live?: boolean;
+  /** Milliseconds each long poll waits on the server (default 30000; whole seconds from 1 to 60). */
+  wait?: number;
   /** Milliseconds between periodic syncs of the runner (default 30000). */
   interval?: number;
   /** Syncs caused by local writes are at least this many milliseconds apart (default 5000, the native runner's). */

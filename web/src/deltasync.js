@@ -228,6 +228,8 @@ class Db {
     const interval = this.#options.interval ?? defaults.interval_ms;
     const debounce = this.#options.debounce ?? defaults.debounce_ms;
     const live = this.#options.live ?? true;
+    // The server counts whole seconds, from 1 to 60.
+    const waitSecs = Math.min(60, Math.max(1, Math.round((this.#options.wait ?? defaults.wait_secs * 1000) / 1000)));
     const wake = (reason) => () => runner.wakeup.push(reason);
     const onVisible = () => visible() && runner.wakeup.push("visible");
     const onOnline = wake("online");
@@ -249,7 +251,7 @@ class Db {
         while (!runner.stopped) {
           if (live && failures === 0 && !polling && visible()) {
             polling = true;
-            this.#core.waitForChanges(defaults.wait_secs).then(
+            this.#core.waitForChanges(waitSecs).then(
               () => {
                 polling = false;
                 runner.wakeup.push("polled");

@@ -913,6 +913,41 @@ async function theRunnerSpacesWriteSyncsByTheDebounce(s) {
   assert(elapsed <= 1500, `with debounce 300, a write made 600 ms after the last sync reached the server ${elapsed} ms later, not at once`);
 }
 
+/**
+ * The long poll runs while the page is visible, and only then: a hidden page
+ * sends no new poll, and becoming visible again syncs at once and polls again.
+ * (Visibility is set from the page: headless Chromium has no window to hide.)
+ */
+async function theLongPollRunsWhileVisible(s) {
+  const server = await s.server();
+  const context = await s.context();
+  const tab = await s.tab(context, { name: "visible", server: server.url, live: true, wait: 1000, interval: 600_000 });
+  const polls = [];
+  tab.page.on("request", (r) => {
+    if (r.url().includes("/v1/pull") && r.url().includes("wait=1")) polls.push(Date.now());
+  });
+  await tab.call("start");
+  await until("long polls while visible", async () => polls.length >= 3, { timeout: 10_000, every: 100 });
+
+  await tab.page.evaluate(() => {
+    Object.defineProperty(document, "visibilityState", { configurable: true, get: () => "hidden" });
+    document.dispatchEvent(new Event("visibilitychange"));
+  });
+  await new Promise((r) => setTimeout(r, 1500)); // the poll in flight (1 s) ends
+  const hiddenFrom = polls.length;
+  await new Promise((r) => setTimeout(r, 3000));
+  assert(polls.length === hiddenFrom, `a hidden page sent ${polls.length - hiddenFrom} long polls in 3 s`);
+
+  const syncsBefore = (await tab.events()).filter((e) => e.type === "sync").length;
+  await tab.page.evaluate(() => {
+    Object.defineProperty(document, "visibilityState", { configurable: true, get: () => "visible" });
+    document.dispatchEvent(new Event("visibilitychange"));
+  });
+  await until("a sync when the page is visible again", async () => (await tab.events()).filter((e) => e.type === "sync").length > syncsBefore, { timeout: 5_000, every: 100 });
+  await until("long polls again once visible", async () => polls.length >= hiddenFrom + 2, { timeout: 10_000, every: 100 });
+  await tab.call("stop");
+}
+
 /** h. When the tab running the runner closes, another tab of the database takes it over. */
 async function theRunnerMovesToAnotherTab(s) {
   const server = await s.server();
@@ -1164,6 +1199,7 @@ const SCENARIOS = [
   ["the example app syncs two browsers", theExampleAppSyncsTwoBrowsers],
   ["the runner spaces syncs caused by writes by the debounce", theRunnerSpacesWriteSyncsByTheDebounce],
   ["the runner moves to another tab when its tab closes", theRunnerMovesToAnotherTab],
+  ["the long poll runs while the page is visible, and only then", theLongPollRunsWhileVisible],
   ["the API keeps its small promises", theApiKeepsItsSmallPromises],
   ["the runner syncs when the browser comes back online", theRunnerSyncsWhenBackOnline],
   ["the runner heals by itself after a server restore", theRunnerHealsAfterARestore],
