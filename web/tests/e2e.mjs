@@ -712,11 +712,8 @@ async function aBadTokenKeepsTheChange(s) {
 
 /** e. The server comes back from an older copy: the page heals and gives back what the copy lacks. */
 async function aRestoredServerHeals(s) {
-  await mkdir(s.dir, { recursive: true });
-  const port = await freePort();
-  const dbFile = join(s.dir, "server.db");
-  const files = [dbFile, `${dbFile}-wal`, `${dbFile}-shm`];
-  let server = await s.server({ port, dbFile });
+  const backups = await restorableServer(s);
+  let server = backups.server;
   const tab = await s.tab(await s.context(), { name: "restore", server: server.url, live: false });
 
   await tab.put(TASKS, "r1", { title: "in the backup", done: false });
@@ -724,17 +721,7 @@ async function aRestoredServerHeals(s) {
   assert((await tab.sync()).applied === 2, "the first sync did not apply 2 changes");
 
   // The backup: the files of the cleanly stopped server.
-  await server.stop();
-  const backup = join(s.dir, "backup");
-  await mkdir(backup);
-  const saved = [];
-  for (const f of files) {
-    if (await exists(f)) {
-      await cp(f, join(backup, basename(f)));
-      saved.push(f);
-    }
-  }
-  server = await s.server({ port, dbFile });
+  server = await backups.backUp();
 
   await tab.put(TASKS, "r3", { title: "after the backup", done: false });
   await tab.patch(TASKS, "r1", { done: true });
@@ -742,10 +729,7 @@ async function aRestoredServerHeals(s) {
   assert(after.applied === 2 && after.verified, `the sync after the backup: ${canonical(after)}`);
 
   // The restore, on the same URL.
-  await server.stop();
-  for (const f of files) await rm(f, { force: true });
-  for (const f of saved) await cp(join(backup, basename(f)), f);
-  server = await s.server({ port, dbFile });
+  server = await backups.restore();
   assert((await serverLog(server.url)).length === 2, "the restored server does not hold just the backup's 2 changes");
 
   await tab.put(TASKS, "r4", { title: "written before the heal", done: false });
@@ -767,6 +751,43 @@ async function aRestoredServerHeals(s) {
   ];
   assertEqual(await fresh.list(TASKS), expected, "a fresh CLI device's list after the heal");
   assertEqual(await tab.list(TASKS), expected, "the page's list after the heal");
+}
+
+/**
+ * A server on a port of its own whose SQLite files can be copied aside
+ * (`backUp`) and put back (`restore`), each time stopping it cleanly and
+ * starting it again on the same URL; both resolve to the new server.
+ */
+async function restorableServer(s) {
+  await mkdir(s.dir, { recursive: true });
+  const port = await freePort();
+  const dbFile = join(s.dir, "server.db");
+  const files = [dbFile, `${dbFile}-wal`, `${dbFile}-shm`];
+  const backup = join(s.dir, "backup");
+  const saved = [];
+  const it = {
+    server: await s.server({ port, dbFile }),
+    async backUp() {
+      await it.server.stop();
+      await mkdir(backup);
+      for (const f of files) {
+        if (await exists(f)) {
+          await cp(f, join(backup, basename(f)));
+          saved.push(f);
+        }
+      }
+      it.server = await s.server({ port, dbFile });
+      return it.server;
+    },
+    async restore() {
+      await it.server.stop();
+      for (const f of files) await rm(f, { force: true });
+      for (const f of saved) await cp(join(backup, basename(f)), f);
+      it.server = await s.server({ port, dbFile });
+      return it.server;
+    },
+  };
+  return it;
 }
 
 async function exists(path) {
@@ -1096,34 +1117,18 @@ async function theRunnerSyncsWhenBackOnline(s) {
 
 /** k. The background runner (live) heals by itself after the server comes back from an older copy. */
 async function theRunnerHealsAfterARestore(s) {
-  await mkdir(s.dir, { recursive: true });
-  const port = await freePort();
-  const dbFile = join(s.dir, "server.db");
-  const files = [dbFile, `${dbFile}-wal`, `${dbFile}-shm`];
-  let server = await s.server({ port, dbFile });
+  const backups = await restorableServer(s);
+  let server = backups.server;
   const tab = await s.tab(await s.context(), { name: "runner-restore", server: server.url, live: true, debounce: 200 });
   await tab.call("start");
   await tab.put(TASKS, "k1", { title: "in the backup", done: false });
   await until("k1 on the server", async () => (await serverLog(server.url)).length === 1, { timeout: 10_000 });
 
-  await server.stop();
-  const backup = join(s.dir, "backup");
-  await mkdir(backup);
-  const saved = [];
-  for (const f of files) {
-    if (await exists(f)) {
-      await cp(f, join(backup, basename(f)));
-      saved.push(f);
-    }
-  }
-  server = await s.server({ port, dbFile });
+  server = await backups.backUp();
   await tab.put(TASKS, "k2", { title: "after the backup", done: false });
   await until("k2 on the server (the runner reconnects)", async () => (await serverLog(server.url)).length === 2, { timeout: 20_000 });
 
-  await server.stop();
-  for (const f of files) await rm(f, { force: true });
-  for (const f of saved) await cp(join(backup, basename(f)), f);
-  server = await s.server({ port, dbFile });
+  server = await backups.restore();
   await tab.put(TASKS, "k3", { title: "after the restore", done: false });
 
   const fresh = s.cli("fresh");
