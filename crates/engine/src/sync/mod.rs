@@ -13,6 +13,7 @@ mod results;
 
 use std::collections::HashSet;
 
+use deltasync_protocol::wire::SyncResponse;
 use deltasync_protocol::{Change, Collection, Conflict, EntityId, StateDigest, StateHash};
 use serde::Serialize;
 
@@ -136,6 +137,9 @@ struct SyncRun {
     /// Whether the server may hold changes this device has not pulled yet:
     /// true until an answer says otherwise, and again after every heal.
     more_to_pull: bool,
+    /// The next page, asked for while the one before it was applied: the
+    /// cursor it starts after, and the server's answer.
+    prefetched: Option<(u64, Result<SyncResponse>)>,
 }
 
 impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
@@ -170,6 +174,7 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
             batch_size: self.options.batch_size.max(1),
             heals: 0,
             more_to_pull: true,
+            prefetched: None,
         };
         while self.sync_step(transport, &mut run).await? {}
         self.finish_sync(run.report).await
@@ -195,32 +200,57 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
         if batch.is_empty() && !run.more_to_pull {
             return Ok(false);
         }
-        let changes: Vec<Change> = batch.iter().map(|e| batch::sendable(&e.change, &policies)).collect();
-        let body = SyncBody {
-            device_id: self.device.as_str(),
-            cursor,
-            changes: &changes,
-            // Pages while pushing use the server's default; catching up uses the largest.
-            limit: batch.is_empty().then_some(self.options.page_limit),
-        };
-        let resp = match transport.sync(&body).await {
-            Ok(resp) => resp,
-            Err(e) => return self.sync_refused(transport, run, &batch, e).await.map(|()| true),
+        // A page asked for ahead is used when nothing is to be pushed and it
+        // starts at the cursor; one that failed is asked for again.
+        let prefetched = run.prefetched.take().filter(|(from, _)| batch.is_empty() && *from == cursor);
+        let resp = match prefetched {
+            Some((_, Ok(resp))) => resp,
+            _ => {
+                let changes: Vec<Change> = batch.iter().map(|e| batch::sendable(&e.change, &policies)).collect();
+                let body = SyncBody {
+                    device_id: self.device.as_str(),
+                    cursor,
+                    changes: &changes,
+                    // Pages while pushing use the server's default; catching up uses the largest.
+                    limit: batch.is_empty().then_some(self.options.page_limit),
+                };
+                match transport.sync(&body).await {
+                    Ok(resp) => resp,
+                    Err(e) => return self.sync_refused(transport, run, &batch, e).await.map(|()| true),
+                }
+            }
         };
         self.observe_server_time(resp.server_time).await?;
         let page = Page { from: cursor, to: resp.cursor, state_hash: resp.state_hash, state_digest: resp.state_digest };
         let own = self.record_results(&batch, &resp.results, &page, resp.server_time, run).await?;
         run.report.pulled += resp.changes.len() as u64;
+        let has_more = resp.has_more;
         let mut log = resp.changes;
         log.extend(own);
-        if let Err(page::Mismatch(reason)) = self.apply_page(log, &page).await? {
+        let applying = self.apply_page(log, &page);
+        // Catching up: the next page travels while this one is applied.
+        let applied = if batch.is_empty() && has_more {
+            let next = SyncBody {
+                device_id: self.device.as_str(),
+                cursor: page.to,
+                changes: &[],
+                limit: Some(self.options.page_limit),
+            };
+            let (applied, next) = futures_util::future::join(applying, transport.sync(&next)).await;
+            run.prefetched = Some((page.to, next));
+            applied
+        } else {
+            applying.await
+        };
+        if let Err(page::Mismatch(reason)) = applied? {
+            run.prefetched = None;
             self.heal(transport, &mut run.report, &mut run.heals, Some(reason.clone()), &reason).await?;
             run.more_to_pull = true;
             return Ok(true);
         }
         let r = &run.report;
         self.progress(Progress::Sync { pushed: r.pushed, pulled: r.pulled, cursor: page.to });
-        run.more_to_pull = resp.has_more;
+        run.more_to_pull = has_more;
         Ok(true)
     }
 

@@ -136,7 +136,8 @@ async fn apply_change(
         return Ok(Ok(()));
     }
     let key = (c.change.collection.as_str().to_owned(), c.change.entity_id.as_str().to_owned());
-    let current = states.get(&key).cloned().flatten();
+    // Taken out, not cloned: it is put back below, merged or as it was.
+    let current = states.remove(&key).flatten();
     let policy = policies.of(c.change.collection.as_str());
     match merge(policy, current.as_ref().map(|c| &c.state), &c.change, c.seq) {
         Merge::Applied { state, .. } => {
@@ -146,7 +147,10 @@ async fn apply_change(
             states.insert(key, Some(Confirmed { state, hash: new_hash }));
             Ok(Ok(()))
         }
-        Merge::Logged => Ok(Ok(())),
+        Merge::Logged => {
+            states.insert(key, current);
+            Ok(Ok(()))
+        }
         Merge::Rejected(_) => {
             Ok(Err(Mismatch(format!("change seq {} is logged by the server but refused by the local merge", c.seq))))
         }
