@@ -68,6 +68,7 @@ class Db {
   #runner = null;
   #closed = false;
   #warnedLocks = false;
+  #folding = false;
 
   constructor(core, options) {
     this.#core = core;
@@ -87,6 +88,8 @@ class Db {
     );
     db = new Db(core, options);
     early.forEach((event) => db.#fromEngine(event));
+    // A tab closed while folding left segments: finish its work.
+    db.#fold();
     return db;
   }
 
@@ -219,7 +222,32 @@ class Db {
     } catch (e) {
       this.#announce({ type: "sync-error", error: { code: e.code ?? "internal", message: e.message } });
       throw e;
+    } finally {
+      this.#fold();
     }
+  }
+
+  /**
+   * Folds the segments a big sync wrote (a page's entities in a few records,
+   * which is what makes a first sync fast) into per-entity rows: one short
+   * step at a time, each under the sync lock, yielding to the page between
+   * steps. Reads are right before, during and after.
+   */
+  #fold() {
+    if (this.#folding || this.#closed) return;
+    this.#folding = true;
+    const step = async () => {
+      let left = 0;
+      try {
+        left = await this.#exclusive(() => (this.#closed ? 0 : this.#core.foldStore()));
+      } catch (e) {
+        // The segments stay readable; the next sync or open tries again.
+        console.warn("deltasync: folding synced entities into their rows failed", e);
+      }
+      if (left > 0 && !this.#closed) setTimeout(step, 0);
+      else this.#folding = false;
+    };
+    setTimeout(step, 0);
   }
 
   /** The runner, in the one tab holding the runner lock, until stopped. */

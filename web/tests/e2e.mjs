@@ -1195,6 +1195,73 @@ async function oddValuesAndABigBatchSyncVerified(s) {
   assertEqual(await tab.call("get", TASKS, "odd-cli"), { title: "𝄞 from the CLI", n: 123456789.125, e: 1e-7 }, "the CLI's odd values in the page");
 }
 
+/** How many segment records the IndexedDB database `name` holds (read from `tab`'s page). */
+function segments(tab, name) {
+  return tab.page.evaluate(
+    (db) =>
+      new Promise((resolve, reject) => {
+        const r = indexedDB.open(db);
+        r.onsuccess = () => {
+          const count = r.result.transaction(["segments"]).objectStore("segments").count();
+          count.onsuccess = () => (r.result.close(), resolve(count.result));
+          count.onerror = () => reject(count.error);
+        };
+        r.onerror = () => reject(r.error);
+      }),
+    name,
+  );
+}
+
+/**
+ * A first sync big enough to be written as segments (a page's entities in a
+ * few records): the other tab reads it while the syncing tab folds the
+ * segments into rows, changes to those entities apply before and after the
+ * fold, and everything agrees with the CLI.
+ */
+async function aBigFirstSyncIsFoldedWhileTabsRead(s) {
+  const server = await s.server();
+  const seeder = await s.tab(await s.context(), { name: "seeder", server: server.url, live: false }, "seeder");
+  const title = (i) => `big task ${i}`;
+  const key = (i) => `big-${String(i).padStart(5, "0")}`;
+  const batch = Array.from({ length: 2500 }, (_, i) => ({ op: "put", collection: TASKS, id: key(i), data: { title: title(i), done: false } }));
+  await seeder.call("write", batch);
+  const seeded = await seeder.sync();
+  assert(seeded.verified && seeded.pending === 0, `seeding 2,500 tasks: ${canonical(seeded)}`);
+
+  const context = await s.context();
+  const options = { name: "big", server: server.url, live: false };
+  const one = await s.tab(context, options, "tab 1");
+  const two = await s.tab(context, options, "tab 2");
+  const first = await one.sync();
+  assert(first.verified && first.pulled === 2500, `tab 1's first sync: ${canonical(first)}`);
+  const live = await segments(one, "big");
+  const listed = await two.list(TASKS);
+  assert(listed.length === 2500, `tab 2 lists ${listed.length} tasks after tab 1's first sync, not 2,500`);
+  assertEqual(listed[7], { id: key(7), data: { title: title(7), done: false } }, "tab 2's task 7");
+
+  // Changes to synced entities while segments may still be live.
+  const cli = s.cli("cli");
+  await cli.sync(server.url);
+  await cli.patch(TASKS, key(7), { done: true });
+  await cli.delete(TASKS, key(8));
+  await cli.sync(server.url);
+  const second = await two.sync();
+  assert(second.verified && second.pulled === 2, `tab 2's second sync: ${canonical(second)}`);
+
+  await until("tab 1 to fold every segment into rows", async () => (await segments(one, "big")) === 0, { timeout: 60_000 });
+  const expected = await cli.list(TASKS);
+  assert(expected.length === 2499, `the CLI lists ${expected.length} tasks, not 2,499`);
+  for (const tab of [one, two]) assertEqual(await tab.list(TASKS), expected, `${tab.name}'s tasks after the fold (${live} segments live after the first sync) vs the CLI's`);
+
+  // And a change to a folded entity.
+  await cli.patch(TASKS, key(2000), { title: "renamed after the fold" });
+  const cliReport = await cli.sync(server.url);
+  const third = await one.sync();
+  assert(third.verified && third.state_digest === cliReport.state_digest, `tab 1's sync after the fold: ${canonical(third)} (CLI digest ${cliReport.state_digest})`);
+  assertEqual(await two.call("get", TASKS, key(2000)), { title: "renamed after the fold", done: false }, "task 2000 in tab 2");
+  assertEqual(await two.call("get", TASKS, key(8)), null, "the deleted task 8 in tab 2");
+}
+
 const SCENARIOS = [
   ["two browsers and a CLI device converge", twoBrowsersAndACliConverge],
   ["offline edits survive a reload and sync once online", offlineEditsSurviveAReload],
@@ -1211,6 +1278,7 @@ const SCENARIOS = [
   ["odd values and a batch larger than one request sync verified", oddValuesAndABigBatchSyncVerified],
   ["an origin the server does not allow is unreachable", anOriginNotAllowedIsUnreachable],
   ["two tabs writing one field in turn: the last write wins", twoTabsWritingInTurnLastWriteWins],
+  ["a big first sync is folded into rows while tabs read it", aBigFirstSyncIsFoldedWhileTabsRead],
 ];
 
 // ---------------------------------------------------------------------------

@@ -63,6 +63,7 @@ pub async fn run<S: LocalStore>(fresh: impl Fn() -> S) {
     reads_and_confirmations_of_many_match_one_at_a_time(&fresh()).await;
     engines_sharing_a_replica_stamp_in_order(fresh()).await;
     confirmed_state_is_replaced_and_listed(&fresh()).await;
+    many_confirmed_entities_read_back_as_few_do(&fresh()).await;
     a_staged_snapshot_replaces_the_confirmed_state_only_when_adopted(&fresh()).await;
     outbox_keeps_order_and_status(&fresh()).await;
     refusals_and_retries_are_recorded(&fresh()).await;
@@ -159,6 +160,78 @@ async fn confirmed_state_is_replaced_and_listed<S: LocalStore>(store: &S) {
     assert_eq!(all, vec![entity("a", 3), entity("b", 2)]);
     assert_eq!(tx.confirmed_in("other").await.unwrap(), vec![]);
     tx.commit().await.unwrap();
+}
+
+/// Enough entities in one transaction that a store may write them another
+/// way (the IndexedDB store writes them as segments), overridden by small and
+/// big transactions after: every read answers as if each were one row.
+async fn many_confirmed_entities_read_back_as_few_do<S: LocalStore>(store: &S) {
+    let ids: Vec<String> = (0..300).map(|n| format!("e{n:03}")).collect();
+    let mut tx = store.begin(Access::Refetchable).await.unwrap();
+    for (n, id) in ids.iter().enumerate() {
+        tx.put_confirmed(&entity(id, n as u64 + 1), Some(&[1; 32])).await.unwrap();
+    }
+    let own = tx.confirmed("tasks", "e007").await.unwrap().map(|c| c.state);
+    assert_eq!(own, Some(entity("e007", 8)), "a transaction reads the many entities it confirmed");
+    tx.commit().await.unwrap();
+    let mut tx = store.begin(Access::Refetchable).await.unwrap();
+    for id in &ids {
+        tx.put_confirmed(&entity(id, 999), None).await.unwrap();
+    }
+    drop(tx);
+    let mut tx = write(store).await;
+    tx.put_confirmed(&entity("e005", 500), None).await.unwrap();
+    tx.put_confirmed(&entity("new", 1), None).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = store.begin(Access::Refetchable).await.unwrap();
+    for id in &ids[100..200] {
+        tx.put_confirmed(&entity(id, 2000), None).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+
+    let expected = |n: usize| match n {
+        5 => (entity(&ids[n], 500), None),
+        100..200 => (entity(&ids[n], 2000), None),
+        _ => (entity(&ids[n], n as u64 + 1), Some([1; 32])),
+    };
+    let mut tx = store.begin(Access::Read).await.unwrap();
+    for (n, id) in ids.iter().enumerate() {
+        let found = tx.confirmed("tasks", id).await.unwrap().map(|c| (c.state, c.hash));
+        assert_eq!(found, Some(expected(n)), "{id}: the last committed state, whichever way it was written");
+    }
+    let keys: Vec<(&str, &str)> =
+        ids.iter().map(|id| ("tasks", id.as_str())).chain([("tasks", "none"), ("other", "e001")]).collect();
+    let many = tx.confirmed_many(&keys).await.unwrap();
+    for (n, found) in many.iter().enumerate() {
+        let want = (n < ids.len()).then(|| expected(n));
+        assert_eq!(found.clone().map(|c| (c.state, c.hash)), want, "confirmed_many, key {n}");
+    }
+    let mut listed = tx.confirmed_in("tasks").await.unwrap();
+    listed.sort_by(|x, y| x.entity_id.cmp(&y.entity_id));
+    let mut want: Vec<EntityState> = (0..ids.len()).map(|n| expected(n).0).chain([entity("new", 1)]).collect();
+    want.sort_by(|x, y| x.entity_id.cmp(&y.entity_id));
+    assert_eq!(listed, want, "confirmed_in lists each entity once, in its last state");
+    drop(tx);
+
+    // Replaced wholesale by an adopted snapshot, and by clear_all.
+    let mut tx = write(store).await;
+    tx.clear_staged().await.unwrap();
+    tx.stage_entity(&entity("s", 1), None).await.unwrap();
+    tx.adopt_staged().await.unwrap();
+    assert_eq!(tx.confirmed("tasks", "e001").await.unwrap(), None, "adopted: the old entities are gone");
+    assert_eq!(tx.confirmed_in("tasks").await.unwrap(), vec![entity("s", 1)]);
+    tx.commit().await.unwrap();
+    let mut tx = store.begin(Access::Refetchable).await.unwrap();
+    for id in &ids {
+        tx.put_confirmed(&entity(id, 7), None).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let mut tx = write(store).await;
+    tx.clear_all(&[]).await.unwrap();
+    assert_eq!(tx.confirmed_in("tasks").await.unwrap(), vec![], "clear_all drops every entity");
+    tx.commit().await.unwrap();
+    let mut tx = store.begin(Access::Read).await.unwrap();
+    assert_eq!(tx.confirmed("tasks", "e001").await.unwrap(), None, "cleared for good");
 }
 
 async fn a_staged_snapshot_replaces_the_confirmed_state_only_when_adopted<S: LocalStore>(store: &S) {

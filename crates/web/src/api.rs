@@ -226,6 +226,16 @@ impl Core {
         promise(async move { engine.discard_failed().await })
     }
 
+    /// Folds the oldest segment of confirmed entities into their rows, in
+    /// one short transaction (`crate::segments`): the JS module calls it
+    /// while the page is idle after a sync. Resolves to how many entities
+    /// segments still hold (0: done).
+    #[wasm_bindgen(js_name = foldStore)]
+    pub fn fold_store(&self) -> Promise {
+        let engine = self.engine.clone();
+        promise(async move { engine.store().fold_segment().await })
+    }
+
     /// As `deltasync client reset [--force]`.
     pub fn reset(&self, force: bool) -> Promise {
         let engine = self.engine.clone();

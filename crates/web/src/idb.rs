@@ -10,7 +10,7 @@
 //! generator, which neither `clear()` nor deletes reset: ids are never reused.
 
 use std::cell::RefCell;
-use std::marker::PhantomData;
+use std::collections::HashMap;
 
 use deltasync_engine::{Access, Confirmed, Error, Journaled, LocalStore, OutboxEntry, OutboxStatus, Result, StoreTx};
 use deltasync_protocol::{Change, Collection, Conflict, EntityId, EntityState};
@@ -20,11 +20,14 @@ use wasm_bindgen::{JsCast, JsValue};
 use wasm_bindgen_futures::JsFuture;
 use web_sys::{IdbDatabase, IdbFactory, IdbKeyRange, IdbObjectStore, IdbRequest, IdbTransaction, IdbTransactionMode};
 
-use crate::records::{JournalRow, OutboxRow, decode_confirmed, encode_confirmed, parse_row, row_json};
-use crate::schema::{
-    APPENDS, ENTITIES, JOURNAL, JOURNAL_BY_SEQ, META, OUTBOX, OUTBOX_BY_CHANGE, OUTBOX_BY_ENTITY, STAGED_APPENDS,
-    STAGED_ENTITIES, STORES, open_database,
+use crate::records::{
+    JournalRow, OutboxRow, decode_confirmed, decode_segment, encode_confirmed, encode_segment, parse_row, row_json,
 };
+use crate::schema::{
+    APPENDS, ENTITIES, JOURNAL, JOURNAL_BY_SEQ, META, OUTBOX, OUTBOX_BY_CHANGE, OUTBOX_BY_ENTITY, SEGMENTS,
+    STAGED_APPENDS, STAGED_ENTITIES, STORES, open_database,
+};
+use crate::segments::{EntityKey, MAX_LIVE_ENTITIES, SEGMENT_ENTITIES, SEGMENT_THRESHOLD, SegmentCache};
 
 #[wasm_bindgen(inline_js = r#"
 export function settled(req) {
@@ -97,12 +100,19 @@ pub struct IdbStore {
     db: RefCell<Option<IdbDatabase>>,
     /// Closed by [`IdbStore::close`]: no transaction begins any more.
     closed: std::cell::Cell<bool>,
+    /// The live segments, as this tab last saw them ([`crate::segments`]).
+    segments: RefCell<SegmentCache>,
 }
 
 impl IdbStore {
     /// The store in the database named `name` (created on first use).
     pub fn new(name: &str) -> Self {
-        IdbStore { name: name.to_owned(), db: RefCell::new(None), closed: Default::default() }
+        IdbStore {
+            name: name.to_owned(),
+            db: RefCell::new(None),
+            closed: Default::default(),
+            segments: Default::default(),
+        }
     }
 
     /// The database's name.
@@ -117,6 +127,55 @@ impl IdbStore {
         if let Some(db) = self.db.borrow_mut().take() {
             db.close();
         }
+    }
+
+    /// Folds the oldest live segment into the entity rows, in one
+    /// transaction ([`crate::segments`]). Returns how many entities the live
+    /// segments still hold: 0 when there is nothing left to fold.
+    pub async fn fold_segment(&self) -> Result<usize> {
+        let mut tx = self.transaction(Access::Refetchable).await?;
+        tx.view().await?;
+        let oldest = self.segments.borrow().oldest().map(|(key, entities)| (key, entities.to_vec()));
+        let Some((key, entities)) = oldest else { return Ok(0) };
+        for ((collection, entity_id), state) in &entities {
+            tx.put(ENTITIES, &state.as_str().into(), &entity_key(collection, entity_id)).await?;
+        }
+        tx.delete(SEGMENTS, &seq_key(key)).await?;
+        tx.commit().await?;
+        let mut cache = self.segments.borrow_mut();
+        cache.remove(key);
+        Ok(cache.entries())
+    }
+
+    /// How many entities the live segments hold, as this tab last saw them.
+    pub fn unfolded(&self) -> usize {
+        self.segments.borrow().entries()
+    }
+
+    /// A transaction over every object store.
+    async fn transaction(&self, access: Access) -> Result<IdbTx<'_>> {
+        let db = self.database().await?;
+        // A local write is flushed before it counts as done ("strict"); what the
+        // server can send again is left to the browser to flush ("relaxed"),
+        // which halves the cost of applying a page.
+        let (mode, durability) = match access {
+            Access::Read => (IdbTransactionMode::Readonly, "default"),
+            Access::Write => (IdbTransactionMode::Readwrite, "strict"),
+            Access::Refetchable => (IdbTransactionMode::Readwrite, "relaxed"),
+        };
+        let names: Array = STORES.iter().map(|s| JsValue::from_str(s)).collect();
+        let tx = transaction(&db, &names, mode, durability).map_err(js_error)?;
+        let done = finished(&tx);
+        Ok(IdbTx {
+            tx,
+            done,
+            access,
+            ended: false,
+            store: self,
+            synced: false,
+            cleared: false,
+            confirmed: HashMap::new(),
+        })
     }
 
     async fn database(&self) -> Result<IdbDatabase> {
@@ -152,19 +211,12 @@ impl LocalStore for IdbStore {
     type Tx<'a> = IdbTx<'a>;
 
     async fn begin(&self, access: Access) -> Result<IdbTx<'_>> {
-        let db = self.database().await?;
-        // A local write is flushed before it counts as done ("strict"); what the
-        // server can send again is left to the browser to flush ("relaxed"),
-        // which halves the cost of applying a page.
-        let (mode, durability) = match access {
-            Access::Read => (IdbTransactionMode::Readonly, "default"),
-            Access::Write => (IdbTransactionMode::Readwrite, "strict"),
-            Access::Refetchable => (IdbTransactionMode::Readwrite, "relaxed"),
-        };
-        let names: Array = STORES.iter().map(|s| JsValue::from_str(s)).collect();
-        let tx = transaction(&db, &names, mode, durability).map_err(js_error)?;
-        let done = finished(&tx);
-        Ok(IdbTx { tx, done, access, ended: false, store: PhantomData })
+        // A long first sync must not hold every page in memory: past the
+        // bound, its pages wait for folds.
+        if access == Access::Refetchable && self.unfolded() > MAX_LIVE_ENTITIES {
+            while self.fold_segment().await? > MAX_LIVE_ENTITIES / 2 {}
+        }
+        self.transaction(access).await
     }
 }
 
@@ -176,7 +228,14 @@ pub struct IdbTx<'a> {
     access: Access,
     /// Committed: nothing to undo on drop.
     ended: bool,
-    store: PhantomData<&'a IdbStore>,
+    store: &'a IdbStore,
+    /// Whether the store's segment cache was brought up to date in this transaction.
+    synced: bool,
+    /// Whether this transaction cleared the confirmed state (rows and segments).
+    cleared: bool,
+    /// The entities this transaction confirmed (encoded), written at commit
+    /// as rows or segments.
+    confirmed: HashMap<EntityKey, String>,
 }
 
 impl Drop for IdbTx<'_> {
@@ -255,6 +314,79 @@ async fn wait_all(requests: Vec<IdbRequest>) -> Result<Vec<JsValue>> {
 impl IdbTx<'_> {
     fn store(&self, name: &str) -> Result<IdbObjectStore> {
         self.tx.object_store(name).map_err(js_error)
+    }
+
+    /// Brings the store's segment cache up to date with the segments in the
+    /// database (once per transaction): reads in those it does not know,
+    /// forgets those folded or cleared since.
+    async fn view(&mut self) -> Result<()> {
+        if self.synced {
+            return Ok(());
+        }
+        let segments = self.store(SEGMENTS)?;
+        let live = Array::from(&wait(segments.get_all_keys()).await?)
+            .iter()
+            .map(|k| {
+                k.as_f64().map(|k| k as u64).ok_or_else(|| Error::LocalCorrupt("segment key: not a number".into()))
+            })
+            .collect::<Result<Vec<u64>>>()?;
+        self.store.segments.borrow_mut().retain(&live);
+        let missing = self.store.segments.borrow().missing(&live);
+        if !missing.is_empty() {
+            let requests =
+                missing.iter().map(|k| segments.get(&seq_key(*k)).map_err(js_error)).collect::<Result<_>>()?;
+            let texts = wait_all(requests).await?;
+            let mut cache = self.store.segments.borrow_mut();
+            for (key, text) in missing.into_iter().zip(texts) {
+                let text = text.as_string().ok_or_else(|| Error::LocalCorrupt("segment: not a string".into()))?;
+                cache.insert(key, decode_segment(&text)?);
+            }
+        }
+        self.synced = true;
+        Ok(())
+    }
+
+    /// An entity's encoded state written in this transaction or held by a
+    /// live segment: these override its row. Call [`IdbTx::view`] first.
+    fn overlaid(&self, collection: &str, entity_id: &str) -> Option<String> {
+        if !self.confirmed.is_empty()
+            && let Some(state) = self.confirmed.get(&(collection.to_owned(), entity_id.to_owned()))
+        {
+            return Some(state.clone());
+        }
+        let segments = self.store.segments.borrow();
+        if self.cleared || segments.is_empty() {
+            return None;
+        }
+        segments.get(collection, entity_id).map(str::to_owned)
+    }
+
+    /// Writes the entities this transaction confirmed: as rows when they are
+    /// few and no segment is live, else as new segments (a row must never be
+    /// newer than a live segment). Returns each segment's `add` request and
+    /// entities, for the cache once the transaction commits.
+    async fn write_confirmed(&mut self) -> Result<Vec<(IdbRequest, Vec<(EntityKey, String)>)>> {
+        if self.confirmed.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.view().await?;
+        let live = !self.cleared && !self.store.segments.borrow().is_empty();
+        let confirmed = std::mem::take(&mut self.confirmed);
+        if !live && confirmed.len() < SEGMENT_THRESHOLD {
+            for ((collection, entity_id), state) in confirmed {
+                self.put(ENTITIES, &state.into(), &entity_key(&collection, &entity_id)).await?;
+            }
+            return Ok(Vec::new());
+        }
+        let segments = self.store(SEGMENTS)?;
+        let mut written = Vec::new();
+        let mut entities = confirmed.into_iter().peekable();
+        while entities.peek().is_some() {
+            let chunk: Vec<(EntityKey, String)> = entities.by_ref().take(SEGMENT_ENTITIES).collect();
+            let request = segments.add(&encode_segment(&chunk)?.into()).map_err(js_error)?;
+            written.push((request, chunk));
+        }
+        Ok(written)
     }
 
     // Writes are queued, not awaited: IndexedDB runs a transaction's requests
@@ -345,43 +477,18 @@ impl IdbTx<'_> {
         }
         Ok(())
     }
-}
 
-impl StoreTx for IdbTx<'_> {
-    async fn commit(mut self) -> Result<()> {
-        self.ended = true;
-        // Throws only when the transaction is no longer active: it then ended on
-        // its own, and `done` says whether it was kept.
-        let _ = commit_now(&self.tx);
-        let outcome = JsFuture::from(self.done.clone()).await.map_err(js_error)?;
-        match outcome.as_string().as_deref() {
-            Some("complete") => Ok(()),
-            other => Err(Error::Store(format!("IndexedDB transaction not committed: {other:?}").into())),
-        }
+    /// Drops the whole confirmed state: rows, segments, and what this
+    /// transaction confirmed so far.
+    async fn forget_confirmed(&mut self) -> Result<()> {
+        self.confirmed.clear();
+        self.cleared = true;
+        self.clear(ENTITIES).await?;
+        self.clear(SEGMENTS).await
     }
 
-    async fn meta(&mut self, key: &str) -> Result<Option<String>> {
-        let value = self.get(META, &key.into()).await?;
-        value
-            .map(|v| v.as_string().ok_or_else(|| Error::LocalCorrupt(format!("meta {key:?}: not a string"))))
-            .transpose()
-    }
-
-    async fn set_meta(&mut self, key: &str, value: &str) -> Result<()> {
-        self.put(META, &value.into(), &key.into()).await
-    }
-
-    async fn remove_meta(&mut self, key: &str) -> Result<()> {
-        self.delete(META, &key.into()).await
-    }
-
-    async fn confirmed(&mut self, collection: &str, entity_id: &str) -> Result<Option<Confirmed>> {
-        let value = self.get(ENTITIES, &entity_key(collection, entity_id)).await?;
-        let text = value.map(|v| v.as_string().ok_or_else(|| Error::LocalCorrupt("entity: not a string".into())));
-        text.transpose()?.map(|t| decode_confirmed(&t)).transpose()
-    }
-
-    async fn confirmed_many(&mut self, keys: &[(&str, &str)]) -> Result<Vec<Option<Confirmed>>> {
+    /// The confirmed rows of `keys` (segments aside).
+    async fn confirmed_rows(&mut self, keys: &[(&str, &str)]) -> Result<Vec<Option<Confirmed>>> {
         let store = self.store(ENTITIES)?;
         let decode = |v: JsValue| -> Result<Option<Confirmed>> {
             if v.is_undefined() {
@@ -410,16 +517,100 @@ impl StoreTx for IdbTx<'_> {
             keys.iter().map(|(c, e)| store.get(&entity_key(c, e)).map_err(js_error)).collect::<Result<_>>()?;
         wait_all(requests).await?.into_iter().map(decode).collect()
     }
+}
+
+impl StoreTx for IdbTx<'_> {
+    async fn commit(mut self) -> Result<()> {
+        let segments = self.write_confirmed().await?;
+        self.ended = true;
+        // Throws only when the transaction is no longer active: it then ended on
+        // its own, and `done` says whether it was kept.
+        let _ = commit_now(&self.tx);
+        let outcome = JsFuture::from(self.done.clone()).await.map_err(js_error)?;
+        match outcome.as_string().as_deref() {
+            Some("complete") => {}
+            other => return Err(Error::Store(format!("IndexedDB transaction not committed: {other:?}").into())),
+        }
+        // Kept: this tab knows its new segments without reading them back.
+        let mut cache = self.store.segments.borrow_mut();
+        for (request, entities) in segments {
+            let key = request.result().map_err(js_error)?.as_f64();
+            let key = key.ok_or_else(|| Error::Store("IndexedDB: a segment key is not a number".into()))?;
+            cache.insert(key as u64, entities);
+        }
+        Ok(())
+    }
+
+    async fn meta(&mut self, key: &str) -> Result<Option<String>> {
+        let value = self.get(META, &key.into()).await?;
+        value
+            .map(|v| v.as_string().ok_or_else(|| Error::LocalCorrupt(format!("meta {key:?}: not a string"))))
+            .transpose()
+    }
+
+    async fn set_meta(&mut self, key: &str, value: &str) -> Result<()> {
+        self.put(META, &value.into(), &key.into()).await
+    }
+
+    async fn remove_meta(&mut self, key: &str) -> Result<()> {
+        self.delete(META, &key.into()).await
+    }
+
+    async fn confirmed(&mut self, collection: &str, entity_id: &str) -> Result<Option<Confirmed>> {
+        self.view().await?;
+        if let Some(state) = self.overlaid(collection, entity_id) {
+            return decode_confirmed(&state).map(Some);
+        }
+        let value = self.get(ENTITIES, &entity_key(collection, entity_id)).await?;
+        let text = value.map(|v| v.as_string().ok_or_else(|| Error::LocalCorrupt("entity: not a string".into())));
+        text.transpose()?.map(|t| decode_confirmed(&t)).transpose()
+    }
+
+    async fn confirmed_many(&mut self, keys: &[(&str, &str)]) -> Result<Vec<Option<Confirmed>>> {
+        self.view().await?;
+        let mut found = Vec::with_capacity(keys.len());
+        let mut missed = Vec::new();
+        for (n, (collection, entity_id)) in keys.iter().enumerate() {
+            match self.overlaid(collection, entity_id) {
+                Some(state) => found.push(Some(decode_confirmed(&state)?)),
+                None => {
+                    found.push(None);
+                    missed.push(n);
+                }
+            }
+        }
+        let rows = self.confirmed_rows(&missed.iter().map(|n| keys[*n]).collect::<Vec<_>>()).await?;
+        for (n, row) in missed.into_iter().zip(rows) {
+            found[n] = row;
+        }
+        Ok(found)
+    }
 
     async fn confirmed_in(&mut self, collection: &str) -> Result<Vec<EntityState>> {
+        self.view().await?;
         let range = collection_range(collection)?;
         let rows = wait(self.store(ENTITIES)?.get_all_with_key(&range)).await?;
-        strings(rows, "entity")?.iter().map(|t| decode_confirmed(t).map(|c| c.state)).collect()
+        // Rows, then segments, then this transaction's own: each overrides the one before.
+        let mut texts = strings(rows, "entity")?;
+        if !self.cleared {
+            let segments = self.store.segments.borrow();
+            texts.extend(segments.in_collection(collection).into_iter().map(|(_, s)| s.to_owned()));
+        }
+        texts.extend(self.confirmed.iter().filter(|((c, _), _)| c == collection).map(|(_, s)| s.clone()));
+        let mut by_id = HashMap::new();
+        for text in texts {
+            let state = decode_confirmed(&text)?.state;
+            by_id.insert(state.entity_id.as_str().to_owned(), state);
+        }
+        let mut states: Vec<EntityState> = by_id.into_values().collect();
+        states.sort_unstable_by(|a, b| a.entity_id.as_str().cmp(b.entity_id.as_str()));
+        Ok(states)
     }
 
     async fn put_confirmed(&mut self, state: &EntityState, hash: Option<&[u8; 32]>) -> Result<()> {
-        let key = entity_key(state.collection.as_str(), state.entity_id.as_str());
-        self.put(ENTITIES, &encode_confirmed(state, hash)?.into(), &key).await
+        let key = (state.collection.as_str().to_owned(), state.entity_id.as_str().to_owned());
+        self.confirmed.insert(key, encode_confirmed(state, hash)?);
+        Ok(())
     }
 
     async fn put_append(&mut self, seq: u64, change_json: &str) -> Result<()> {
@@ -441,7 +632,7 @@ impl StoreTx for IdbTx<'_> {
     }
 
     async fn adopt_staged(&mut self) -> Result<()> {
-        self.clear(ENTITIES).await?;
+        self.forget_confirmed().await?;
         self.clear(APPENDS).await?;
         self.copy_all(STAGED_ENTITIES, ENTITIES).await?;
         self.copy_all(STAGED_APPENDS, APPENDS).await?;
@@ -690,6 +881,7 @@ impl StoreTx for IdbTx<'_> {
                 kept.push((*key, value));
             }
         }
+        self.forget_confirmed().await?;
         for store in STORES {
             self.clear(store).await?;
         }

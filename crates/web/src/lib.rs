@@ -8,6 +8,7 @@
 //! needs a browser, and its checks run in one.
 
 pub mod records;
+pub mod segments;
 
 #[cfg(target_arch = "wasm32")]
 pub mod api;

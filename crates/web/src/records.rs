@@ -20,15 +20,22 @@ fn to_json<T: Serialize>(what: &str, value: &T) -> Result<String> {
 }
 
 /// A confirmed or staged entity as stored.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 struct EntityRow {
     state: EntityState,
     hash: Option<String>,
 }
 
+/// [`EntityRow`] as written, borrowing the state.
+#[derive(Serialize)]
+struct EntityRowRef<'a> {
+    state: &'a EntityState,
+    hash: Option<String>,
+}
+
 /// The JSON text stored for an entity and its digest contribution.
 pub fn encode_confirmed(state: &EntityState, hash: Option<&[u8; 32]>) -> Result<String> {
-    to_json("an entity", &EntityRow { state: state.clone(), hash: hash.map(hex::encode) })
+    to_json("an entity", &EntityRowRef { state, hash: hash.map(hex::encode) })
 }
 
 /// An entity read back from [`encode_confirmed`]'s text.
@@ -42,6 +49,34 @@ pub fn decode_confirmed(text: &str) -> Result<Confirmed> {
         }
     };
     Ok(Confirmed { state: row.state, hash })
+}
+
+/// The JSON text of a segment: `[[collection, entity_id, entity], …]`, each
+/// entity as [`encode_confirmed`] wrote it (kept as is, not escaped again).
+pub fn encode_segment(entities: &[(crate::segments::EntityKey, String)]) -> Result<String> {
+    let mut text = String::with_capacity(entities.iter().map(|((c, e), s)| c.len() + e.len() + s.len() + 8).sum());
+    text.push('[');
+    for (n, ((collection, entity_id), state)) in entities.iter().enumerate() {
+        if n > 0 {
+            text.push(',');
+        }
+        text.push('[');
+        text.push_str(&to_json("a collection", collection)?);
+        text.push(',');
+        text.push_str(&to_json("an entity id", entity_id)?);
+        text.push(',');
+        text.push_str(state);
+        text.push(']');
+    }
+    text.push(']');
+    Ok(text)
+}
+
+/// A segment's entities read back from [`encode_segment`]'s text.
+pub fn decode_segment(text: &str) -> Result<Vec<(crate::segments::EntityKey, String)>> {
+    let rows: Vec<(String, String, Box<serde_json::value::RawValue>)> =
+        serde_json::from_str(text).map_err(|e| corrupt("segment", e))?;
+    Ok(rows.into_iter().map(|(c, e, state)| ((c, e), state.get().to_owned())).collect())
 }
 
 /// An outbox row. `id` is absent when the row is added, so that the store's
@@ -227,19 +262,34 @@ mod tests {
         assert_eq!((back.id, back.created_at, back.requeued, back.status), (12, 9, true, OutboxStatus::Pending));
     }
 
-    #[test]
-    fn an_entity_and_its_hash_survive_their_text() {
-        let state = EntityState {
+    fn entity(id: &str, version: u64) -> EntityState {
+        EntityState {
             collection: Collection::parse("tasks").unwrap(),
-            entity_id: EntityId::parse("a").unwrap(),
+            entity_id: EntityId::parse(id).unwrap(),
             data: json!({"v": 1}).as_object().unwrap().clone(),
-            version: 2,
+            version,
             deleted: false,
             meta: Meta::Last { hlc: Hlc::parse("1763800000000-00002-dev-1").unwrap() },
-        };
+        }
+    }
+
+    #[test]
+    fn an_entity_and_its_hash_survive_their_text() {
+        let state = entity("a", 2);
         let back = decode_confirmed(&encode_confirmed(&state, Some(&[7; 32])).unwrap()).unwrap();
         assert_eq!((back.state, back.hash), (state.clone(), Some([7; 32])));
         assert_eq!(decode_confirmed(&encode_confirmed(&state, None).unwrap()).unwrap().hash, None);
         assert!(matches!(decode_confirmed("{}"), Err(Error::LocalCorrupt(_))));
+    }
+
+    #[test]
+    fn a_segment_keeps_its_entities_text_and_order() {
+        let text = |v: u64| encode_confirmed(&entity("t\"1", v), Some(&[1; 32])).unwrap();
+        let entities =
+            vec![(("tasks".to_owned(), "t\"1".to_owned()), text(1)), (("notes".to_owned(), "n".to_owned()), text(2))];
+        let encoded = encode_segment(&entities).unwrap();
+        assert_eq!(decode_segment(&encoded).unwrap(), entities);
+        assert_eq!(decode_segment(&encode_segment(&[]).unwrap()).unwrap(), vec![]);
+        assert!(matches!(decode_segment("[[1]]"), Err(Error::LocalCorrupt(_))));
     }
 }

@@ -13,6 +13,9 @@ use deltasync_engine::Result;
 pub const META: &str = "meta";
 /// Confirmed entities by `[collection, entity_id]` (JSON text).
 pub const ENTITIES: &str = "entities";
+/// Segments: many confirmed entities in one record (JSON text), keyed by a
+/// key generator; they override [`ENTITIES`] rows ([`crate::segments`]).
+pub const SEGMENTS: &str = "segments";
 /// Logged appends by seq (JSON text).
 pub const APPENDS: &str = "appends";
 /// Outbox rows, key path `id` from the key generator.
@@ -30,10 +33,10 @@ pub const STAGED_ENTITIES: &str = "staged_entities";
 /// A bootstrap's staged appends, keyed like [`APPENDS`].
 pub const STAGED_APPENDS: &str = "staged_appends";
 /// Every object store: each transaction spans them all.
-pub const STORES: [&str; 7] = [META, ENTITIES, APPENDS, OUTBOX, JOURNAL, STAGED_ENTITIES, STAGED_APPENDS];
+pub const STORES: [&str; 8] = [META, ENTITIES, SEGMENTS, APPENDS, OUTBOX, JOURNAL, STAGED_ENTITIES, STAGED_APPENDS];
 
-/// The schema's version.
-const VERSION: u32 = 1;
+/// The schema's version: 1 had no segments.
+const VERSION: u32 = 2;
 
 /// Opens (and on first use creates) the database `name`.
 pub async fn open_database(name: &str) -> Result<IdbDatabase> {
@@ -48,9 +51,18 @@ pub async fn open_database(name: &str) -> Result<IdbDatabase> {
     opened?.dyn_into::<IdbDatabase>().map_err(js_error)
 }
 
-/// Creates every object store and index (the database is new).
+/// Creates every object store and index the database lacks (it is new, or
+/// at an older version).
 fn create_schema(request: &IdbOpenDbRequest) -> std::result::Result<(), JsValue> {
     let db: IdbDatabase = request.result()?.dyn_into()?;
+    if !db.object_store_names().contains(SEGMENTS) {
+        let segments = IdbObjectStoreParameters::new();
+        segments.set_auto_increment(true);
+        db.create_object_store_with_optional_parameters(SEGMENTS, &segments)?;
+    }
+    if db.object_store_names().contains(META) {
+        return Ok(());
+    }
     for plain in [META, ENTITIES, APPENDS, STAGED_ENTITIES, STAGED_APPENDS] {
         db.create_object_store(plain)?;
     }
