@@ -6,12 +6,19 @@
 //! [`postgres::PostgresStore`] through a row lock per dataset.
 //! Every table is keyed by `user_id` first, so the schema can be distributed
 //! by user.
+//!
+//! Each backend keeps only its SQL and its connection handling; every
+//! decision that does not depend on the database (which rows a page covers,
+//! when a cursor calls for a bootstrap, how a push is planned, how rows are
+//! decoded, how a bootstrap streams) is made once, in [`core`], [`page`],
+//! [`rows`] and [`chunks`].
 
 pub mod chunks;
+pub mod core;
 pub mod notify;
 pub mod page;
 pub mod postgres;
-mod rows;
+pub mod rows;
 mod schema;
 pub mod sqlite;
 

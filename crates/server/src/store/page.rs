@@ -1,14 +1,17 @@
 //! How a page of the log is assembled, the same way in every store: changes in
 //! seq order, without a gap, within a row limit and a byte budget.
 //!
-//! A store feeds the rows it reads to a [`PageAssembler`] and stops reading
-//! as soon as the assembler says the page is full, so a page's memory is
-//! bounded by `max_page_bytes` (plus one change), not by `limit` rows.
+//! A store reads the head, asks [`PageAssembler::start`] which seqs the page
+//! may cover (or whether the device must bootstrap), feeds the rows it reads
+//! to the assembler and stops reading as soon as the assembler says the page
+//! is full, so a page's memory is bounded by `max_page_bytes` (plus one
+//! change), not by `limit` rows.
 
 use deltasync_protocol::change::{WireParts, write_wire_json};
 use deltasync_protocol::{StateDigest, StateHash, UserId};
 
-use super::rows::corrupt;
+use super::core::reset::needs_reset;
+use super::rows::{self, Columns, corrupt};
 use super::{ChangePage, DatasetHead, StoreError};
 
 /// What a change costs a page beyond its `data`: a fixed allowance for the
@@ -39,10 +42,21 @@ pub struct PageAssembler {
     end: u64,
     full: bool,
     changes: Vec<(u64, String)>,
+    end_hashes: Option<(StateHash, StateDigest)>,
     buf: Vec<u8>,
 }
 
 impl PageAssembler {
+    /// The page a request for the changes after `cursor` within `limit` asks
+    /// for, given the dataset's `head`: `None` when the cursor lies outside
+    /// the log and the device must bootstrap (see [`needs_reset`]).
+    pub fn start(cursor: u64, limit: PageLimit, head: &DatasetHead) -> Option<PageAssembler> {
+        if needs_reset(cursor, head) {
+            return None;
+        }
+        Some(PageAssembler::new(cursor, range_end(cursor, limit.rows, head), limit.bytes))
+    }
+
     /// A page after `cursor`, at most up to `range_end` (the head or `cursor + rows`), within `bytes`.
     pub fn new(cursor: u64, range_end: u64, bytes: u64) -> PageAssembler {
         PageAssembler {
@@ -53,6 +67,7 @@ impl PageAssembler {
             end: cursor,
             full: false,
             changes: Vec::new(),
+            end_hashes: None,
             buf: Vec::with_capacity(256),
         }
     }
@@ -88,6 +103,23 @@ impl PageAssembler {
         write_wire_json(&mut self.buf, parts);
         self.changes.push((parts.seq, String::from_utf8(self.buf.clone()).expect("JSON is UTF-8")));
         Ok(self.end < self.range_end)
+    }
+
+    /// [`offer`](Self::offer)s a row of all [`rows::CHANGE_COLUMNS`], and
+    /// keeps the hashes it holds when it ends the page so far.
+    pub fn offer_row(&mut self, user: &UserId, r: &impl Columns) -> Result<bool, StoreError> {
+        let before = self.end;
+        let more = self.offer(user, &rows::wire_parts(r)?)?;
+        if self.end != before {
+            self.end_hashes = Some(rows::change_hashes(r)?);
+        }
+        Ok(more)
+    }
+
+    /// The chain head and digest at [`end`](Self::end), when the row that
+    /// ends the page held them; otherwise the store looks them up.
+    pub fn end_hashes(&self) -> Option<(StateHash, StateDigest)> {
+        self.end_hashes
     }
 
     /// Counts a change that [`admits`](Self::admits) let in, without keeping
@@ -153,11 +185,6 @@ pub fn range_end(cursor: u64, rows: u64, head: &DatasetHead) -> u64 {
     cursor.saturating_add(rows).min(head.seq)
 }
 
-/// Whether `cursor` lies outside the log (below the horizon or above the head): the device must bootstrap.
-pub fn needs_reset(cursor: u64, head: &DatasetHead) -> bool {
-    cursor < head.horizon || cursor > head.seq
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -217,6 +244,34 @@ mod tests {
         let mut short = PageAssembler::new(0, 3, u64::MAX);
         short.offer(&user(), &parts(1, "{}")).unwrap();
         assert!(matches!(short.finish(&user(), &head(3), Default::default()), Err(StoreError::Corrupt(_))));
+    }
+
+    fn limit(rows: u64) -> PageLimit {
+        PageLimit { rows, bytes: u64::MAX }
+    }
+
+    #[test]
+    fn a_page_covers_at_most_limit_rows_and_never_past_the_head() {
+        assert_eq!(PageAssembler::start(5, limit(10), &head(8)).unwrap().range(), (5, 8));
+        assert_eq!(PageAssembler::start(5, limit(2), &head(8)).unwrap().range(), (5, 7));
+        assert_eq!(PageAssembler::start(3, limit(u64::MAX), &head(9)).unwrap().range(), (3, 9));
+        assert_eq!(range_end(u64::MAX, 1, &head(u64::MAX)), u64::MAX);
+    }
+
+    #[test]
+    fn a_cursor_outside_the_log_starts_no_page() {
+        assert!(PageAssembler::start(9, limit(10), &head(8)).is_none());
+        let compacted = DatasetHead { seq: 8, horizon: 4, ..DatasetHead::default() };
+        assert!(PageAssembler::start(3, limit(10), &compacted).is_none());
+        assert!(PageAssembler::start(4, limit(10), &compacted).is_some());
+    }
+
+    #[test]
+    fn a_page_at_the_head_is_empty_and_says_nothing_more_follows() {
+        let page = PageAssembler::start(8, limit(10), &head(8)).unwrap();
+        assert_eq!(page.range(), (8, 8));
+        let page = page.finish(&user(), &head(8), Default::default()).unwrap();
+        assert_eq!((page.changes.len(), page.cursor, page.has_more), (0, 8, false));
     }
 
     #[test]

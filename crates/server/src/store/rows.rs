@@ -6,12 +6,94 @@
 
 use deltasync_protocol::change::{WireParts, write_wire_json};
 use deltasync_protocol::json;
-use deltasync_protocol::merge::ConflictReason;
-use deltasync_protocol::wire::{ConflictRecord, Policies};
-use deltasync_protocol::{EntityState, Meta, Op, StateDigest, StateHash};
+use deltasync_protocol::wire::{DeviceStatus, Policies};
+use deltasync_protocol::{EntityState, Meta, StateDigest, StateHash};
 
 use super::StoreError;
-use crate::batch::EntityKey;
+use crate::batch::{DatasetHead, EntityKey};
+
+/// One row of a query result, read by column index: each store implements
+/// it for its driver's row type (with its own error mapping), so that what
+/// the columns mean is decoded once, here.
+pub trait Columns {
+    /// An integer column.
+    fn int(&self, i: usize) -> Result<i64, StoreError>;
+    /// A nullable integer column.
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError>;
+    /// A boolean column.
+    fn flag(&self, i: usize) -> Result<bool, StoreError>;
+    /// A text column.
+    fn text(&self, i: usize) -> Result<&str, StoreError>;
+    /// A nullable text column.
+    fn opt_text(&self, i: usize) -> Result<Option<&str>, StoreError>;
+    /// A binary column.
+    fn bytes(&self, i: usize) -> Result<&[u8], StoreError>;
+}
+
+/// The columns of a logged change, in the order [`wire_parts`] and [`change_hashes`] read them.
+pub const CHANGE_COLUMNS: &str = "seq, change_id, device_id, collection, entity_id, op, data, hlc, base_version, server_time, state_hash, state_digest";
+
+/// The columns of a dataset head, in the order [`dataset_head`] reads them.
+pub const HEAD_COLUMNS: &str = "head, state_hash, state_digest, horizon, conflict_seq";
+
+/// The columns of a device, in the order [`device_status`] reads them.
+pub const DEVICE_COLUMNS: &str = "device_id, cursor, last_seen";
+
+/// The columns of an entity's state, in the order [`entity_state`] reads them.
+pub const ENTITY_STATE_COLUMNS: &str = "data, version, deleted, meta";
+
+/// The columns of a bootstrap entity line, in the order [`write_entity_row`] reads them.
+pub const ENTITY_LINE_COLUMNS: &str = "collection, entity_id, data, version, deleted, meta";
+
+/// Reads a change row whose first ten columns are those of [`CHANGE_COLUMNS`]
+/// (`seq, change_id, device_id, collection, entity_id, op, data, hlc, base_version, server_time`).
+pub fn wire_parts(r: &impl Columns) -> Result<WireParts<'_>, StoreError> {
+    Ok(WireParts {
+        seq: r.int(0)? as u64,
+        change_id: r.text(1)?,
+        device_id: r.text(2)?,
+        collection: r.text(3)?,
+        entity_id: r.text(4)?,
+        op: r.text(5)?,
+        data_json: r.opt_text(6)?,
+        hlc: r.text(7)?,
+        base_version: r.opt_int(8)?.map(|v| v as u64),
+        server_time: r.int(9)? as u64,
+    })
+}
+
+/// The chain head and digest after a change, from a row of all [`CHANGE_COLUMNS`].
+pub fn change_hashes(r: &impl Columns) -> Result<(StateHash, StateDigest), StoreError> {
+    hashes(r.bytes(10)?, r.bytes(11)?, "changes")
+}
+
+/// A dataset head, from a row of [`HEAD_COLUMNS`].
+pub fn dataset_head(r: &impl Columns) -> Result<DatasetHead, StoreError> {
+    let (state_hash, state_digest) = hashes(r.bytes(1)?, r.bytes(2)?, "datasets")?;
+    Ok(DatasetHead {
+        seq: r.int(0)? as u64,
+        state_hash,
+        state_digest,
+        horizon: r.int(3)? as u64,
+        conflict_seq: r.int(4)? as u64,
+    })
+}
+
+/// A device's status, from a row of [`DEVICE_COLUMNS`].
+pub fn device_status(r: &impl Columns) -> Result<DeviceStatus, StoreError> {
+    Ok(DeviceStatus { device_id: r.text(0)?.to_owned(), cursor: r.int(1)? as u64, last_seen: r.int(2)? as u64 })
+}
+
+/// The stored state of the entity `key`, from a row whose columns from `first` on are [`ENTITY_STATE_COLUMNS`].
+pub fn entity_state(key: &EntityKey, r: &impl Columns, first: usize) -> Result<EntityState, StoreError> {
+    decode_entity(key, r.text(first)?, r.int(first + 1)?, r.flag(first + 2)?, r.text(first + 3)?)
+}
+
+/// Appends the bootstrap line of an entity, from a row of [`ENTITY_LINE_COLUMNS`].
+pub fn write_entity_row(out: &mut Vec<u8>, r: &impl Columns) -> Result<(), StoreError> {
+    write_entity_line(out, r.text(0)?, r.text(1)?, r.text(2)?.as_bytes(), r.int(3)?, r.flag(4)?, r.text(5)?.as_bytes());
+    Ok(())
+}
 
 /// A [`StoreError::Corrupt`] saying what is wrong.
 pub fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -102,70 +184,6 @@ pub fn write_append_line(out: &mut Vec<u8>, parts: &WireParts<'_>) {
     out.extend_from_slice(b"{\"change\":");
     write_wire_json(out, parts);
     out.extend_from_slice(b"}\n");
-}
-
-/// A conflict record's columns, as stored.
-pub struct ConflictRow {
-    /// `id`
-    pub id: i64,
-    /// `change_id`
-    pub change_id: String,
-    /// `device_id`
-    pub device_id: String,
-    /// `collection`
-    pub collection: String,
-    /// `entity_id`
-    pub entity_id: String,
-    /// `op`
-    pub op: String,
-    /// `data` (JSON text)
-    pub data: Option<String>,
-    /// `hlc`
-    pub hlc: String,
-    /// `seq`
-    pub seq: Option<i64>,
-    /// `reason`
-    pub reason: String,
-    /// `fields` (JSON array text)
-    pub fields: Option<String>,
-    /// `current` (JSON text)
-    pub current: Option<String>,
-    /// `server_time`
-    pub server_time: i64,
-}
-
-/// The columns of a conflict record, in the order [`ConflictRow`] reads them.
-pub const CONFLICT_COLUMNS: &str =
-    "id, change_id, device_id, collection, entity_id, op, data, hlc, seq, reason, fields, current, server_time";
-
-impl ConflictRow {
-    /// Decodes the row into the record the API serves.
-    pub fn decode(self) -> Result<ConflictRecord, StoreError> {
-        let parse = |s: Option<String>| -> Result<Option<serde_json::Value>, StoreError> {
-            s.map(|s| serde_json::from_str(&s)).transpose().map_err(|e| corrupt(format!("conflict record: {e}")))
-        };
-        let reason: ConflictReason = serde_json::from_value(serde_json::Value::String(self.reason.clone()))
-            .map_err(|_| corrupt(format!("conflict reason {:?}", self.reason)))?;
-        Ok(ConflictRecord {
-            id: self.id as u64,
-            op: Op::parse(&self.op).ok_or_else(|| corrupt(format!("conflict record op {:?}", self.op)))?,
-            change_id: self.change_id,
-            device_id: self.device_id,
-            collection: self.collection,
-            entity_id: self.entity_id,
-            data: parse(self.data)?,
-            hlc: self.hlc,
-            seq: self.seq.map(|s| s as u64),
-            reason,
-            fields: self
-                .fields
-                .map(|f| serde_json::from_str(&f))
-                .transpose()
-                .map_err(|e| corrupt(format!("conflict fields: {e}")))?,
-            current: parse(self.current)?,
-            server_time: self.server_time as u64,
-        })
-    }
 }
 
 /// Checks the configured policies against the `(collection, policy)` pairs a store holds.
