@@ -116,10 +116,12 @@ impl PageAssembler {
         Ok(more)
     }
 
-    /// The chain head and digest at [`end`](Self::end), when the row that
-    /// ends the page held them; otherwise the store looks them up.
-    pub fn end_hashes(&self) -> Option<(StateHash, StateDigest)> {
-        self.end_hashes
+    /// The seq whose chain head and digest the store must look up for
+    /// [`finish`](Self::finish): `None` when they are known already (read
+    /// with the change that ends the page, or those of the head or of the
+    /// empty log).
+    pub fn hashes_to_look_up(&self, head: &DatasetHead) -> Option<u64> {
+        (self.end_hashes.is_none() && rows::hashes_without_lookup(self.end, head).is_none()).then_some(self.end)
     }
 
     /// Counts a change that [`admits`](Self::admits) let in, without keeping
@@ -153,16 +155,22 @@ impl PageAssembler {
         self.changes.is_empty()
     }
 
-    /// The page, with the hashes at [`end`](Self::end); refuses a page that
-    /// stopped short of its range without being full (a gap in the log).
+    /// The page, with the hashes at [`end`](Self::end) (`looked_up`: those
+    /// the store read for [`hashes_to_look_up`](Self::hashes_to_look_up));
+    /// refuses a page that stopped short of its range without being full (a
+    /// gap in the log).
     pub fn finish(
         self,
         user: &UserId,
         head: &DatasetHead,
-        hashes: (StateHash, StateDigest),
+        looked_up: Option<(StateHash, StateDigest)>,
     ) -> Result<ChangePage, StoreError> {
         self.reach(user)?;
-        let (state_hash, state_digest) = hashes;
+        let (state_hash, state_digest) = self
+            .end_hashes
+            .or_else(|| rows::hashes_without_lookup(self.end, head))
+            .or(looked_up)
+            .ok_or_else(|| StoreError::Internal(format!("the hashes at seq {} were not looked up", self.end)))?;
         Ok(ChangePage {
             changes: self.changes,
             cursor: self.end,
@@ -219,7 +227,7 @@ mod tests {
         assert!(page.offer(&user(), &parts(1, &big)).unwrap());
         assert!(page.offer(&user(), &parts(2, &big)).unwrap());
         assert!(!page.offer(&user(), &parts(3, &big)).unwrap());
-        let page = page.finish(&user(), &head(10), Default::default()).unwrap();
+        let page = page.finish(&user(), &head(10), Some(Default::default())).unwrap();
         assert_eq!((page.changes.len(), page.cursor, page.has_more), (2, 2, true));
     }
 
@@ -229,7 +237,7 @@ mod tests {
         let mut page = PageAssembler::new(4, 10, 100);
         assert!(page.offer(&user(), &parts(5, &big)).unwrap());
         assert!(!page.offer(&user(), &parts(6, "{}")).unwrap());
-        let page = page.finish(&user(), &head(10), Default::default()).unwrap();
+        let page = page.finish(&user(), &head(10), Some(Default::default())).unwrap();
         assert_eq!((page.changes.len(), page.cursor), (1, 5));
     }
 
@@ -243,7 +251,7 @@ mod tests {
         assert!(matches!(sizes.reach(&user()), Err(StoreError::Corrupt(_))));
         let mut short = PageAssembler::new(0, 3, u64::MAX);
         short.offer(&user(), &parts(1, "{}")).unwrap();
-        assert!(matches!(short.finish(&user(), &head(3), Default::default()), Err(StoreError::Corrupt(_))));
+        assert!(matches!(short.finish(&user(), &head(3), Some(Default::default())), Err(StoreError::Corrupt(_))));
     }
 
     fn limit(rows: u64) -> PageLimit {
@@ -270,8 +278,21 @@ mod tests {
     fn a_page_at_the_head_is_empty_and_says_nothing_more_follows() {
         let page = PageAssembler::start(8, limit(10), &head(8)).unwrap();
         assert_eq!(page.range(), (8, 8));
-        let page = page.finish(&user(), &head(8), Default::default()).unwrap();
+        let page = page.finish(&user(), &head(8), Some(Default::default())).unwrap();
         assert_eq!((page.changes.len(), page.cursor, page.has_more), (0, 8, false));
+    }
+
+    #[test]
+    fn only_hashes_that_no_row_held_are_looked_up() {
+        let at_head = PageAssembler::start(8, limit(10), &head(8)).unwrap();
+        assert_eq!(at_head.hashes_to_look_up(&head(8)), None);
+        let empty_log = PageAssembler::start(0, limit(10), &head(0)).unwrap();
+        assert_eq!(empty_log.hashes_to_look_up(&head(0)), None);
+        let mut mid_log = PageAssembler::new(0, 2, u64::MAX);
+        mid_log.offer(&user(), &parts(1, "{}")).unwrap();
+        mid_log.offer(&user(), &parts(2, "{}")).unwrap();
+        assert_eq!(mid_log.hashes_to_look_up(&head(5)), Some(2));
+        assert!(matches!(mid_log.finish(&user(), &head(5), None), Err(StoreError::Internal(_))));
     }
 
     #[test]
@@ -279,7 +300,7 @@ mod tests {
         let mut page = PageAssembler::new(0, 2, u64::MAX);
         assert!(page.offer(&user(), &parts(1, "{}")).unwrap());
         assert!(!page.offer(&user(), &parts(2, "{}")).unwrap());
-        let page = page.finish(&user(), &head(5), Default::default()).unwrap();
+        let page = page.finish(&user(), &head(5), Some(Default::default())).unwrap();
         assert_eq!((page.cursor, page.has_more), (2, true));
     }
 }

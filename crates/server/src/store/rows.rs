@@ -12,22 +12,96 @@ use deltasync_protocol::{EntityState, Meta, StateDigest, StateHash};
 use super::StoreError;
 use crate::batch::{DatasetHead, EntityKey};
 
-/// One row of a query result, read by column index: each store implements
-/// it for its driver's row type (with its own error mapping), so that what
-/// the columns mean is decoded once, here.
+/// A column's value, as a driver hands it over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnValue<'r> {
+    /// SQL `NULL`.
+    Null,
+    /// An integer.
+    Int(i64),
+    /// A boolean (SQLite stores booleans as integers).
+    Bool(bool),
+    /// Text.
+    Text(&'r str),
+    /// Binary data.
+    Bytes(&'r [u8]),
+}
+
+impl ColumnValue<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            ColumnValue::Null => "NULL",
+            ColumnValue::Int(_) => "an integer",
+            ColumnValue::Bool(_) => "a boolean",
+            ColumnValue::Text(_) => "text",
+            ColumnValue::Bytes(_) => "binary data",
+        }
+    }
+}
+
+/// One row of a query result, read by column index. Each store says only
+/// what value a column holds ([`value`](Self::value)); what the column must
+/// hold, and what the row means, is decided here, once.
 pub trait Columns {
+    /// The value of column `i`.
+    fn value(&self, i: usize) -> Result<ColumnValue<'_>, StoreError>;
+
     /// An integer column.
-    fn int(&self, i: usize) -> Result<i64, StoreError>;
+    fn int(&self, i: usize) -> Result<i64, StoreError> {
+        match self.value(i)? {
+            ColumnValue::Int(v) => Ok(v),
+            other => Err(unexpected(i, "an integer", &other)),
+        }
+    }
+
     /// A nullable integer column.
-    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError>;
-    /// A boolean column.
-    fn flag(&self, i: usize) -> Result<bool, StoreError>;
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
+        match self.value(i)? {
+            ColumnValue::Null => Ok(None),
+            ColumnValue::Int(v) => Ok(Some(v)),
+            other => Err(unexpected(i, "an integer or NULL", &other)),
+        }
+    }
+
+    /// A boolean column (an integer, non-zero for true, where the database has no booleans).
+    fn flag(&self, i: usize) -> Result<bool, StoreError> {
+        match self.value(i)? {
+            ColumnValue::Bool(v) => Ok(v),
+            ColumnValue::Int(v) => Ok(v != 0),
+            other => Err(unexpected(i, "a boolean", &other)),
+        }
+    }
+
     /// A text column.
-    fn text(&self, i: usize) -> Result<&str, StoreError>;
+    fn text(&self, i: usize) -> Result<&str, StoreError> {
+        match self.value(i)? {
+            ColumnValue::Text(v) => Ok(v),
+            other => Err(unexpected(i, "text", &other)),
+        }
+    }
+
     /// A nullable text column.
-    fn opt_text(&self, i: usize) -> Result<Option<&str>, StoreError>;
-    /// A binary column.
-    fn bytes(&self, i: usize) -> Result<&[u8], StoreError>;
+    fn opt_text(&self, i: usize) -> Result<Option<&str>, StoreError> {
+        match self.value(i)? {
+            ColumnValue::Null => Ok(None),
+            ColumnValue::Text(v) => Ok(Some(v)),
+            other => Err(unexpected(i, "text or NULL", &other)),
+        }
+    }
+
+    /// A binary column (text is taken as its bytes).
+    fn bytes(&self, i: usize) -> Result<&[u8], StoreError> {
+        match self.value(i)? {
+            ColumnValue::Bytes(v) => Ok(v),
+            ColumnValue::Text(v) => Ok(v.as_bytes()),
+            other => Err(unexpected(i, "binary data", &other)),
+        }
+    }
+}
+
+/// A column that does not hold what the schema says it holds.
+fn unexpected(i: usize, expected: &str, found: &ColumnValue<'_>) -> StoreError {
+    corrupt(format!("column {i} holds {}, not {expected}", found.kind()))
 }
 
 /// The columns of a logged change, in the order [`wire_parts`] and [`change_hashes`] read them.

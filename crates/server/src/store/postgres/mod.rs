@@ -43,10 +43,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deltasync_protocol::UserId;
 use deltasync_protocol::wire::Policies;
-use deltasync_protocol::{DeviceId, UserId};
 use tokio::sync::watch;
 use tokio_postgres::NoTls;
+use tokio_postgres::types::Type;
 
 use self::listen::{channel_name, listen};
 use self::reads::{read_collection_policies, read_conflicts, read_page, read_status};
@@ -54,11 +55,11 @@ use self::writer::TOUCH_DEVICE_ASYNC;
 use super::core::migrations::MigrationPlan;
 use super::notify::Notifier;
 use super::page::PageLimit;
-use super::rows::{self, Columns};
+use super::rows::{self, ColumnValue, Columns};
 use super::schema::POSTGRES_MIGRATIONS;
 use super::{
-    BootstrapStream, BoxFuture, ConflictPage, DatasetStatus, Migrated, PageOutcome, PushBatch, PushOutcome, Store,
-    StoreError,
+    BootstrapStream, BoxFuture, ConflictPage, DatasetStatus, DeviceTouch, Migrated, PageOutcome, PushBatch,
+    PushOutcome, Store, StoreError, StoreFuture,
 };
 
 /// Connections each instance keeps at most.
@@ -116,28 +117,17 @@ fn corrupt_column(e: tokio_postgres::Error) -> StoreError {
 }
 
 impl Columns for tokio_postgres::Row {
-    fn int(&self, i: usize) -> Result<i64, StoreError> {
-        self.try_get(i).map_err(corrupt_column)
-    }
-
-    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
-        self.try_get(i).map_err(corrupt_column)
-    }
-
-    fn flag(&self, i: usize) -> Result<bool, StoreError> {
-        self.try_get(i).map_err(corrupt_column)
-    }
-
-    fn text(&self, i: usize) -> Result<&str, StoreError> {
-        self.try_get(i).map_err(corrupt_column)
-    }
-
-    fn opt_text(&self, i: usize) -> Result<Option<&str>, StoreError> {
-        self.try_get(i).map_err(corrupt_column)
-    }
-
-    fn bytes(&self, i: usize) -> Result<&[u8], StoreError> {
-        self.try_get(i).map_err(corrupt_column)
+    fn value(&self, i: usize) -> Result<ColumnValue<'_>, StoreError> {
+        let column = self.columns().get(i).ok_or_else(|| rows::corrupt(format!("the row has no column {i}")))?;
+        let value = match *column.type_() {
+            Type::INT8 => self.try_get::<_, Option<i64>>(i).map(|v| v.map(ColumnValue::Int)),
+            Type::INT4 => self.try_get::<_, Option<i32>>(i).map(|v| v.map(|v| ColumnValue::Int(v.into()))),
+            Type::BOOL => self.try_get::<_, Option<bool>>(i).map(|v| v.map(ColumnValue::Bool)),
+            Type::TEXT => self.try_get::<_, Option<&str>>(i).map(|v| v.map(ColumnValue::Text)),
+            Type::BYTEA => self.try_get::<_, Option<&[u8]>>(i).map(|v| v.map(ColumnValue::Bytes)),
+            ref other => return Err(rows::corrupt(format!("column {i} has the unexpected type {other}"))),
+        };
+        Ok(value.map_err(corrupt_column)?.unwrap_or(ColumnValue::Null))
     }
 }
 
@@ -237,60 +227,40 @@ impl PostgresStore {
 }
 
 impl Store for PostgresStore {
-    fn check_policies<'a>(&'a self, policies: &'a Policies) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn check_policies<'a>(&'a self, policies: &'a Policies) -> StoreFuture<'a, ()> {
         Box::pin(async move { rows::check_policies(read_collection_policies(&self.client().await?).await?, policies) })
     }
 
-    fn push(&self, batch: PushBatch, policies: Policies) -> BoxFuture<'_, Result<PushOutcome, StoreError>> {
+    fn push(&self, batch: PushBatch, policies: Policies) -> StoreFuture<'_, PushOutcome> {
         Box::pin(self.push_batch(batch, policies))
     }
 
-    fn changes_since<'a>(
-        &'a self,
-        user: &'a UserId,
-        cursor: u64,
-        limit: PageLimit,
-    ) -> BoxFuture<'a, Result<PageOutcome, StoreError>> {
+    fn changes_since<'a>(&'a self, user: &'a UserId, cursor: u64, limit: PageLimit) -> StoreFuture<'a, PageOutcome> {
         Box::pin(async move { read_page(&self.client().await?, user, cursor, limit).await })
     }
 
-    fn touch_device<'a>(
-        &'a self,
-        user: &'a UserId,
-        device: &'a DeviceId,
-        cursor: Option<u64>,
-        now: u64,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn touch_device(&self, touch: DeviceTouch) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             let client = self.client().await?;
             let stmt = client.prepare_cached(TOUCH_DEVICE_ASYNC).await.map_err(map_err)?;
-            let cursor = cursor.unwrap_or(0) as i64;
+            let (cursor, now) = (touch.cursor.unwrap_or(0) as i64, touch.now as i64);
             client
-                .execute(&stmt, &[&user.as_str(), &device.as_str(), &cursor, &(now as i64)])
+                .execute(&stmt, &[&touch.user.as_str(), &touch.device.as_str(), &cursor, &now])
                 .await
                 .map_err(map_err)?;
             Ok(())
         })
     }
 
-    fn status<'a>(&'a self, user: &'a UserId) -> BoxFuture<'a, Result<DatasetStatus, StoreError>> {
+    fn status<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, DatasetStatus> {
         Box::pin(async move { read_status(&self.client().await?, user).await })
     }
 
-    fn conflicts<'a>(
-        &'a self,
-        user: &'a UserId,
-        since: u64,
-        limit: u64,
-    ) -> BoxFuture<'a, Result<ConflictPage, StoreError>> {
+    fn conflicts<'a>(&'a self, user: &'a UserId, since: u64, limit: u64) -> StoreFuture<'a, ConflictPage> {
         Box::pin(async move { read_conflicts(&self.client().await?, user, since, limit).await })
     }
 
-    fn bootstrap<'a>(
-        &'a self,
-        user: &'a UserId,
-        stall: Duration,
-    ) -> BoxFuture<'a, Result<BootstrapStream, StoreError>> {
+    fn bootstrap<'a>(&'a self, user: &'a UserId, stall: Duration) -> StoreFuture<'a, BootstrapStream> {
         Box::pin(reads::bootstrap(self.pool.clone(), user.clone(), stall))
     }
 
@@ -298,14 +268,14 @@ impl Store for PostgresStore {
         self.notifier.subscribe(user)
     }
 
-    fn health(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn health(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             self.client().await?.simple_query("SELECT 1").await.map_err(map_err)?;
             Ok(())
         })
     }
 
-    fn write_probe(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn write_probe(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             self.client().await?.simple_query("UPDATE schema_version SET version = version").await.map_err(map_err)?;
             Ok(())

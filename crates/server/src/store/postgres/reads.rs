@@ -11,7 +11,7 @@ use super::{corrupt_column, map_err, map_pool_err};
 use crate::store::core::bootstrap::{SnapshotFeed, bootstrap_channel};
 use crate::store::core::conflicts::{CONFLICT_COLUMNS, ConflictPaging, read_conflict};
 use crate::store::page::{PageAssembler, PageLimit};
-use crate::store::rows::{self, CHANGE_COLUMNS, DEVICE_COLUMNS, ENTITY_LINE_COLUMNS, HEAD_COLUMNS};
+use crate::store::rows::{self, CHANGE_COLUMNS, Columns, DEVICE_COLUMNS, ENTITY_LINE_COLUMNS, HEAD_COLUMNS};
 use crate::store::{BootstrapStream, ConflictPage, DatasetHead, DatasetStatus, PageOutcome, StoreError};
 
 /// The dataset head of `user` (the empty head when it has no dataset yet).
@@ -42,8 +42,7 @@ pub(super) async fn read_page(
     };
     let (from, to) = requested.range();
     if to == from {
-        let hashes = hashes_at(client, user, from, &head).await?;
-        return Ok(PageOutcome::Page(requested.finish(user, &head, hashes)?));
+        return finish_page(client, user, requested, &head).await;
     }
     // First the sizes (a few bytes per change, without reading the data),
     // so that only the changes that fit are fetched.
@@ -77,29 +76,31 @@ pub(super) async fn read_page(
             break;
         }
     }
-    let hashes = match page.end_hashes() {
-        Some(hashes) => hashes,
-        None => hashes_at(client, user, page.end(), &head).await?,
-    };
-    Ok(PageOutcome::Page(page.finish(user, &head, hashes)?))
+    finish_page(client, user, page, &head).await
 }
 
-/// The chain head and digest at `seq` (which must be within `horizon..=head`).
-async fn hashes_at(
+/// The page, with the hashes at its end, looked up when no row held them.
+async fn finish_page(
     client: &Client,
     user: &UserId,
-    seq: u64,
+    page: PageAssembler,
     head: &DatasetHead,
-) -> Result<(StateHash, StateDigest), StoreError> {
-    if let Some(known) = rows::hashes_without_lookup(seq, head) {
-        return Ok(known);
-    }
+) -> Result<PageOutcome, StoreError> {
+    let looked_up = match page.hashes_to_look_up(head) {
+        Some(seq) => Some(hashes_at(client, user, seq).await?),
+        None => None,
+    };
+    Ok(PageOutcome::Page(page.finish(user, head, looked_up)?))
+}
+
+/// The chain head and digest stored with the change `seq`.
+async fn hashes_at(client: &Client, user: &UserId, seq: u64) -> Result<(StateHash, StateDigest), StoreError> {
     let stmt = client
         .prepare_cached("SELECT state_hash, state_digest FROM changes WHERE user_id = $1 AND seq = $2")
         .await
         .map_err(map_err)?;
     let row = client.query_one(&stmt, &[&user.as_str(), &(seq as i64)]).await.map_err(map_err)?;
-    rows::hashes(row.try_get(0).map_err(corrupt_column)?, row.try_get(1).map_err(corrupt_column)?, "changes")
+    rows::hashes(row.bytes(0)?, row.bytes(1)?, "changes")
 }
 
 /// The head and devices of `user`'s dataset.

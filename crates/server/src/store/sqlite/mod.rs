@@ -22,9 +22,10 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use deltasync_protocol::UserId;
 use deltasync_protocol::wire::Policies;
-use deltasync_protocol::{DeviceId, UserId};
 use rusqlite::Connection;
+use rusqlite::types::ValueRef;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use self::checkpoint::{Checkpointer, WRITER_AUTOCHECKPOINT_PAGES, WriteFailure};
@@ -33,11 +34,11 @@ use self::writer::{Job, writer_loop};
 use super::core::migrations::MigrationPlan;
 use super::notify::Notifier;
 use super::page::PageLimit;
-use super::rows::{self, Columns, corrupt};
+use super::rows::{self, ColumnValue, Columns, corrupt};
 use super::schema::SQLITE_MIGRATIONS;
 use super::{
-    BootstrapStream, BoxFuture, ConflictPage, DatasetStatus, Migrated, PageOutcome, PushBatch, PushOutcome, Store,
-    StoreError,
+    BootstrapStream, BoxFuture, ConflictPage, DatasetStatus, DeviceTouch, Migrated, PageOutcome, PushBatch,
+    PushOutcome, Store, StoreError, StoreFuture,
 };
 
 /// How many jobs one group commit takes at most.
@@ -62,28 +63,14 @@ fn map_err(e: rusqlite::Error) -> StoreError {
 }
 
 impl Columns for rusqlite::Row<'_> {
-    fn int(&self, i: usize) -> Result<i64, StoreError> {
-        self.get(i).map_err(map_err)
-    }
-
-    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
-        self.get(i).map_err(map_err)
-    }
-
-    fn flag(&self, i: usize) -> Result<bool, StoreError> {
-        self.get(i).map_err(map_err)
-    }
-
-    fn text(&self, i: usize) -> Result<&str, StoreError> {
-        self.get_ref(i).map_err(map_err)?.as_str().map_err(corrupt)
-    }
-
-    fn opt_text(&self, i: usize) -> Result<Option<&str>, StoreError> {
-        self.get_ref(i).map_err(map_err)?.as_str_or_null().map_err(corrupt)
-    }
-
-    fn bytes(&self, i: usize) -> Result<&[u8], StoreError> {
-        self.get_ref(i).map_err(map_err)?.as_bytes().map_err(corrupt)
+    fn value(&self, i: usize) -> Result<ColumnValue<'_>, StoreError> {
+        Ok(match self.get_ref(i).map_err(map_err)? {
+            ValueRef::Null => ColumnValue::Null,
+            ValueRef::Integer(v) => ColumnValue::Int(v),
+            ValueRef::Text(v) => ColumnValue::Text(std::str::from_utf8(v).map_err(corrupt)?),
+            ValueRef::Blob(v) => ColumnValue::Bytes(v),
+            ValueRef::Real(v) => return Err(corrupt(format!("column {i} holds the real number {v}"))),
+        })
     }
 }
 
@@ -171,55 +158,34 @@ fn migrate(conn: &Connection) -> Result<Migrated, StoreError> {
 }
 
 impl Store for SqliteStore {
-    fn check_policies<'a>(&'a self, policies: &'a Policies) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn check_policies<'a>(&'a self, policies: &'a Policies) -> StoreFuture<'a, ()> {
         Box::pin(async move { rows::check_policies(self.readers.run(read_collection_policies).await?, policies) })
     }
 
-    fn push(&self, batch: PushBatch, policies: Policies) -> BoxFuture<'_, Result<PushOutcome, StoreError>> {
+    fn push(&self, batch: PushBatch, policies: Policies) -> StoreFuture<'_, PushOutcome> {
         Box::pin(self.submit(|reply| Job::Push { batch, policies, reply }))
     }
 
-    fn changes_since<'a>(
-        &'a self,
-        user: &'a UserId,
-        cursor: u64,
-        limit: PageLimit,
-    ) -> BoxFuture<'a, Result<PageOutcome, StoreError>> {
+    fn changes_since<'a>(&'a self, user: &'a UserId, cursor: u64, limit: PageLimit) -> StoreFuture<'a, PageOutcome> {
         let user = user.clone();
         Box::pin(self.readers.run(move |conn| read_page(conn, &user, cursor, limit)))
     }
 
-    fn touch_device<'a>(
-        &'a self,
-        user: &'a UserId,
-        device: &'a DeviceId,
-        cursor: Option<u64>,
-        now: u64,
-    ) -> BoxFuture<'a, Result<(), StoreError>> {
-        let (user, device) = (user.clone(), device.clone());
-        Box::pin(self.submit(move |reply| Job::Touch { user, device, cursor, now, reply }))
+    fn touch_device(&self, touch: DeviceTouch) -> StoreFuture<'_, ()> {
+        Box::pin(self.submit(move |reply| Job::Touch { touch, reply }))
     }
 
-    fn status<'a>(&'a self, user: &'a UserId) -> BoxFuture<'a, Result<DatasetStatus, StoreError>> {
+    fn status<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, DatasetStatus> {
         let user = user.clone();
         Box::pin(self.readers.run(move |conn| read_status(conn, &user)))
     }
 
-    fn conflicts<'a>(
-        &'a self,
-        user: &'a UserId,
-        since: u64,
-        limit: u64,
-    ) -> BoxFuture<'a, Result<ConflictPage, StoreError>> {
+    fn conflicts<'a>(&'a self, user: &'a UserId, since: u64, limit: u64) -> StoreFuture<'a, ConflictPage> {
         let user = user.clone();
         Box::pin(self.readers.run(move |conn| read_conflicts(conn, &user, since, limit)))
     }
 
-    fn bootstrap<'a>(
-        &'a self,
-        user: &'a UserId,
-        stall: Duration,
-    ) -> BoxFuture<'a, Result<BootstrapStream, StoreError>> {
+    fn bootstrap<'a>(&'a self, user: &'a UserId, stall: Duration) -> StoreFuture<'a, BootstrapStream> {
         Box::pin(self.readers.bootstrap(user.clone(), stall))
     }
 
@@ -227,11 +193,11 @@ impl Store for SqliteStore {
         self.notifier.subscribe(user)
     }
 
-    fn health(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn health(&self) -> StoreFuture<'_, ()> {
         Box::pin(self.readers.run(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(map_err)))
     }
 
-    fn write_probe(&self) -> BoxFuture<'_, Result<(), StoreError>> {
+    fn write_probe(&self) -> StoreFuture<'_, ()> {
         Box::pin(async move {
             self.submit(|reply| Job::Probe { reply }).await?;
             match self.failure.get() {

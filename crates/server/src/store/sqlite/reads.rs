@@ -113,16 +113,8 @@ pub(super) fn read_head(conn: &Connection, user: &UserId) -> Result<DatasetHead,
     }
 }
 
-/// The chain head and digest at `seq` (which must be within `horizon..=head`).
-fn hashes_at(
-    conn: &Connection,
-    user: &UserId,
-    seq: u64,
-    head: &DatasetHead,
-) -> Result<(StateHash, StateDigest), StoreError> {
-    if let Some(known) = rows::hashes_without_lookup(seq, head) {
-        return Ok(known);
-    }
+/// The chain head and digest stored with the change `seq`.
+fn hashes_at(conn: &Connection, user: &UserId, seq: u64) -> Result<(StateHash, StateDigest), StoreError> {
     let (hash, digest) = conn
         .prepare_cached("SELECT state_hash, state_digest FROM changes WHERE user_id = ?1 AND seq = ?2")
         .map_err(map_err)?
@@ -157,11 +149,8 @@ pub(super) fn read_page(
             }
         }
     }
-    let hashes = match page.end_hashes() {
-        Some(hashes) => hashes,
-        None => hashes_at(&tx, user, page.end(), &head)?,
-    };
-    Ok(PageOutcome::Page(page.finish(user, &head, hashes)?))
+    let looked_up = page.hashes_to_look_up(&head).map(|seq| hashes_at(&tx, user, seq)).transpose()?;
+    Ok(PageOutcome::Page(page.finish(user, &head, looked_up)?))
 }
 
 /// The head and devices of `user`'s dataset, read in one transaction.

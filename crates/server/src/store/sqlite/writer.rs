@@ -16,20 +16,14 @@ use crate::store::core::conflicts::encode_conflict;
 use crate::store::core::push;
 use crate::store::notify::Notifier;
 use crate::store::rows::{self, ENTITY_STATE_COLUMNS};
-use crate::store::{PushBatch, PushOutcome, StoreError};
+use crate::store::{DeviceTouch, PushBatch, PushOutcome, StoreError};
 
 /// A write for the writer thread, with where to send its answer.
 pub(super) enum Job {
     /// A push.
     Push { batch: PushBatch, policies: Policies, reply: oneshot::Sender<Result<PushOutcome, StoreError>> },
     /// A device's `last_seen` and cursor.
-    Touch {
-        user: UserId,
-        device: DeviceId,
-        cursor: Option<u64>,
-        now: u64,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
+    Touch { touch: DeviceTouch, reply: oneshot::Sender<Result<(), StoreError>> },
     /// A write that changes nothing, committed to learn whether writes work.
     Probe { reply: oneshot::Sender<Result<(), StoreError>> },
 }
@@ -116,8 +110,8 @@ fn run_group_in_transaction(conn: &Connection, jobs: Vec<Job>, notifier: &Notifi
                 }
                 done.push(Done::Push(reply, out));
             }
-            Job::Touch { user, device, cursor, now, reply } => {
-                let out = savepoint.map_err(map_err).and_then(|_| touch(conn, &user, &device, cursor, now));
+            Job::Touch { touch, reply } => {
+                let out = savepoint.map_err(map_err).and_then(|_| touch_device(conn, &touch));
                 finish_savepoint(conn, out.is_ok());
                 done.push(Done::Touch(reply, out));
             }
@@ -304,7 +298,7 @@ fn write_plan(
             stmt.execute(params![u, collection, policy.as_str()]).map_err(map_err)?;
         }
     }
-    touch(conn, user, device, None, now)?;
+    touch_device(conn, &DeviceTouch::new(user, device, None, now))?;
     let h = &plan.head;
     conn.prepare_cached(
         "INSERT INTO datasets (user_id, head, state_hash, state_digest, horizon, conflict_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
@@ -317,14 +311,15 @@ fn write_plan(
     Ok(())
 }
 
-fn touch(conn: &Connection, user: &UserId, device: &DeviceId, cursor: Option<u64>, now: u64) -> Result<(), StoreError> {
+/// Registers a device or raises its `last_seen` and cursor (never lowers them).
+fn touch_device(conn: &Connection, touch: &DeviceTouch) -> Result<(), StoreError> {
     conn.prepare_cached(
         "INSERT INTO devices (user_id, device_id, cursor, last_seen) VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (user_id, device_id) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen),
              cursor = MAX(cursor, excluded.cursor)",
     )
     .map_err(map_err)?
-    .execute(params![user.as_str(), device.as_str(), cursor.unwrap_or(0) as i64, now as i64])
+    .execute(params![touch.user.as_str(), touch.device.as_str(), touch.cursor.unwrap_or(0) as i64, touch.now as i64])
     .map_err(map_err)?;
     Ok(())
 }
