@@ -270,3 +270,43 @@ pub fn check_policies(stored: Vec<(String, String)>, policies: &Policies) -> Res
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Row(Vec<ColumnValue<'static>>);
+
+    impl Columns for Row {
+        fn value(&self, i: usize) -> Result<ColumnValue<'_>, StoreError> {
+            self.0.get(i).copied().ok_or_else(|| corrupt(format!("no column {i}")))
+        }
+    }
+
+    #[test]
+    fn columns_read_what_the_schema_says_they_hold() {
+        let row = Row(vec![
+            ColumnValue::Int(7),
+            ColumnValue::Null,
+            ColumnValue::Int(1),
+            ColumnValue::Bool(false),
+            ColumnValue::Text("t"),
+            ColumnValue::Bytes(b"b"),
+        ]);
+        assert_eq!(row.int(0).unwrap(), 7);
+        assert_eq!((row.opt_int(0).unwrap(), row.opt_int(1).unwrap()), (Some(7), None));
+        assert!(row.flag(2).unwrap() && !row.flag(3).unwrap());
+        assert_eq!((row.text(4).unwrap(), row.opt_text(1).unwrap()), ("t", None));
+        assert_eq!((row.bytes(5).unwrap(), row.bytes(4).unwrap()), (&b"b"[..], &b"t"[..]));
+    }
+
+    #[test]
+    fn a_column_holding_something_else_is_corrupt() {
+        let row = Row(vec![ColumnValue::Null, ColumnValue::Text("7"), ColumnValue::Bytes(b"x")]);
+        assert!(matches!(row.int(0), Err(StoreError::Corrupt(_))));
+        assert!(matches!(row.int(1), Err(StoreError::Corrupt(_))));
+        assert!(matches!(row.text(2), Err(StoreError::Corrupt(_))));
+        assert!(matches!(row.flag(1), Err(StoreError::Corrupt(_))));
+        assert!(matches!(row.text(0), Err(StoreError::Corrupt(_))));
+    }
+}

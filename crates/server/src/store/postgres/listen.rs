@@ -47,6 +47,7 @@ pub(super) async fn listen(config: tokio_postgres::Config, channel: String, noti
     }
 }
 
+/// Listens on one connection until it closes, waking local waiters for every notification.
 async fn listen_once(
     config: &tokio_postgres::Config,
     channel: &str,

@@ -99,6 +99,8 @@ fn map_err(e: tokio_postgres::Error) -> StoreError {
     }
 }
 
+/// Maps a connection pool error to the store's kinds: a pool that cannot
+/// hand out a connection in time is [`StoreError::Unavailable`].
 fn map_pool_err(e: PoolError) -> StoreError {
     match e {
         PoolError::Backend(e) => map_err(e),

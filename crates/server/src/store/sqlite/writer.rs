@@ -68,6 +68,7 @@ pub(super) fn writer_loop(
     tracing::debug!("writer stopped: every queued write is committed");
 }
 
+/// A job that ran in the group, with its answer held until the commit.
 enum Done {
     Push(oneshot::Sender<Result<PushOutcome, StoreError>>, Result<PushOutcome, StoreError>),
     Touch(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
@@ -89,6 +90,7 @@ fn run_group(conn: &Connection, jobs: Vec<Job>, notifier: &Notifier) -> Result<(
     outcome
 }
 
+/// Runs every job in its own savepoint of one transaction, commits, then answers them all.
 fn run_group_in_transaction(conn: &Connection, jobs: Vec<Job>, notifier: &Notifier) -> Result<(), String> {
     let mut done = Vec::with_capacity(jobs.len());
     let mut heads: HashMap<UserId, u64> = HashMap::new();
@@ -148,6 +150,7 @@ fn run_group_in_transaction(conn: &Connection, jobs: Vec<Job>, notifier: &Notifi
     Ok(())
 }
 
+/// Releases a job's savepoint, rolling back to it first when the job failed.
 fn finish_savepoint(conn: &Connection, ok: bool) {
     let sql = if ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
     if let Err(e) = conn.execute_batch(sql) {
@@ -155,6 +158,7 @@ fn finish_savepoint(conn: &Connection, ok: bool) {
     }
 }
 
+/// Answers a job that never ran with an error.
 fn fail_job(job: Job, err: impl Fn() -> StoreError) {
     match job {
         Job::Push { reply, .. } => drop(reply.send(Err(err()))),
@@ -162,6 +166,7 @@ fn fail_job(job: Job, err: impl Fn() -> StoreError) {
     }
 }
 
+/// The stored state of the entity `key`, if it has one.
 fn load_entity(conn: &Connection, user: &UserId, key: &EntityKey) -> Result<Option<EntityState>, StoreError> {
     let mut stmt = conn
         .prepare_cached(&format!(
@@ -172,6 +177,7 @@ fn load_entity(conn: &Connection, user: &UserId, key: &EntityKey) -> Result<Opti
     found.next().map_err(map_err)?.map(|r| rows::entity_state(key, r, 0)).transpose()
 }
 
+/// Loads what a push needs, plans it and writes the plan, inside the group's transaction.
 fn apply_push(conn: &Connection, batch: &PushBatch, policies: &Policies) -> Result<PushOutcome, StoreError> {
     let user = &batch.user;
     let head = read_head(conn, user)?;
@@ -203,6 +209,7 @@ fn apply_push(conn: &Connection, batch: &PushBatch, policies: &Policies) -> Resu
     Ok(push::committed(plan))
 }
 
+/// Writes everything a plan decided: log rows, entities, conflicts, collections, the device and the head.
 fn write_plan(
     conn: &Connection,
     user: &UserId,
