@@ -17,6 +17,35 @@ use crate::store::chunks::{ChunkSink, ChunkStream};
 use crate::store::rows::{self, Columns};
 use crate::store::{BootstrapStream, StoreError};
 
+/// The parts of a snapshot, each read with one query, streamed one after the other.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SnapshotPart {
+    /// Every entity, in key order (straight off the primary key).
+    Entities,
+    /// Every logged append, in seq order.
+    Appends,
+}
+
+impl SnapshotPart {
+    /// The parts, in the order a bootstrap streams them.
+    pub const IN_ORDER: [SnapshotPart; 2] = [SnapshotPart::Entities, SnapshotPart::Appends];
+
+    /// The query that reads this part of `user`'s dataset, the user id bound
+    /// to `user_param` (`?1` on SQLite, `$1` on PostgreSQL).
+    pub fn query(self, user_param: &str) -> String {
+        match self {
+            SnapshotPart::Entities => format!(
+                "SELECT {} FROM entities WHERE user_id = {user_param} ORDER BY collection, entity_id",
+                rows::ENTITY_LINE_COLUMNS
+            ),
+            SnapshotPart::Appends => format!(
+                "SELECT {} FROM changes WHERE user_id = {user_param} AND op = 'append' ORDER BY seq",
+                rows::CHANGE_COLUMNS
+            ),
+        }
+    }
+}
+
 /// The snapshot reader's end of a bootstrap.
 pub struct SnapshotFeed {
     head: Option<oneshot::Sender<Result<DatasetHead, StoreError>>>,
@@ -53,30 +82,25 @@ impl SnapshotFeed {
         self.head.take().is_some_and(|tx| tx.send(Ok(head)).is_ok())
     }
 
-    /// Writes the bootstrap line of an entity row (see [`rows::write_entity_row`]);
-    /// false when the client is gone and the reader should stop.
-    pub async fn entity(&mut self, r: &impl Columns) -> Result<bool, StoreError> {
-        rows::write_entity_row(self.sink.buf(), r)?;
+    /// Writes the bootstrap line of a row of `part`; false when the client
+    /// is gone and the reader should stop.
+    pub async fn line(&mut self, part: SnapshotPart, r: &impl Columns) -> Result<bool, StoreError> {
+        self.write_line(part, r)?;
         Ok(self.sink.flush_if_full().await)
     }
 
-    /// [`entity`](Self::entity) from a blocking thread of the runtime.
-    pub fn blocking_entity(&mut self, r: &impl Columns) -> Result<bool, StoreError> {
-        rows::write_entity_row(self.sink.buf(), r)?;
+    /// [`line`](Self::line) from a blocking thread of the runtime.
+    pub fn blocking_line(&mut self, part: SnapshotPart, r: &impl Columns) -> Result<bool, StoreError> {
+        self.write_line(part, r)?;
         Ok(self.sink.blocking_flush_if_full())
     }
 
-    /// Writes the bootstrap line of a logged append (a row of [`rows::CHANGE_COLUMNS`]);
-    /// false when the client is gone and the reader should stop.
-    pub async fn append(&mut self, r: &impl Columns) -> Result<bool, StoreError> {
-        rows::write_append_line(self.sink.buf(), &rows::wire_parts(r)?);
-        Ok(self.sink.flush_if_full().await)
-    }
-
-    /// [`append`](Self::append) from a blocking thread of the runtime.
-    pub fn blocking_append(&mut self, r: &impl Columns) -> Result<bool, StoreError> {
-        rows::write_append_line(self.sink.buf(), &rows::wire_parts(r)?);
-        Ok(self.sink.blocking_flush_if_full())
+    fn write_line(&mut self, part: SnapshotPart, r: &impl Columns) -> Result<(), StoreError> {
+        match part {
+            SnapshotPart::Entities => rows::write_entity_row(self.sink.buf(), r)?,
+            SnapshotPart::Appends => rows::write_append_line(self.sink.buf(), &rows::wire_parts(r)?),
+        }
+        Ok(())
     }
 
     /// Hands over the last lines and marks the stream complete; false when the client is gone.
@@ -121,6 +145,15 @@ mod tests {
     use futures_util::StreamExt;
 
     use super::*;
+
+    #[test]
+    fn entities_stream_before_appends_each_in_its_order() {
+        assert_eq!(SnapshotPart::IN_ORDER, [SnapshotPart::Entities, SnapshotPart::Appends]);
+        let entities = SnapshotPart::Entities.query("$1");
+        assert!(entities.contains("user_id = $1") && entities.ends_with("ORDER BY collection, entity_id"));
+        let appends = SnapshotPart::Appends.query("?1");
+        assert!(appends.contains("user_id = ?1 AND op = 'append'") && appends.ends_with("ORDER BY seq"));
+    }
 
     #[tokio::test]
     async fn an_error_before_the_head_reaches_the_request_as_it_was() {

@@ -8,10 +8,10 @@ use futures_util::TryStreamExt;
 use tokio_postgres::IsolationLevel;
 
 use super::{corrupt_column, map_err, map_pool_err};
-use crate::store::core::bootstrap::{SnapshotFeed, bootstrap_channel};
+use crate::store::core::bootstrap::{SnapshotFeed, SnapshotPart, bootstrap_channel};
 use crate::store::core::conflicts::{CONFLICT_COLUMNS, ConflictPaging, read_conflict};
 use crate::store::page::{PageAssembler, PageLimit};
-use crate::store::rows::{self, CHANGE_COLUMNS, Columns, DEVICE_COLUMNS, ENTITY_LINE_COLUMNS, HEAD_COLUMNS};
+use crate::store::rows::{self, CHANGE_COLUMNS, Columns, DEVICE_COLUMNS, HEAD_COLUMNS};
 use crate::store::{BootstrapStream, ConflictPage, DatasetHead, DatasetStatus, PageOutcome, StoreError};
 
 /// The dataset head of `user` (the empty head when it has no dataset yet).
@@ -185,30 +185,15 @@ async fn stream_snapshot(
         return Ok(());
     }
     let u = user.as_str();
-    let entities = tx
-        .prepare(&format!(
-            "SELECT {ENTITY_LINE_COLUMNS} FROM entities WHERE user_id = $1 ORDER BY collection, entity_id"
-        ))
-        .await
-        .map_err(map_err)?;
-    let portal = tx.bind(&entities, &[&u]).await.map_err(map_err)?;
-    let found = tx.query_portal_raw(&portal, 0).await.map_err(map_err)?;
-    futures_util::pin_mut!(found);
-    while let Some(r) = found.try_next().await.map_err(map_err)? {
-        if !feed.entity(&r).await? {
-            return Ok(());
-        }
-    }
-    let appends = tx
-        .prepare(&format!("SELECT {CHANGE_COLUMNS} FROM changes WHERE user_id = $1 AND op = 'append' ORDER BY seq"))
-        .await
-        .map_err(map_err)?;
-    let portal = tx.bind(&appends, &[&u]).await.map_err(map_err)?;
-    let found = tx.query_portal_raw(&portal, 0).await.map_err(map_err)?;
-    futures_util::pin_mut!(found);
-    while let Some(r) = found.try_next().await.map_err(map_err)? {
-        if !feed.append(&r).await? {
-            return Ok(());
+    for part in SnapshotPart::IN_ORDER {
+        let stmt = tx.prepare(&part.query("$1")).await.map_err(map_err)?;
+        let portal = tx.bind(&stmt, &[&u]).await.map_err(map_err)?;
+        let found = tx.query_portal_raw(&portal, 0).await.map_err(map_err)?;
+        futures_util::pin_mut!(found);
+        while let Some(r) = found.try_next().await.map_err(map_err)? {
+            if !feed.line(part, &r).await? {
+                return Ok(());
+            }
         }
     }
     if feed.finish().await {

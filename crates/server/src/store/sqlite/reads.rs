@@ -9,10 +9,10 @@ use rusqlite::{Connection, OpenFlags, params};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::{MAX_READERS, READER_WAIT, map_err};
-use crate::store::core::bootstrap::{SnapshotFeed, bootstrap_channel};
+use crate::store::core::bootstrap::{SnapshotFeed, SnapshotPart, bootstrap_channel};
 use crate::store::core::conflicts::{CONFLICT_COLUMNS, ConflictPaging, read_conflict};
 use crate::store::page::{PageAssembler, PageLimit};
-use crate::store::rows::{self, CHANGE_COLUMNS, DEVICE_COLUMNS, ENTITY_LINE_COLUMNS, HEAD_COLUMNS};
+use crate::store::rows::{self, CHANGE_COLUMNS, DEVICE_COLUMNS, HEAD_COLUMNS};
 use crate::store::{BootstrapStream, ConflictPage, DatasetHead, DatasetStatus, PageOutcome, StoreError};
 
 /// Read connections, opened on demand and kept for reuse, at most
@@ -196,26 +196,11 @@ fn stream_snapshot(conn: &mut Connection, user: &UserId, feed: &mut SnapshotFeed
     if !feed.begin(read_head(&tx, user)?) {
         return Ok(());
     }
-    {
-        let mut stmt = tx
-            .prepare(&format!(
-                "SELECT {ENTITY_LINE_COLUMNS} FROM entities WHERE user_id = ?1 ORDER BY collection, entity_id"
-            ))
-            .map_err(map_err)?;
+    for part in SnapshotPart::IN_ORDER {
+        let mut stmt = tx.prepare(&part.query("?1")).map_err(map_err)?;
         let mut found = stmt.query([user.as_str()]).map_err(map_err)?;
         while let Some(r) = found.next().map_err(map_err)? {
-            if !feed.blocking_entity(r)? {
-                return Ok(());
-            }
-        }
-    }
-    {
-        let mut stmt = tx
-            .prepare(&format!("SELECT {CHANGE_COLUMNS} FROM changes WHERE user_id = ?1 AND op = 'append' ORDER BY seq"))
-            .map_err(map_err)?;
-        let mut found = stmt.query([user.as_str()]).map_err(map_err)?;
-        while let Some(r) = found.next().map_err(map_err)? {
-            if !feed.blocking_append(r)? {
+            if !feed.blocking_line(part, r)? {
                 return Ok(());
             }
         }
