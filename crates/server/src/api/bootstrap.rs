@@ -22,6 +22,7 @@ use super::query::Query;
 use super::{ApiError, AppState, AuthUser, parse_device};
 use crate::config::Limits;
 use crate::refusals::RefusalCounter;
+use crate::store::DeviceTouch;
 
 /// How long a client refused for too many bootstraps is told to wait.
 const RETRY_AFTER_SECS: u64 = 5;
@@ -113,7 +114,7 @@ pub async fn bootstrap(
     let snapshot = app.store.bootstrap(&user, app.config.network.write_timeout).await?;
     let now = app.clock.now_ms();
     if let Some(device) = &device {
-        app.store.touch_device(&user, device, Some(snapshot.head.seq), now).await?;
+        app.store.touch_device(DeviceTouch::new(&user, device, Some(snapshot.head.seq), now)).await?;
     }
     let header_line = BootstrapHeader {
         cursor: snapshot.head.seq,

@@ -11,7 +11,7 @@ use deltasync_protocol::wire::{DEFAULT_PULL_LIMIT, MAX_PULL_LIMIT, MAX_WAIT_SECS
 use super::changes::{json_response, write_changes, write_page_tail};
 use super::query::Query;
 use super::{ApiError, AppState, AuthUser, parse_device};
-use crate::store::{ChangePage, DatasetHead, PageLimit, PageOutcome};
+use crate::store::{ChangePage, DatasetHead, DeviceTouch, PageLimit, PageOutcome};
 
 /// The 410 answer for a cursor outside `horizon..=head`.
 pub fn reset_required(cursor: u64, head: &DatasetHead) -> ApiError {
@@ -69,7 +69,7 @@ pub async fn pull(
     let page = page_or_wait(&app, &user, cursor, limit, wait).await;
     let now = app.clock.now_ms();
     let given = page.as_ref().ok().map(|p| p.cursor);
-    app.store.touch_device(&user, &device, given, now).await?;
+    app.store.touch_device(DeviceTouch::new(&user, &device, given, now)).await?;
     let page = page?;
     let mut out = Vec::with_capacity(64 + page.changes.iter().map(|(_, j)| j.len() + 1).sum::<usize>() + 256);
     out.push(b'{');

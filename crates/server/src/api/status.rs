@@ -8,6 +8,7 @@ use deltasync_protocol::wire::StatusResponse;
 
 use super::query::Query;
 use super::{ApiError, AppState, AuthUser, parse_device};
+use crate::store::DeviceTouch;
 
 /// Handles a status request.
 pub async fn status(
@@ -18,7 +19,7 @@ pub async fn status(
     let q = Query::parse(raw.as_deref())?;
     let now = app.clock.now_ms();
     if let Some(device) = q.str("device_id").map(parse_device).transpose()? {
-        app.store.touch_device(&user, &device, None, now).await?;
+        app.store.touch_device(DeviceTouch::new(&user, &device, None, now)).await?;
     }
     let status = app.store.status(&user).await?;
     Ok(Json(StatusResponse {

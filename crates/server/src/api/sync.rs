@@ -15,7 +15,7 @@ use super::changes::{as_object, device_of, json_response, parse_changes, write_c
 use super::pull::{page_limit, reset_required};
 use super::query::check_limit;
 use super::{ApiError, AppState, AuthUser};
-use crate::store::{PageOutcome, PushBatch, PushOutcome};
+use crate::store::{DeviceTouch, PageOutcome, PushBatch, PushOutcome};
 
 fn body_u64(v: Option<&Value>, name: &str, default: u64) -> Result<u64, ApiError> {
     match v {
@@ -58,7 +58,7 @@ pub async fn sync(
         match app.store.push(batch, app.config.policies.clone()).await? {
             PushOutcome::Committed { results: r, .. } => results = r,
             PushOutcome::ResetRequired { head } => {
-                app.store.touch_device(&user, &device, None, now).await?;
+                app.store.touch_device(DeviceTouch::new(&user, &device, None, now)).await?;
                 return Err(reset_required(cursor, &head));
             }
         }
@@ -66,11 +66,11 @@ pub async fn sync(
     let page = match app.store.changes_since(&user, cursor, page_limit(&app, limit)).await? {
         PageOutcome::Page(p) => p,
         PageOutcome::ResetRequired { head } => {
-            app.store.touch_device(&user, &device, None, now).await?;
+            app.store.touch_device(DeviceTouch::new(&user, &device, None, now)).await?;
             return Err(reset_required(cursor, &head));
         }
     };
-    app.store.touch_device(&user, &device, Some(page.cursor), now).await?;
+    app.store.touch_device(DeviceTouch::new(&user, &device, Some(page.cursor), now)).await?;
     let pushed: HashSet<u64> = results.iter().filter_map(|r| r.seq).collect();
     let mut out = Vec::with_capacity(256 + page.changes.iter().map(|(_, j)| j.len() + 1).sum::<usize>());
     out.extend_from_slice(b"{\"results\":");

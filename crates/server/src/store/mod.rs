@@ -6,12 +6,19 @@
 //! [`postgres::PostgresStore`] through a row lock per dataset.
 //! Every table is keyed by `user_id` first, so the schema can be distributed
 //! by user.
+//!
+//! Each backend keeps only its SQL and its connection handling; every
+//! decision that does not depend on the database (which rows a page covers,
+//! when a cursor calls for a bootstrap, how a push is planned, how rows are
+//! decoded, how a bootstrap streams) is made once, in [`core`], [`page`],
+//! [`rows`] and [`chunks`].
 
 pub mod chunks;
+pub mod core;
 pub mod notify;
 pub mod page;
 pub mod postgres;
-mod rows;
+pub mod rows;
 mod schema;
 pub mod sqlite;
 
@@ -29,6 +36,9 @@ pub use crate::batch::DatasetHead;
 
 /// A boxed future, so that [`Store`] can be used as a trait object.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What every [`Store`] operation answers: a boxed future of its result.
+pub type StoreFuture<'a, T> = BoxFuture<'a, Result<T, StoreError>>;
 
 /// Why a store operation failed. Maps SQLite and PostgreSQL errors to one set of kinds.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +112,27 @@ pub struct PushBatch {
     pub max_clock_drift_ms: u64,
     /// For sync: the request's cursor, which must not be above the head (else nothing is applied).
     pub require_cursor: Option<u64>,
+}
+
+/// A device heard from: it is registered, its `last_seen` raised to `now`,
+/// and its cursor raised to `cursor` if given (neither is ever lowered).
+#[derive(Debug, Clone)]
+pub struct DeviceTouch {
+    /// The dataset.
+    pub user: UserId,
+    /// The device.
+    pub device: DeviceId,
+    /// The cursor the device has reached, if it says.
+    pub cursor: Option<u64>,
+    /// The server's time.
+    pub now: u64,
+}
+
+impl DeviceTouch {
+    /// `device` of `user`, heard from at `now`, at `cursor` if given.
+    pub fn new(user: &UserId, device: &DeviceId, cursor: Option<u64>, now: u64) -> DeviceTouch {
+        DeviceTouch { user: user.clone(), device: device.clone(), cursor, now }
+    }
 }
 
 /// What a push did.
@@ -179,55 +210,38 @@ pub struct BootstrapStream {
 /// Everything durable the server needs.
 pub trait Store: Send + Sync + 'static {
     /// Checks that the configured policies keep every collection's policy; called at start.
-    fn check_policies<'a>(&'a self, policies: &'a Policies) -> BoxFuture<'a, Result<(), StoreError>>;
+    fn check_policies<'a>(&'a self, policies: &'a Policies) -> StoreFuture<'a, ()>;
 
     /// Applies a batch as one durable transaction and answers after commit.
-    fn push(&self, batch: PushBatch, policies: Policies) -> BoxFuture<'_, Result<PushOutcome, StoreError>>;
+    fn push(&self, batch: PushBatch, policies: Policies) -> StoreFuture<'_, PushOutcome>;
 
     /// Reads the changes after `cursor` within `limit` (see [`page::PageAssembler`]),
     /// with the hashes at the page's end.
-    fn changes_since<'a>(
-        &'a self,
-        user: &'a UserId,
-        cursor: u64,
-        limit: PageLimit,
-    ) -> BoxFuture<'a, Result<PageOutcome, StoreError>>;
+    fn changes_since<'a>(&'a self, user: &'a UserId, cursor: u64, limit: PageLimit) -> StoreFuture<'a, PageOutcome>;
 
-    /// Registers a device, updates its `last_seen`, and raises its cursor to `cursor` if given.
-    fn touch_device<'a>(
-        &'a self,
-        user: &'a UserId,
-        device: &'a DeviceId,
-        cursor: Option<u64>,
-        now: u64,
-    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Registers a device, raises its `last_seen`, and its cursor if given (see [`DeviceTouch`]).
+    fn touch_device(&self, touch: DeviceTouch) -> StoreFuture<'_, ()>;
 
     /// The dataset head and devices.
-    fn status<'a>(&'a self, user: &'a UserId) -> BoxFuture<'a, Result<DatasetStatus, StoreError>>;
+    fn status<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, DatasetStatus>;
 
     /// Conflict records with `id > since`, at most `limit`.
-    fn conflicts<'a>(
-        &'a self,
-        user: &'a UserId,
-        since: u64,
-        limit: u64,
-    ) -> BoxFuture<'a, Result<ConflictPage, StoreError>>;
+    fn conflicts<'a>(&'a self, user: &'a UserId, since: u64, limit: u64) -> StoreFuture<'a, ConflictPage>;
 
     /// A consistent snapshot of the whole dataset, streamed with bounded memory.
     /// The snapshot is released when the stream is dropped, or when its reader
     /// takes no chunk for `stall` (see [`chunks`]).
-    fn bootstrap<'a>(&'a self, user: &'a UserId, stall: Duration)
-    -> BoxFuture<'a, Result<BootstrapStream, StoreError>>;
+    fn bootstrap<'a>(&'a self, user: &'a UserId, stall: Duration) -> StoreFuture<'a, BootstrapStream>;
 
     /// A receiver of the dataset's head seq, which changes whenever a push commits.
     fn subscribe(&self, user: &UserId) -> watch::Receiver<u64>;
 
     /// Answers once the database answers a read.
-    fn health(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    fn health(&self) -> StoreFuture<'_, ()>;
 
     /// Commits a write that changes nothing, to learn whether writes work
     /// (a full disk, a read-only database); as costly as one small commit.
-    fn write_probe(&self) -> BoxFuture<'_, Result<(), StoreError>>;
+    fn write_probe(&self) -> StoreFuture<'_, ()>;
 
     /// Finishes queued writes and stops taking new ones.
     fn close(&self) -> BoxFuture<'_, ()>;

@@ -1,14 +1,17 @@
 //! How a page of the log is assembled, the same way in every store: changes in
 //! seq order, without a gap, within a row limit and a byte budget.
 //!
-//! A store feeds the rows it reads to a [`PageAssembler`] and stops reading
-//! as soon as the assembler says the page is full, so a page's memory is
-//! bounded by `max_page_bytes` (plus one change), not by `limit` rows.
+//! A store reads the head, asks [`PageAssembler::start`] which seqs the page
+//! may cover (or whether the device must bootstrap), feeds the rows it reads
+//! to the assembler and stops reading as soon as the assembler says the page
+//! is full, so a page's memory is bounded by `max_page_bytes` (plus one
+//! change), not by `limit` rows.
 
 use deltasync_protocol::change::{WireParts, write_wire_json};
 use deltasync_protocol::{StateDigest, StateHash, UserId};
 
-use super::rows::corrupt;
+use super::core::reset::needs_reset;
+use super::rows::{self, Columns, corrupt};
 use super::{ChangePage, DatasetHead, StoreError};
 
 /// What a change costs a page beyond its `data`: a fixed allowance for the
@@ -39,10 +42,21 @@ pub struct PageAssembler {
     end: u64,
     full: bool,
     changes: Vec<(u64, String)>,
+    end_hashes: Option<(StateHash, StateDigest)>,
     buf: Vec<u8>,
 }
 
 impl PageAssembler {
+    /// The page a request for the changes after `cursor` within `limit` asks
+    /// for, given the dataset's `head`: `None` when the cursor lies outside
+    /// the log and the device must bootstrap (see [`needs_reset`]).
+    pub fn start(cursor: u64, limit: PageLimit, head: &DatasetHead) -> Option<PageAssembler> {
+        if needs_reset(cursor, head) {
+            return None;
+        }
+        Some(PageAssembler::new(cursor, range_end(cursor, limit.rows, head), limit.bytes))
+    }
+
     /// A page after `cursor`, at most up to `range_end` (the head or `cursor + rows`), within `bytes`.
     pub fn new(cursor: u64, range_end: u64, bytes: u64) -> PageAssembler {
         PageAssembler {
@@ -53,6 +67,7 @@ impl PageAssembler {
             end: cursor,
             full: false,
             changes: Vec::new(),
+            end_hashes: None,
             buf: Vec::with_capacity(256),
         }
     }
@@ -90,6 +105,25 @@ impl PageAssembler {
         Ok(self.end < self.range_end)
     }
 
+    /// [`offer`](Self::offer)s a row of all [`rows::CHANGE_COLUMNS`], and
+    /// keeps the hashes it holds when it ends the page so far.
+    pub fn offer_row(&mut self, user: &UserId, r: &impl Columns) -> Result<bool, StoreError> {
+        let before = self.end;
+        let more = self.offer(user, &rows::wire_parts(r)?)?;
+        if self.end != before {
+            self.end_hashes = Some(rows::change_hashes(r)?);
+        }
+        Ok(more)
+    }
+
+    /// The seq whose chain head and digest the store must look up for
+    /// [`finish`](Self::finish): `None` when they are known already (read
+    /// with the change that ends the page, or those of the head or of the
+    /// empty log).
+    pub fn hashes_to_look_up(&self, head: &DatasetHead) -> Option<u64> {
+        (self.end_hashes.is_none() && rows::hashes_without_lookup(self.end, head).is_none()).then_some(self.end)
+    }
+
     /// Counts a change that [`admits`](Self::admits) let in, without keeping
     /// it: for a store that first learns how far a page reaches from the
     /// sizes alone, then fetches only those changes.
@@ -121,16 +155,22 @@ impl PageAssembler {
         self.changes.is_empty()
     }
 
-    /// The page, with the hashes at [`end`](Self::end); refuses a page that
-    /// stopped short of its range without being full (a gap in the log).
+    /// The page, with the hashes at [`end`](Self::end) (`looked_up`: those
+    /// the store read for [`hashes_to_look_up`](Self::hashes_to_look_up));
+    /// refuses a page that stopped short of its range without being full (a
+    /// gap in the log).
     pub fn finish(
         self,
         user: &UserId,
         head: &DatasetHead,
-        hashes: (StateHash, StateDigest),
+        looked_up: Option<(StateHash, StateDigest)>,
     ) -> Result<ChangePage, StoreError> {
         self.reach(user)?;
-        let (state_hash, state_digest) = hashes;
+        let (state_hash, state_digest) = self
+            .end_hashes
+            .or_else(|| rows::hashes_without_lookup(self.end, head))
+            .or(looked_up)
+            .ok_or_else(|| StoreError::Internal(format!("the hashes at seq {} were not looked up", self.end)))?;
         Ok(ChangePage {
             changes: self.changes,
             cursor: self.end,
@@ -151,11 +191,6 @@ impl PageAssembler {
 /// The last seq a page after `cursor` may cover: the head, or `limit` changes on.
 pub fn range_end(cursor: u64, rows: u64, head: &DatasetHead) -> u64 {
     cursor.saturating_add(rows).min(head.seq)
-}
-
-/// Whether `cursor` lies outside the log (below the horizon or above the head): the device must bootstrap.
-pub fn needs_reset(cursor: u64, head: &DatasetHead) -> bool {
-    cursor < head.horizon || cursor > head.seq
 }
 
 #[cfg(test)]
@@ -192,7 +227,7 @@ mod tests {
         assert!(page.offer(&user(), &parts(1, &big)).unwrap());
         assert!(page.offer(&user(), &parts(2, &big)).unwrap());
         assert!(!page.offer(&user(), &parts(3, &big)).unwrap());
-        let page = page.finish(&user(), &head(10), Default::default()).unwrap();
+        let page = page.finish(&user(), &head(10), Some(Default::default())).unwrap();
         assert_eq!((page.changes.len(), page.cursor, page.has_more), (2, 2, true));
     }
 
@@ -202,7 +237,7 @@ mod tests {
         let mut page = PageAssembler::new(4, 10, 100);
         assert!(page.offer(&user(), &parts(5, &big)).unwrap());
         assert!(!page.offer(&user(), &parts(6, "{}")).unwrap());
-        let page = page.finish(&user(), &head(10), Default::default()).unwrap();
+        let page = page.finish(&user(), &head(10), Some(Default::default())).unwrap();
         assert_eq!((page.changes.len(), page.cursor), (1, 5));
     }
 
@@ -216,7 +251,48 @@ mod tests {
         assert!(matches!(sizes.reach(&user()), Err(StoreError::Corrupt(_))));
         let mut short = PageAssembler::new(0, 3, u64::MAX);
         short.offer(&user(), &parts(1, "{}")).unwrap();
-        assert!(matches!(short.finish(&user(), &head(3), Default::default()), Err(StoreError::Corrupt(_))));
+        assert!(matches!(short.finish(&user(), &head(3), Some(Default::default())), Err(StoreError::Corrupt(_))));
+    }
+
+    fn limit(rows: u64) -> PageLimit {
+        PageLimit { rows, bytes: u64::MAX }
+    }
+
+    #[test]
+    fn a_page_covers_at_most_limit_rows_and_never_past_the_head() {
+        assert_eq!(PageAssembler::start(5, limit(10), &head(8)).unwrap().range(), (5, 8));
+        assert_eq!(PageAssembler::start(5, limit(2), &head(8)).unwrap().range(), (5, 7));
+        assert_eq!(PageAssembler::start(3, limit(u64::MAX), &head(9)).unwrap().range(), (3, 9));
+        assert_eq!(range_end(u64::MAX, 1, &head(u64::MAX)), u64::MAX);
+    }
+
+    #[test]
+    fn a_cursor_outside_the_log_starts_no_page() {
+        assert!(PageAssembler::start(9, limit(10), &head(8)).is_none());
+        let compacted = DatasetHead { seq: 8, horizon: 4, ..DatasetHead::default() };
+        assert!(PageAssembler::start(3, limit(10), &compacted).is_none());
+        assert!(PageAssembler::start(4, limit(10), &compacted).is_some());
+    }
+
+    #[test]
+    fn a_page_at_the_head_is_empty_and_says_nothing_more_follows() {
+        let page = PageAssembler::start(8, limit(10), &head(8)).unwrap();
+        assert_eq!(page.range(), (8, 8));
+        let page = page.finish(&user(), &head(8), Some(Default::default())).unwrap();
+        assert_eq!((page.changes.len(), page.cursor, page.has_more), (0, 8, false));
+    }
+
+    #[test]
+    fn only_hashes_that_no_row_held_are_looked_up() {
+        let at_head = PageAssembler::start(8, limit(10), &head(8)).unwrap();
+        assert_eq!(at_head.hashes_to_look_up(&head(8)), None);
+        let empty_log = PageAssembler::start(0, limit(10), &head(0)).unwrap();
+        assert_eq!(empty_log.hashes_to_look_up(&head(0)), None);
+        let mut mid_log = PageAssembler::new(0, 2, u64::MAX);
+        mid_log.offer(&user(), &parts(1, "{}")).unwrap();
+        mid_log.offer(&user(), &parts(2, "{}")).unwrap();
+        assert_eq!(mid_log.hashes_to_look_up(&head(5)), Some(2));
+        assert!(matches!(mid_log.finish(&user(), &head(5), None), Err(StoreError::Internal(_))));
     }
 
     #[test]
@@ -224,7 +300,7 @@ mod tests {
         let mut page = PageAssembler::new(0, 2, u64::MAX);
         assert!(page.offer(&user(), &parts(1, "{}")).unwrap());
         assert!(!page.offer(&user(), &parts(2, "{}")).unwrap());
-        let page = page.finish(&user(), &head(5), Default::default()).unwrap();
+        let page = page.finish(&user(), &head(5), Some(Default::default())).unwrap();
         assert_eq!((page.cursor, page.has_more), (2, true));
     }
 }

@@ -6,12 +6,168 @@
 
 use deltasync_protocol::change::{WireParts, write_wire_json};
 use deltasync_protocol::json;
-use deltasync_protocol::merge::ConflictReason;
-use deltasync_protocol::wire::{ConflictRecord, Policies};
-use deltasync_protocol::{EntityState, Meta, Op, StateDigest, StateHash};
+use deltasync_protocol::wire::{DeviceStatus, Policies};
+use deltasync_protocol::{EntityState, Meta, StateDigest, StateHash};
 
 use super::StoreError;
-use crate::batch::EntityKey;
+use crate::batch::{DatasetHead, EntityKey};
+
+/// A column's value, as a driver hands it over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ColumnValue<'r> {
+    /// SQL `NULL`.
+    Null,
+    /// An integer.
+    Int(i64),
+    /// A boolean (SQLite stores booleans as integers).
+    Bool(bool),
+    /// Text.
+    Text(&'r str),
+    /// Binary data.
+    Bytes(&'r [u8]),
+}
+
+impl ColumnValue<'_> {
+    fn kind(&self) -> &'static str {
+        match self {
+            ColumnValue::Null => "NULL",
+            ColumnValue::Int(_) => "an integer",
+            ColumnValue::Bool(_) => "a boolean",
+            ColumnValue::Text(_) => "text",
+            ColumnValue::Bytes(_) => "binary data",
+        }
+    }
+}
+
+/// One row of a query result, read by column index. Each store says only
+/// what value a column holds ([`value`](Self::value)); what the column must
+/// hold, and what the row means, is decided here, once.
+pub trait Columns {
+    /// The value of column `i`.
+    fn value(&self, i: usize) -> Result<ColumnValue<'_>, StoreError>;
+
+    /// An integer column.
+    fn int(&self, i: usize) -> Result<i64, StoreError> {
+        match self.value(i)? {
+            ColumnValue::Int(v) => Ok(v),
+            other => Err(unexpected(i, "an integer", &other)),
+        }
+    }
+
+    /// A nullable integer column.
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, StoreError> {
+        match self.value(i)? {
+            ColumnValue::Null => Ok(None),
+            ColumnValue::Int(v) => Ok(Some(v)),
+            other => Err(unexpected(i, "an integer or NULL", &other)),
+        }
+    }
+
+    /// A boolean column (an integer, non-zero for true, where the database has no booleans).
+    fn flag(&self, i: usize) -> Result<bool, StoreError> {
+        match self.value(i)? {
+            ColumnValue::Bool(v) => Ok(v),
+            ColumnValue::Int(v) => Ok(v != 0),
+            other => Err(unexpected(i, "a boolean", &other)),
+        }
+    }
+
+    /// A text column.
+    fn text(&self, i: usize) -> Result<&str, StoreError> {
+        match self.value(i)? {
+            ColumnValue::Text(v) => Ok(v),
+            other => Err(unexpected(i, "text", &other)),
+        }
+    }
+
+    /// A nullable text column.
+    fn opt_text(&self, i: usize) -> Result<Option<&str>, StoreError> {
+        match self.value(i)? {
+            ColumnValue::Null => Ok(None),
+            ColumnValue::Text(v) => Ok(Some(v)),
+            other => Err(unexpected(i, "text or NULL", &other)),
+        }
+    }
+
+    /// A binary column (text is taken as its bytes).
+    fn bytes(&self, i: usize) -> Result<&[u8], StoreError> {
+        match self.value(i)? {
+            ColumnValue::Bytes(v) => Ok(v),
+            ColumnValue::Text(v) => Ok(v.as_bytes()),
+            other => Err(unexpected(i, "binary data", &other)),
+        }
+    }
+}
+
+/// A column that does not hold what the schema says it holds.
+fn unexpected(i: usize, expected: &str, found: &ColumnValue<'_>) -> StoreError {
+    corrupt(format!("column {i} holds {}, not {expected}", found.kind()))
+}
+
+/// The columns of a logged change, in the order [`wire_parts`] and [`change_hashes`] read them.
+pub const CHANGE_COLUMNS: &str = "seq, change_id, device_id, collection, entity_id, op, data, hlc, base_version, server_time, state_hash, state_digest";
+
+/// The columns of a dataset head, in the order [`dataset_head`] reads them.
+pub const HEAD_COLUMNS: &str = "head, state_hash, state_digest, horizon, conflict_seq";
+
+/// The columns of a device, in the order [`device_status`] reads them.
+pub const DEVICE_COLUMNS: &str = "device_id, cursor, last_seen";
+
+/// The columns of an entity's state, in the order [`entity_state`] reads them.
+pub const ENTITY_STATE_COLUMNS: &str = "data, version, deleted, meta";
+
+/// The columns of a bootstrap entity line, in the order [`write_entity_row`] reads them.
+pub const ENTITY_LINE_COLUMNS: &str = "collection, entity_id, data, version, deleted, meta";
+
+/// Reads a change row whose first ten columns are those of [`CHANGE_COLUMNS`]
+/// (`seq, change_id, device_id, collection, entity_id, op, data, hlc, base_version, server_time`).
+pub fn wire_parts(r: &impl Columns) -> Result<WireParts<'_>, StoreError> {
+    Ok(WireParts {
+        seq: r.int(0)? as u64,
+        change_id: r.text(1)?,
+        device_id: r.text(2)?,
+        collection: r.text(3)?,
+        entity_id: r.text(4)?,
+        op: r.text(5)?,
+        data_json: r.opt_text(6)?,
+        hlc: r.text(7)?,
+        base_version: r.opt_int(8)?.map(|v| v as u64),
+        server_time: r.int(9)? as u64,
+    })
+}
+
+/// The chain head and digest after a change, from a row of all [`CHANGE_COLUMNS`].
+pub fn change_hashes(r: &impl Columns) -> Result<(StateHash, StateDigest), StoreError> {
+    hashes(r.bytes(10)?, r.bytes(11)?, "changes")
+}
+
+/// A dataset head, from a row of [`HEAD_COLUMNS`].
+pub fn dataset_head(r: &impl Columns) -> Result<DatasetHead, StoreError> {
+    let (state_hash, state_digest) = hashes(r.bytes(1)?, r.bytes(2)?, "datasets")?;
+    Ok(DatasetHead {
+        seq: r.int(0)? as u64,
+        state_hash,
+        state_digest,
+        horizon: r.int(3)? as u64,
+        conflict_seq: r.int(4)? as u64,
+    })
+}
+
+/// A device's status, from a row of [`DEVICE_COLUMNS`].
+pub fn device_status(r: &impl Columns) -> Result<DeviceStatus, StoreError> {
+    Ok(DeviceStatus { device_id: r.text(0)?.to_owned(), cursor: r.int(1)? as u64, last_seen: r.int(2)? as u64 })
+}
+
+/// The stored state of the entity `key`, from a row whose columns from `first` on are [`ENTITY_STATE_COLUMNS`].
+pub fn entity_state(key: &EntityKey, r: &impl Columns, first: usize) -> Result<EntityState, StoreError> {
+    decode_entity(key, r.text(first)?, r.int(first + 1)?, r.flag(first + 2)?, r.text(first + 3)?)
+}
+
+/// Appends the bootstrap line of an entity, from a row of [`ENTITY_LINE_COLUMNS`].
+pub fn write_entity_row(out: &mut Vec<u8>, r: &impl Columns) -> Result<(), StoreError> {
+    write_entity_line(out, r.text(0)?, r.text(1)?, r.text(2)?.as_bytes(), r.int(3)?, r.flag(4)?, r.text(5)?.as_bytes());
+    Ok(())
+}
 
 /// A [`StoreError::Corrupt`] saying what is wrong.
 pub fn corrupt(what: impl std::fmt::Display) -> StoreError {
@@ -104,70 +260,6 @@ pub fn write_append_line(out: &mut Vec<u8>, parts: &WireParts<'_>) {
     out.extend_from_slice(b"}\n");
 }
 
-/// A conflict record's columns, as stored.
-pub struct ConflictRow {
-    /// `id`
-    pub id: i64,
-    /// `change_id`
-    pub change_id: String,
-    /// `device_id`
-    pub device_id: String,
-    /// `collection`
-    pub collection: String,
-    /// `entity_id`
-    pub entity_id: String,
-    /// `op`
-    pub op: String,
-    /// `data` (JSON text)
-    pub data: Option<String>,
-    /// `hlc`
-    pub hlc: String,
-    /// `seq`
-    pub seq: Option<i64>,
-    /// `reason`
-    pub reason: String,
-    /// `fields` (JSON array text)
-    pub fields: Option<String>,
-    /// `current` (JSON text)
-    pub current: Option<String>,
-    /// `server_time`
-    pub server_time: i64,
-}
-
-/// The columns of a conflict record, in the order [`ConflictRow`] reads them.
-pub const CONFLICT_COLUMNS: &str =
-    "id, change_id, device_id, collection, entity_id, op, data, hlc, seq, reason, fields, current, server_time";
-
-impl ConflictRow {
-    /// Decodes the row into the record the API serves.
-    pub fn decode(self) -> Result<ConflictRecord, StoreError> {
-        let parse = |s: Option<String>| -> Result<Option<serde_json::Value>, StoreError> {
-            s.map(|s| serde_json::from_str(&s)).transpose().map_err(|e| corrupt(format!("conflict record: {e}")))
-        };
-        let reason: ConflictReason = serde_json::from_value(serde_json::Value::String(self.reason.clone()))
-            .map_err(|_| corrupt(format!("conflict reason {:?}", self.reason)))?;
-        Ok(ConflictRecord {
-            id: self.id as u64,
-            op: Op::parse(&self.op).ok_or_else(|| corrupt(format!("conflict record op {:?}", self.op)))?,
-            change_id: self.change_id,
-            device_id: self.device_id,
-            collection: self.collection,
-            entity_id: self.entity_id,
-            data: parse(self.data)?,
-            hlc: self.hlc,
-            seq: self.seq.map(|s| s as u64),
-            reason,
-            fields: self
-                .fields
-                .map(|f| serde_json::from_str(&f))
-                .transpose()
-                .map_err(|e| corrupt(format!("conflict fields: {e}")))?,
-            current: parse(self.current)?,
-            server_time: self.server_time as u64,
-        })
-    }
-}
-
 /// Checks the configured policies against the `(collection, policy)` pairs a store holds.
 pub fn check_policies(stored: Vec<(String, String)>, policies: &Policies) -> Result<(), StoreError> {
     for (collection, policy) in stored {
@@ -177,4 +269,44 @@ pub fn check_policies(stored: Vec<(String, String)>, policies: &Policies) -> Res
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    struct Row(Vec<ColumnValue<'static>>);
+
+    impl Columns for Row {
+        fn value(&self, i: usize) -> Result<ColumnValue<'_>, StoreError> {
+            self.0.get(i).copied().ok_or_else(|| corrupt(format!("no column {i}")))
+        }
+    }
+
+    #[test]
+    fn columns_read_what_the_schema_says_they_hold() {
+        let row = Row(vec![
+            ColumnValue::Int(7),
+            ColumnValue::Null,
+            ColumnValue::Int(1),
+            ColumnValue::Bool(false),
+            ColumnValue::Text("t"),
+            ColumnValue::Bytes(b"b"),
+        ]);
+        assert_eq!(row.int(0).unwrap(), 7);
+        assert_eq!((row.opt_int(0).unwrap(), row.opt_int(1).unwrap()), (Some(7), None));
+        assert!(row.flag(2).unwrap() && !row.flag(3).unwrap());
+        assert_eq!((row.text(4).unwrap(), row.opt_text(1).unwrap()), ("t", None));
+        assert_eq!((row.bytes(5).unwrap(), row.bytes(4).unwrap()), (&b"b"[..], &b"t"[..]));
+    }
+
+    #[test]
+    fn a_column_holding_something_else_is_corrupt() {
+        let row = Row(vec![ColumnValue::Null, ColumnValue::Text("7"), ColumnValue::Bytes(b"x")]);
+        assert!(matches!(row.int(0), Err(StoreError::Corrupt(_))));
+        assert!(matches!(row.int(1), Err(StoreError::Corrupt(_))));
+        assert!(matches!(row.text(2), Err(StoreError::Corrupt(_))));
+        assert!(matches!(row.flag(1), Err(StoreError::Corrupt(_))));
+        assert!(matches!(row.text(0), Err(StoreError::Corrupt(_))));
+    }
 }

@@ -1,0 +1,15 @@
+//! The decisions every store makes the same way, whatever its database.
+//!
+//! A store reads and writes rows; everything it decides about them lives
+//! here, once, so that SQLite and PostgreSQL cannot drift apart: when a
+//! cursor calls for a bootstrap ([`reset`]), which rows a page of the log or
+//! of conflicts covers ([`crate::store::page`], [`conflicts`]), how a push
+//! goes from what was loaded to what is written ([`push`]), which migrations
+//! run ([`migrations`]), and how a bootstrap hands over its head and lines
+//! ([`bootstrap`]).
+
+pub mod bootstrap;
+pub mod conflicts;
+pub mod migrations;
+pub mod push;
+pub mod reset;

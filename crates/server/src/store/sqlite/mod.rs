@@ -1,0 +1,219 @@
+//! The embedded SQLite store: one writer thread with group commit, a pool of
+//! readers, WAL so that readers never block the writer.
+//!
+//! Every push is a job on a bounded channel. The writer takes all the jobs
+//! that are waiting (up to a bound), runs each inside its own savepoint of
+//! one transaction, commits once with `synchronous = FULL`, and only then
+//! answers every job: an acknowledgement always means durable, and many
+//! devices share one fsync. A checkpointer thread copies committed WAL frames
+//! into the database file in the background, so the writer never pauses for it.
+//!
+//! The store is split by concept: [`writer`] (the writer thread and the SQL
+//! of a push), [`reads`] (the read pool and every read), [`checkpoint`] (the
+//! checkpointer thread). What the rows mean and every decision that does not
+//! depend on SQLite are shared with PostgreSQL (see [`crate::store::core`]).
+
+mod checkpoint;
+mod reads;
+mod writer;
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use deltasync_protocol::UserId;
+use deltasync_protocol::wire::Policies;
+use rusqlite::Connection;
+use rusqlite::types::ValueRef;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use self::checkpoint::{Checkpointer, WRITER_AUTOCHECKPOINT_PAGES, WriteFailure};
+use self::reads::{ReadPool, read_collection_policies, read_conflicts, read_page, read_status};
+use self::writer::{Job, writer_loop};
+use super::core::migrations::MigrationPlan;
+use super::notify::Notifier;
+use super::page::PageLimit;
+use super::rows::{self, ColumnValue, Columns, corrupt};
+use super::schema::SQLITE_MIGRATIONS;
+use super::{
+    BootstrapStream, BoxFuture, ConflictPage, DatasetStatus, DeviceTouch, Migrated, PageOutcome, PushBatch,
+    PushOutcome, Store, StoreError, StoreFuture,
+};
+
+/// How many jobs one group commit takes at most.
+const MAX_GROUP_JOBS: usize = 256;
+/// How many changes one group commit takes at most (beyond the first job).
+const MAX_GROUP_CHANGES: usize = 20_000;
+/// How many reads (each on a blocking thread with its own connection) run at once.
+const MAX_READERS: usize = 32;
+/// How long a read waits for a free reader before answering 503.
+const READER_WAIT: Duration = Duration::from_secs(5);
+
+/// Maps a SQLite error to the store's kinds: a busy, locked, full or
+/// unopenable database is [`StoreError::Unavailable`].
+fn map_err(e: rusqlite::Error) -> StoreError {
+    use rusqlite::ErrorCode::*;
+    match e.sqlite_error_code() {
+        Some(DatabaseBusy | DatabaseLocked) => StoreError::Unavailable(e.to_string()),
+        Some(CannotOpen | ReadOnly | DiskFull | PermissionDenied) => StoreError::Unavailable(e.to_string()),
+        Some(DatabaseCorrupt | NotADatabase) => StoreError::Corrupt(e.to_string()),
+        _ => StoreError::Internal(e.to_string()),
+    }
+}
+
+impl Columns for rusqlite::Row<'_> {
+    fn value(&self, i: usize) -> Result<ColumnValue<'_>, StoreError> {
+        Ok(match self.get_ref(i).map_err(map_err)? {
+            ValueRef::Null => ColumnValue::Null,
+            ValueRef::Integer(v) => ColumnValue::Int(v),
+            ValueRef::Text(v) => ColumnValue::Text(std::str::from_utf8(v).map_err(corrupt)?),
+            ValueRef::Blob(v) => ColumnValue::Bytes(v),
+            ValueRef::Real(v) => return Err(corrupt(format!("column {i} holds the real number {v}"))),
+        })
+    }
+}
+
+/// The SQLite store. See the module documentation.
+pub struct SqliteStore {
+    readers: Arc<ReadPool>,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    notifier: Arc<Notifier>,
+    failure: WriteFailure,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database at `path`, migrates it and starts the writer.
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        let conn = open_wal(path)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(map_err)?;
+        // Checkpoints run on their own thread (see `checkpoint`); the writer
+        // only checkpoints itself if the WAL grows past about 80 MiB.
+        conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES).map_err(map_err)?;
+        migrate(&conn)?;
+        let failure = WriteFailure::default();
+        let checkpoints = Checkpointer::start(path, failure.clone())?;
+        let writer_failure = failure.clone();
+        let notifier = Arc::new(Notifier::default());
+        let (tx, rx) = mpsc::channel(1024);
+        let writer_notifier = notifier.clone();
+        let writer = std::thread::Builder::new()
+            .name("deltasync-writer".into())
+            .spawn(move || {
+                writer_loop(conn, rx, &writer_notifier, &checkpoints, &writer_failure);
+                checkpoints.finish();
+            })
+            .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
+        Ok(SqliteStore {
+            readers: Arc::new(ReadPool::new(path)),
+            jobs: Mutex::new(Some(tx)),
+            writer: Mutex::new(Some(writer)),
+            notifier,
+            failure,
+        })
+    }
+
+    /// Applies missing migrations to the database at `path` (creating it if needed) and says which.
+    pub fn migrate(path: &Path) -> Result<Migrated, StoreError> {
+        migrate(&open_wal(path)?)
+    }
+
+    /// Queues a job for the writer and waits for its answer, which comes after commit.
+    async fn submit<T>(
+        &self,
+        job: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job,
+    ) -> Result<T, StoreError> {
+        let sender = self.jobs.lock().expect("jobs lock").clone().ok_or(StoreError::ShuttingDown)?;
+        let (reply, answer) = oneshot::channel();
+        sender.send(job(reply)).await.map_err(|_| StoreError::ShuttingDown)?;
+        answer.await.map_err(|_| StoreError::Internal("the writer stopped before answering".into()))?
+    }
+}
+
+/// Opens (creating if needed) the database at `path` in WAL mode, waiting up to 5 s on locks.
+fn open_wal(path: &Path) -> Result<Connection, StoreError> {
+    let conn = Connection::open(path)
+        .map_err(|e| StoreError::Unavailable(format!("cannot open SQLite database {}: {e}", path.display())))?;
+    conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(map_err)?;
+    conn.pragma_update(None, "journal_mode", "WAL").map_err(map_err)?;
+    Ok(conn)
+}
+
+/// Applies the missing migrations, each in its own transaction.
+fn migrate(conn: &Connection) -> Result<Migrated, StoreError> {
+    conn.execute_batch("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)").map_err(map_err)?;
+    let found: i64 =
+        conn.query_row("SELECT COALESCE(MAX(version), 0) FROM schema_version", [], |r| r.get(0)).map_err(map_err)?;
+    let plan = MigrationPlan::new(found, SQLITE_MIGRATIONS)?;
+    for step in plan.steps() {
+        let tx = conn.unchecked_transaction().map_err(map_err)?;
+        tx.execute_batch(step.sql).map_err(map_err)?;
+        tx.execute("DELETE FROM schema_version", []).map_err(map_err)?;
+        tx.execute("INSERT INTO schema_version (version) VALUES (?1)", [step.version]).map_err(map_err)?;
+        tx.commit().map_err(map_err)?;
+        step.applied();
+    }
+    Ok(plan.migrated())
+}
+
+impl Store for SqliteStore {
+    fn check_policies<'a>(&'a self, policies: &'a Policies) -> StoreFuture<'a, ()> {
+        Box::pin(async move { rows::check_policies(self.readers.run(read_collection_policies).await?, policies) })
+    }
+
+    fn push(&self, batch: PushBatch, policies: Policies) -> StoreFuture<'_, PushOutcome> {
+        Box::pin(self.submit(|reply| Job::Push { batch, policies, reply }))
+    }
+
+    fn changes_since<'a>(&'a self, user: &'a UserId, cursor: u64, limit: PageLimit) -> StoreFuture<'a, PageOutcome> {
+        let user = user.clone();
+        Box::pin(self.readers.run(move |conn| read_page(conn, &user, cursor, limit)))
+    }
+
+    fn touch_device(&self, touch: DeviceTouch) -> StoreFuture<'_, ()> {
+        Box::pin(self.submit(move |reply| Job::Touch { touch, reply }))
+    }
+
+    fn status<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, DatasetStatus> {
+        let user = user.clone();
+        Box::pin(self.readers.run(move |conn| read_status(conn, &user)))
+    }
+
+    fn conflicts<'a>(&'a self, user: &'a UserId, since: u64, limit: u64) -> StoreFuture<'a, ConflictPage> {
+        let user = user.clone();
+        Box::pin(self.readers.run(move |conn| read_conflicts(conn, &user, since, limit)))
+    }
+
+    fn bootstrap<'a>(&'a self, user: &'a UserId, stall: Duration) -> StoreFuture<'a, BootstrapStream> {
+        Box::pin(self.readers.bootstrap(user.clone(), stall))
+    }
+
+    fn subscribe(&self, user: &UserId) -> watch::Receiver<u64> {
+        self.notifier.subscribe(user)
+    }
+
+    fn health(&self) -> StoreFuture<'_, ()> {
+        Box::pin(self.readers.run(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(map_err)))
+    }
+
+    fn write_probe(&self) -> StoreFuture<'_, ()> {
+        Box::pin(async move {
+            self.submit(|reply| Job::Probe { reply }).await?;
+            match self.failure.get() {
+                Some(e) => Err(StoreError::Unavailable(e)),
+                None => Ok(()),
+            }
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            drop(self.jobs.lock().expect("jobs lock").take());
+            let writer = self.writer.lock().expect("writer lock").take();
+            if let Some(handle) = writer {
+                let _ = tokio::task::spawn_blocking(move || handle.join()).await;
+            }
+        })
+    }
+}

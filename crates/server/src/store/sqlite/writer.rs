@@ -1,0 +1,332 @@
+//! The writer thread: group commit of pushes, cursor updates and probes, and
+//! the SQL that loads and writes a push.
+
+use std::collections::HashMap;
+
+use deltasync_protocol::wire::Policies;
+use deltasync_protocol::{DeviceId, EntityState, UserId};
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::checkpoint::{Checkpointer, WriteFailure};
+use super::reads::read_head;
+use super::{MAX_GROUP_CHANGES, MAX_GROUP_JOBS, map_err};
+use crate::batch::{EntityKey, PushPlan, Snapshot, batch_keys};
+use crate::store::core::conflicts::encode_conflict;
+use crate::store::core::push;
+use crate::store::notify::Notifier;
+use crate::store::rows::{self, ENTITY_STATE_COLUMNS};
+use crate::store::{DeviceTouch, PushBatch, PushOutcome, StoreError};
+
+/// A write for the writer thread, with where to send its answer.
+pub(super) enum Job {
+    /// A push.
+    Push { batch: PushBatch, policies: Policies, reply: oneshot::Sender<Result<PushOutcome, StoreError>> },
+    /// A device's `last_seen` and cursor.
+    Touch { touch: DeviceTouch, reply: oneshot::Sender<Result<(), StoreError>> },
+    /// A write that changes nothing, committed to learn whether writes work.
+    Probe { reply: oneshot::Sender<Result<(), StoreError>> },
+}
+
+impl Job {
+    fn weight(&self) -> usize {
+        match self {
+            Job::Push { batch, .. } => batch.changes.len().max(1),
+            Job::Touch { .. } | Job::Probe { .. } => 1,
+        }
+    }
+}
+
+/// Takes the queued jobs in groups, each group one transaction, until the queue closes.
+pub(super) fn writer_loop(
+    conn: Connection,
+    mut rx: mpsc::Receiver<Job>,
+    notifier: &Notifier,
+    checkpoints: &Checkpointer,
+    failure: &WriteFailure,
+) {
+    while let Some(first) = rx.blocking_recv() {
+        let mut weight = first.weight();
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_GROUP_JOBS && weight < MAX_GROUP_CHANGES {
+            match rx.try_recv() {
+                Ok(job) => {
+                    weight += job.weight();
+                    jobs.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let pushes = jobs.iter().any(|j| matches!(j, Job::Push { .. }));
+        match run_group(&conn, jobs, notifier) {
+            Ok(()) if pushes => failure.clear(),
+            Ok(()) => {}
+            Err(e) => failure.set(e),
+        }
+        checkpoints.committed();
+    }
+    tracing::debug!("writer stopped: every queued write is committed");
+}
+
+/// A job that ran in the group, with its answer held until the commit.
+enum Done {
+    Push(oneshot::Sender<Result<PushOutcome, StoreError>>, Result<PushOutcome, StoreError>),
+    Touch(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
+}
+
+/// Runs a group of jobs in one transaction; `Err` when the transaction itself failed.
+fn run_group(conn: &Connection, jobs: Vec<Job>, notifier: &Notifier) -> Result<(), String> {
+    // A group of cursor updates only is committed without an fsync: a cursor
+    // lost to a power cut only makes compaction keep more. The next push's
+    // FULL commit syncs the WAL, these frames included.
+    let touches_only = jobs.iter().all(|j| matches!(j, Job::Touch { .. }));
+    if touches_only {
+        let _ = conn.execute_batch("PRAGMA synchronous = NORMAL");
+    }
+    let outcome = run_group_in_transaction(conn, jobs, notifier);
+    if touches_only {
+        let _ = conn.execute_batch("PRAGMA synchronous = FULL");
+    }
+    outcome
+}
+
+/// Runs every job in its own savepoint of one transaction, commits, then answers them all.
+fn run_group_in_transaction(conn: &Connection, jobs: Vec<Job>, notifier: &Notifier) -> Result<(), String> {
+    let mut done = Vec::with_capacity(jobs.len());
+    let mut heads: HashMap<UserId, u64> = HashMap::new();
+    if let Err(e) = conn.execute_batch("BEGIN IMMEDIATE") {
+        let msg = e.to_string();
+        for job in jobs {
+            fail_job(job, || StoreError::Unavailable(msg.clone()));
+        }
+        return Err(msg);
+    }
+    for job in jobs {
+        let savepoint = conn.execute_batch("SAVEPOINT job");
+        match job {
+            Job::Push { batch, policies, reply } => {
+                let out = savepoint.map_err(map_err).and_then(|_| apply_push(conn, &batch, &policies));
+                finish_savepoint(conn, out.is_ok());
+                if let Ok(PushOutcome::Committed { head, .. }) = &out {
+                    heads.insert(batch.user.clone(), head.seq);
+                }
+                done.push(Done::Push(reply, out));
+            }
+            Job::Touch { touch, reply } => {
+                let out = savepoint.map_err(map_err).and_then(|_| touch_device(conn, &touch));
+                finish_savepoint(conn, out.is_ok());
+                done.push(Done::Touch(reply, out));
+            }
+            Job::Probe { reply } => {
+                let out = savepoint.map_err(map_err).and_then(|_| {
+                    conn.execute("UPDATE schema_version SET version = version", []).map(drop).map_err(map_err)
+                });
+                finish_savepoint(conn, out.is_ok());
+                done.push(Done::Touch(reply, out));
+            }
+        }
+    }
+    if let Err(e) = conn.execute_batch("COMMIT") {
+        tracing::error!(error = %e, "group commit failed; every write in it is refused");
+        let _ = conn.execute_batch("ROLLBACK");
+        let msg = e.to_string();
+        for d in done {
+            match d {
+                Done::Push(reply, _) => drop(reply.send(Err(StoreError::Unavailable(msg.clone())))),
+                Done::Touch(reply, _) => drop(reply.send(Err(StoreError::Unavailable(msg.clone())))),
+            }
+        }
+        return Err(msg);
+    }
+    for d in done {
+        match d {
+            Done::Push(reply, out) => drop(reply.send(out)),
+            Done::Touch(reply, out) => drop(reply.send(out)),
+        }
+    }
+    for (user, head) in heads {
+        notifier.publish(&user, head);
+    }
+    Ok(())
+}
+
+/// Releases a job's savepoint, rolling back to it first when the job failed.
+fn finish_savepoint(conn: &Connection, ok: bool) {
+    let sql = if ok { "RELEASE job" } else { "ROLLBACK TO job; RELEASE job" };
+    if let Err(e) = conn.execute_batch(sql) {
+        tracing::error!(error = %e, "savepoint handling failed");
+    }
+}
+
+/// Answers a job that never ran with an error.
+fn fail_job(job: Job, err: impl Fn() -> StoreError) {
+    match job {
+        Job::Push { reply, .. } => drop(reply.send(Err(err()))),
+        Job::Touch { reply, .. } | Job::Probe { reply } => drop(reply.send(Err(err()))),
+    }
+}
+
+/// The stored state of the entity `key`, if it has one.
+fn load_entity(conn: &Connection, user: &UserId, key: &EntityKey) -> Result<Option<EntityState>, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(&format!(
+            "SELECT {ENTITY_STATE_COLUMNS} FROM entities WHERE user_id = ?1 AND collection = ?2 AND entity_id = ?3"
+        ))
+        .map_err(map_err)?;
+    let mut found = stmt.query(params![user.as_str(), key.0.as_str(), key.1.as_str()]).map_err(map_err)?;
+    found.next().map_err(map_err)?.map(|r| rows::entity_state(key, r, 0)).transpose()
+}
+
+/// Loads what a push needs, plans it and writes the plan, inside the group's transaction.
+fn apply_push(conn: &Connection, batch: &PushBatch, policies: &Policies) -> Result<PushOutcome, StoreError> {
+    let user = &batch.user;
+    let head = read_head(conn, user)?;
+    if let Some(reset) = push::reset_required(batch, head) {
+        return Ok(reset);
+    }
+    let (ids, keys) = batch_keys(&batch.changes);
+    let mut snapshot = Snapshot { head, ..Snapshot::default() };
+    {
+        let mut stmt =
+            conn.prepare_cached("SELECT seq FROM changes WHERE user_id = ?1 AND change_id = ?2").map_err(map_err)?;
+        for id in ids {
+            if let Some(seq) = stmt
+                .query_row(params![user.as_str(), id.as_str()], |r| r.get::<_, i64>(0))
+                .optional()
+                .map_err(map_err)?
+            {
+                snapshot.known.insert(id, seq as u64);
+            }
+        }
+    }
+    for key in keys {
+        if let Some(state) = load_entity(conn, user, &key)? {
+            snapshot.entities.insert(key, state);
+        }
+    }
+    let plan = push::plan(batch, policies, snapshot);
+    write_plan(conn, user, &batch.device, batch.now, &plan)?;
+    Ok(push::committed(plan))
+}
+
+/// Writes everything a plan decided: log rows, entities, conflicts, collections, the device and the head.
+fn write_plan(
+    conn: &Connection,
+    user: &UserId,
+    device: &DeviceId,
+    now: u64,
+    plan: &PushPlan,
+) -> Result<(), StoreError> {
+    let u = user.as_str();
+    {
+        let mut stmt = conn
+            .prepare_cached(
+                "INSERT INTO changes (user_id, seq, change_id, device_id, collection, entity_id, op, data, hlc, base_version, server_time, state_hash, state_digest)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+            )
+            .map_err(map_err)?;
+        for entry in &plan.log {
+            let s = &entry.change;
+            let c = &s.change;
+            stmt.execute(params![
+                u,
+                s.seq as i64,
+                c.change_id.as_str(),
+                s.device_id.as_str(),
+                c.collection.as_str(),
+                c.entity_id.as_str(),
+                c.op.as_str(),
+                c.data_jcs(),
+                c.hlc.as_str(),
+                c.base_version.map(|v| v as i64),
+                s.server_time as i64,
+                &entry.state_hash.0[..],
+                &entry.state_digest.0[..],
+            ])
+            .map_err(map_err)?;
+        }
+    }
+    {
+        let mut stmt = conn
+            .prepare_cached(
+                "INSERT OR REPLACE INTO entities (user_id, collection, entity_id, data, version, deleted, meta, entity_hash)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+            .map_err(map_err)?;
+        for (e, hash) in &plan.entities {
+            let encoded = rows::encode_entity(e)?;
+            stmt.execute(params![
+                u,
+                e.collection.as_str(),
+                e.entity_id.as_str(),
+                encoded.data,
+                e.version as i64,
+                e.deleted,
+                encoded.meta,
+                hash.map(|h| h.to_vec()),
+            ])
+            .map_err(map_err)?;
+        }
+    }
+    if !plan.conflicts.is_empty() {
+        let mut stmt = conn
+            .prepare_cached(
+                "INSERT INTO conflicts (user_id, id, change_id, device_id, collection, entity_id, op, data, hlc, seq, reason, fields, current, server_time)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)",
+            )
+            .map_err(map_err)?;
+        for c in &plan.conflicts {
+            let ch = &c.change;
+            let encoded = encode_conflict(c);
+            stmt.execute(params![
+                u,
+                c.id as i64,
+                ch.change_id.as_str(),
+                c.device_id.as_str(),
+                ch.collection.as_str(),
+                ch.entity_id.as_str(),
+                ch.op.as_str(),
+                encoded.data,
+                ch.hlc.as_str(),
+                c.seq.map(|s| s as i64),
+                c.conflict.reason.as_str(),
+                encoded.fields,
+                encoded.current,
+                c.server_time as i64,
+            ])
+            .map_err(map_err)?;
+        }
+    }
+    {
+        let mut stmt = conn
+            .prepare_cached("INSERT OR IGNORE INTO collections (user_id, collection, policy) VALUES (?1, ?2, ?3)")
+            .map_err(map_err)?;
+        for (collection, policy) in &plan.collections {
+            stmt.execute(params![u, collection, policy.as_str()]).map_err(map_err)?;
+        }
+    }
+    touch_device(conn, &DeviceTouch::new(user, device, None, now))?;
+    let h = &plan.head;
+    conn.prepare_cached(
+        "INSERT INTO datasets (user_id, head, state_hash, state_digest, horizon, conflict_seq) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT (user_id) DO UPDATE SET head = excluded.head, state_hash = excluded.state_hash,
+             state_digest = excluded.state_digest, conflict_seq = excluded.conflict_seq",
+    )
+    .map_err(map_err)?
+    .execute(params![u, h.seq as i64, &h.state_hash.0[..], &h.state_digest.0[..], h.horizon as i64, h.conflict_seq as i64])
+    .map_err(map_err)?;
+    Ok(())
+}
+
+/// Registers a device or raises its `last_seen` and cursor (never lowers them).
+fn touch_device(conn: &Connection, touch: &DeviceTouch) -> Result<(), StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO devices (user_id, device_id, cursor, last_seen) VALUES (?1, ?2, ?3, ?4)
+         ON CONFLICT (user_id, device_id) DO UPDATE SET last_seen = MAX(last_seen, excluded.last_seen),
+             cursor = MAX(cursor, excluded.cursor)",
+    )
+    .map_err(map_err)?
+    .execute(params![touch.user.as_str(), touch.device.as_str(), touch.cursor.unwrap_or(0) as i64, touch.now as i64])
+    .map_err(map_err)?;
+    Ok(())
+}
