@@ -45,9 +45,10 @@ pub const MAX_LIVE_ENTITIES: usize = 250_000;
 pub struct SegmentCache {
     /// Each live segment's key and entities (key and encoded state), oldest first.
     segments: Vec<(u64, Vec<(EntityKey, String)>)>,
-    /// Each entity in a live segment: the newest segment holding it (its
-    /// place in `segments` is found by key), and its place in that segment.
-    newest: HashMap<EntityKey, (u64, usize)>,
+    /// Each entity in a live segment, by collection then id: the newest
+    /// segment holding it (its place in `segments` is found by key), and its
+    /// place in that segment. Two levels, so a lookup borrows its key.
+    newest: HashMap<String, HashMap<String, (u64, usize)>>,
     /// Entities in all live segments, counted once per segment.
     entries: usize,
 }
@@ -97,9 +98,7 @@ impl SegmentCache {
         let Err(at) = self.place(key) else { return };
         self.entries += entities.len();
         if at == self.segments.len() {
-            for (place, (entity, _)) in entities.iter().enumerate() {
-                self.newest.insert(entity.clone(), (key, place));
-            }
+            index(&mut self.newest, key, &entities);
             self.segments.push((key, entities));
         } else {
             // Read in out of order (another tab's segment): index again.
@@ -115,11 +114,14 @@ impl SegmentCache {
         self.entries -= entities.len();
         if at == 0 {
             // No older segment holds these entities: those it held newest are in no segment now.
-            for (entity, _) in entities {
-                if self.newest.get(&entity).is_some_and(|(k, _)| *k == key) {
-                    self.newest.remove(&entity);
+            for ((collection, entity_id), _) in entities {
+                if let Some(ids) = self.newest.get_mut(&collection)
+                    && ids.get(&entity_id).is_some_and(|(k, _)| *k == key)
+                {
+                    ids.remove(&entity_id);
                 }
             }
+            self.newest.retain(|_, ids| !ids.is_empty());
         } else {
             self.reindex();
         }
@@ -133,10 +135,7 @@ impl SegmentCache {
     fn reindex(&mut self) {
         self.newest.clear();
         for (key, entities) in &self.segments {
-            let key = *key;
-            for (place, (entity, _)) in entities.iter().enumerate() {
-                self.newest.insert(entity.clone(), (key, place));
-            }
+            index(&mut self.newest, *key, entities);
         }
     }
 
@@ -148,21 +147,30 @@ impl SegmentCache {
 
     /// The encoded state of an entity in a live segment (the newest one holding it).
     pub fn get(&self, collection: &str, entity_id: &str) -> Option<&str> {
-        let found = self.newest.get(&(collection.to_owned(), entity_id.to_owned()))?;
+        let found = self.newest.get(collection)?.get(entity_id)?;
         Some(self.state(*found))
     }
 
     /// Every entity of `collection` in a live segment, in no order: `(id, encoded state)`.
     pub fn in_collection(&self, collection: &str) -> Vec<(&str, &str)> {
-        (self.newest.iter())
-            .filter(|((c, _), _)| c == collection)
-            .map(|((_, id), at)| (id.as_str(), self.state(*at)))
-            .collect()
+        let Some(ids) = self.newest.get(collection) else { return Vec::new() };
+        ids.iter().map(|(id, at)| (id.as_str(), self.state(*at))).collect()
     }
 
     /// The oldest live segment: its key and entities.
     pub fn oldest(&self) -> Option<(u64, &[(EntityKey, String)])> {
         self.segments.first().map(|(k, v)| (*k, v.as_slice()))
+    }
+}
+
+/// Points `newest` at segment `key`'s entities (it is newer than any indexed so far).
+fn index(newest: &mut HashMap<String, HashMap<String, (u64, usize)>>, key: u64, entities: &[(EntityKey, String)]) {
+    for (place, ((collection, entity_id), _)) in entities.iter().enumerate() {
+        let ids = match newest.get_mut(collection) {
+            Some(ids) => ids,
+            None => newest.entry(collection.clone()).or_default(),
+        };
+        ids.insert(entity_id.clone(), (key, place));
     }
 }
 

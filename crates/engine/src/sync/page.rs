@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use deltasync_protocol::wire::Policies;
-use deltasync_protocol::{Merge, Op, StateDigest, StateHash, StoredChange, merge};
+use deltasync_protocol::{Collection, EntityId, Merge, Op, StateDigest, StateHash, StoredChange, merge};
 
 use crate::clock::Clock;
 use crate::engine::{Engine, Origin};
@@ -77,7 +77,6 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
         let policies = state.policies.unwrap_or_default();
         let mut fold = Fold { hash: state.state_hash, digest: state.state_digest, expected: page.from + 1 };
         let mut states = confirmed_states(&mut tx, &log).await?;
-        let mut touched = Vec::new();
         for c in &log {
             if c.seq != fold.expected {
                 return Ok(Err(Mismatch(format!("the page skips from seq {} to {}", fold.expected - 1, c.seq))));
@@ -87,7 +86,6 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
             if let Err(m) = apply_change(&mut tx, &policies, c, &mut fold.digest, &mut states).await? {
                 return Ok(Err(m));
             }
-            touched.push((c.change.collection.clone(), c.change.entity_id.clone()));
         }
         let confirmations: Vec<(&str, u64)> = log.iter().map(|c| (c.change.change_id.as_str(), c.seq)).collect();
         tx.confirm_many(&confirmations).await?;
@@ -98,20 +96,22 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
         let clock = self.device_clock().observe_stamps(log.iter().map(|c| &c.change.hlc));
         tx.set_meta(keys::CLOCK, clock.as_str()).await?;
         tx.commit().await?;
+        let mut touched: Vec<(&Collection, &EntityId)> =
+            log.iter().map(|c| (&c.change.collection, &c.change.entity_id)).collect();
         if !touched.is_empty() {
-            touched.sort();
+            touched.sort_unstable();
             touched.dedup();
-            self.emit(Origin::Server, touched);
+            self.emit(Origin::Server, touched.into_iter().map(|(c, e)| (c.clone(), e.clone())).collect());
         }
         Ok(Ok(()))
     }
 }
 
-/// The confirmed states of a page's entities, keyed by `(collection, entity_id)`,
-/// read at once.
-type States = HashMap<(String, String), Option<Confirmed>>;
+/// The confirmed states of a page's entities, keyed by `(collection, entity_id)`
+/// as the page's changes name them, read at once.
+type States<'a> = HashMap<(&'a str, &'a str), Option<Confirmed>>;
 
-async fn confirmed_states(tx: &mut impl StoreTx, log: &[StoredChange]) -> Result<States> {
+async fn confirmed_states<'a>(tx: &mut impl StoreTx, log: &'a [StoredChange]) -> Result<States<'a>> {
     let mut keys: Vec<(&str, &str)> = log
         .iter()
         .filter(|c| c.change.op != Op::Append)
@@ -120,22 +120,22 @@ async fn confirmed_states(tx: &mut impl StoreTx, log: &[StoredChange]) -> Result
     keys.sort_unstable();
     keys.dedup();
     let found = tx.confirmed_many(&keys).await?;
-    Ok(keys.into_iter().map(|(c, e)| (c.to_owned(), e.to_owned())).zip(found).collect())
+    Ok(keys.into_iter().zip(found).collect())
 }
 
 /// Merges one logged change into the confirmed state (and `states`) and the digest.
-async fn apply_change(
+async fn apply_change<'a>(
     tx: &mut impl StoreTx,
     policies: &Policies,
-    c: &StoredChange,
+    c: &'a StoredChange,
     digest: &mut StateDigest,
-    states: &mut States,
+    states: &mut States<'a>,
 ) -> Result<Result<(), Mismatch>> {
     if c.change.op == Op::Append {
         tx.put_append(c.seq, &c.to_wire_json()).await?;
         return Ok(Ok(()));
     }
-    let key = (c.change.collection.as_str().to_owned(), c.change.entity_id.as_str().to_owned());
+    let key = (c.change.collection.as_str(), c.change.entity_id.as_str());
     // Taken out, not cloned: it is put back below, merged or as it was.
     let current = states.remove(&key).flatten();
     let policy = policies.of(c.change.collection.as_str());
