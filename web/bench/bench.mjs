@@ -1,7 +1,8 @@
 // The browser client's figures (docs/benchmarks.md), in headless Chromium
 // against a real `deltasync serve`:
 // - first sync of N changes (default 100,000) into an empty IndexedDB
-//   replica: pulled, verified and applied;
+//   replica: pulled, verified and applied (written as segments), and how
+//   long until the page has folded the segments into per-entity rows;
 // - 10,000 local writes: one `db.write` batch, batches of 100, and one
 //   `db.put` at a time;
 // - the size of deltasync.js, its glue and its wasm, gzipped;
@@ -119,6 +120,18 @@ async function main() {
     page.on("pageerror", (e) => console.error(`[page error] ${e.message}`));
     await page.goto(`http://127.0.0.1:${web.address().port}/bench/index.html`);
     await page.waitForFunction(() => window.ready);
+    // BENCH_PROFILE=FILE: a CPU profile of the first sync (chrome://inspect, or speedscope).
+    const profile = process.env.BENCH_PROFILE && (await page.context().newCDPSession(page));
+    if (profile) {
+      await profile.send("Profiler.enable");
+      await profile.send("Profiler.setSamplingInterval", { interval: 500 });
+      await profile.send("Profiler.start");
+      page.exposeFunction("benchFirstSyncDone", async () => {
+        const { profile: data } = await profile.send("Profiler.stop");
+        const { writeFile } = await import("node:fs/promises");
+        await writeFile(process.env.BENCH_PROFILE, JSON.stringify(data));
+      });
+    }
     const figures = await page.evaluate(
       async ({ server, writes }) => {
         const task = (i) => ({ title: `Task number ${i} with a reasonably long title`, done: false, priority: i % 5, tags: ["work"], notes: "x".repeat(100) });
@@ -127,7 +140,26 @@ async function main() {
         let t = performance.now();
         const first = await db.sync();
         let s = (performance.now() - t) / 1000;
+        if (window.benchFirstSyncDone) await window.benchFirstSyncDone();
         out.first_sync = { seconds: s, received: first.pulled + first.bootstrapped, per_sec: (first.pulled + first.bootstrapped) / s, pulled: first.pulled, bootstrapped: first.bootstrapped, verified: first.verified, cursor: first.cursor };
+        // The sync wrote its pages as segments, which the page then folds
+        // into per-entity rows in the background: how long until that is done.
+        const segments = () =>
+          new Promise((resolve, reject) => {
+            const r = indexedDB.open("bench-first-sync");
+            r.onsuccess = () => {
+              const idb = r.result;
+              const count = idb.transaction(["segments"]).objectStore("segments").count();
+              count.onsuccess = () => (idb.close(), resolve(count.result));
+              count.onerror = () => reject(count.error);
+            };
+            r.onerror = () => reject(r.error);
+          });
+        out.first_sync.segments_after_sync = await segments();
+        while ((await segments()) > 0) await new Promise((r) => setTimeout(r, 100));
+        const folded = (performance.now() - t) / 1000;
+        out.first_sync.folded_after_seconds = folded;
+        out.first_sync.per_sec_including_fold = (first.pulled + first.bootstrapped) / folded;
         const listed = (await db.list("tasks")).length;
         out.first_sync.listed = listed;
         await db.close();
