@@ -140,6 +140,18 @@ impl Policies {
     }
 }
 
+/// A message of a live socket (`GET /v1/live`): the dataset's head, sent
+/// when the socket opens and whenever the head moves.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveHead {
+    /// The dataset's head seq.
+    pub cursor: u64,
+    /// The chain head at `cursor`.
+    pub state_hash: StateHash,
+    /// The state digest at `cursor`.
+    pub state_digest: StateDigest,
+}
+
 /// The first line of a bootstrap stream.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BootstrapHeader {

@@ -57,6 +57,8 @@ pub struct Limits {
     pub max_bootstraps: usize,
     /// The most bootstraps streaming at once for one user.
     pub max_bootstraps_per_user: usize,
+    /// The most live connections (`GET /v1/live`) one user may hold open at once.
+    pub max_live_per_user: usize,
 }
 
 impl Limits {
@@ -77,6 +79,7 @@ impl Default for Limits {
             max_page_bytes: 4 * 1024 * 1024,
             max_bootstraps: 8,
             max_bootstraps_per_user: 2,
+            max_live_per_user: 16,
         }
     }
 }
@@ -100,6 +103,9 @@ pub struct Network {
     pub write_timeout: Duration,
     /// How long shutdown lets in-flight requests finish before closing what is left.
     pub shutdown_grace: Duration,
+    /// How often a live connection is pinged; one that answers nothing for
+    /// two of these is closed as dead.
+    pub live_ping_interval: Duration,
 }
 
 impl Default for Network {
@@ -112,6 +118,7 @@ impl Default for Network {
             body_min_bytes_per_sec: 16 * 1024,
             write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(30),
+            live_ping_interval: Duration::from_secs(30),
         }
     }
 }
@@ -150,6 +157,7 @@ struct ServerSection {
     max_page_bytes: Option<usize>,
     max_bootstraps: Option<usize>,
     max_bootstraps_per_user: Option<usize>,
+    max_live_per_user: Option<usize>,
     max_connections: Option<usize>,
     header_read_timeout_secs: Option<u64>,
     keep_alive_timeout_secs: Option<u64>,
@@ -157,6 +165,7 @@ struct ServerSection {
     body_min_bytes_per_sec: Option<u64>,
     write_timeout_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
+    live_ping_secs: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -191,6 +200,7 @@ impl Config {
             max_page_bytes: s.max_page_bytes.unwrap_or(d.max_page_bytes),
             max_bootstraps: s.max_bootstraps.unwrap_or(d.max_bootstraps),
             max_bootstraps_per_user: s.max_bootstraps_per_user.unwrap_or(d.max_bootstraps_per_user),
+            max_live_per_user: s.max_live_per_user.unwrap_or(d.max_live_per_user),
         };
         let n = Network::default();
         let secs = |v: Option<u64>, default: Duration| v.map_or(default, Duration::from_secs);
@@ -202,6 +212,7 @@ impl Config {
             body_min_bytes_per_sec: s.body_min_bytes_per_sec.unwrap_or(n.body_min_bytes_per_sec),
             write_timeout: secs(s.write_timeout_secs, n.write_timeout),
             shutdown_grace: secs(s.shutdown_grace_secs, n.shutdown_grace),
+            live_ping_interval: secs(s.live_ping_secs, n.live_ping_interval),
         };
         for (name, v) in [
             ("max_batch", limits.max_batch as u64),
@@ -211,6 +222,8 @@ impl Config {
             ("max_page_bytes", limits.max_page_bytes as u64),
             ("max_bootstraps", limits.max_bootstraps as u64),
             ("max_bootstraps_per_user", limits.max_bootstraps_per_user as u64),
+            ("max_live_per_user", limits.max_live_per_user as u64),
+            ("live_ping_secs", network.live_ping_interval.as_secs()),
             ("max_connections", network.max_connections as u64),
             ("header_read_timeout_secs", network.header_read_timeout.as_secs()),
             ("keep_alive_timeout_secs", network.keep_alive_timeout.as_secs()),

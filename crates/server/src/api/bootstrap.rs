@@ -6,8 +6,7 @@
 //! bootstrap whose client stops reading is abandoned after `write_timeout_secs`
 //! (see [`crate::store::chunks`]) and its slot freed.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{RawQuery, State};
@@ -19,87 +18,33 @@ use deltasync_protocol::wire::{BootstrapEnd, BootstrapHeader};
 use futures_util::StreamExt;
 
 use super::query::Query;
+use super::slots::{Caps, Refusal, Slot};
 use super::{ApiError, AppState, AuthUser, parse_device};
 use crate::config::Limits;
-use crate::refusals::RefusalCounter;
 use crate::store::DeviceTouch;
 
 /// How long a client refused for too many bootstraps is told to wait.
 const RETRY_AFTER_SECS: u64 = 5;
 
-/// The bootstraps streaming now, in all and per user.
-#[derive(Default)]
-pub struct BootstrapSlots {
-    taken: Mutex<Taken>,
-}
-
-#[derive(Default)]
-struct Taken {
-    total: usize,
-    per_user: HashMap<UserId, usize>,
-    refused_per_user: RefusalCounter,
-    refused_total: RefusalCounter,
-}
-
-/// One streaming bootstrap's place; freed when dropped (the stream ended or was dropped).
-pub struct BootstrapSlot {
-    slots: Arc<AppState>,
-    user: UserId,
-}
-
-impl BootstrapSlots {
-    /// Takes a slot for `user`, or refuses with the limit that is reached.
-    fn take(app: &Arc<AppState>, user: &UserId, limits: &Limits) -> Result<BootstrapSlot, ApiError> {
-        let mut taken = app.bootstraps.taken.lock().expect("bootstrap slots lock");
-        let Taken { total, per_user, refused_per_user, refused_total } = &mut *taken;
-        let mine = per_user.get(user).copied().unwrap_or(0);
-        if mine >= limits.max_bootstraps_per_user {
-            if let Some(refused) = refused_per_user.count() {
-                tracing::warn!(
-                    last_user = %user,
-                    refused,
-                    max_bootstraps_per_user = limits.max_bootstraps_per_user,
-                    "bootstraps refused: a user's cap reached"
-                );
-            }
-            return Err(ApiError::RateLimited {
-                message: format!(
-                    "this user already has {mine} bootstraps streaming (max_bootstraps_per_user is {}); finish or close one, then retry",
-                    limits.max_bootstraps_per_user
-                ),
-                retry_after_secs: RETRY_AFTER_SECS,
-            });
-        }
-        if *total >= limits.max_bootstraps {
-            if let Some(refused) = refused_total.count() {
-                tracing::warn!(
-                    refused,
-                    max_bootstraps = limits.max_bootstraps,
-                    "bootstraps refused: the server's cap reached"
-                );
-            }
-            return Err(ApiError::Unavailable(format!(
-                "the server is streaming {total} bootstraps, its maximum (max_bootstraps); retry later"
-            )));
-        }
-        *total += 1;
-        per_user.insert(user.clone(), mine + 1);
-        Ok(BootstrapSlot { slots: app.clone(), user: user.clone() })
-    }
-}
-
-impl Drop for BootstrapSlot {
-    fn drop(&mut self) {
-        let mut taken = self.slots.bootstraps.taken.lock().expect("bootstrap slots lock");
-        let Taken { total, per_user, .. } = &mut *taken;
-        *total -= 1;
-        if let Some(n) = per_user.get_mut(&self.user) {
-            *n -= 1;
-            if *n == 0 {
-                per_user.remove(&self.user);
-            }
-        }
-    }
+/// Takes a bootstrap's place for `user`, or refuses with the limit that is reached.
+fn take_slot(app: &Arc<AppState>, user: &UserId, limits: &Limits) -> Result<Slot, ApiError> {
+    let caps = Caps {
+        what: "bootstraps",
+        per_user: (limits.max_bootstraps_per_user, "max_bootstraps_per_user"),
+        total: Some((limits.max_bootstraps, "max_bootstraps")),
+    };
+    app.bootstraps.take(user, caps).map_err(|refusal| match refusal {
+        Refusal::PerUser(mine) => ApiError::RateLimited {
+            message: format!(
+                "this user already has {mine} bootstraps streaming (max_bootstraps_per_user is {}); finish or close one, then retry",
+                limits.max_bootstraps_per_user
+            ),
+            retry_after_secs: RETRY_AFTER_SECS,
+        },
+        Refusal::Total(total) => ApiError::Unavailable(format!(
+            "the server is streaming {total} bootstraps, its maximum (max_bootstraps); retry later"
+        )),
+    })
 }
 
 /// Handles a bootstrap.
@@ -110,7 +55,7 @@ pub async fn bootstrap(
 ) -> Result<Response, ApiError> {
     let q = Query::parse(raw.as_deref())?;
     let device = q.str("device_id").map(parse_device).transpose()?;
-    let slot = BootstrapSlots::take(&app, &user, &app.config.limits)?;
+    let slot = take_slot(&app, &user, &app.config.limits)?;
     let snapshot = app.store.bootstrap(&user, app.config.network.write_timeout).await?;
     let now = app.clock.now_ms();
     if let Some(device) = &device {
@@ -138,11 +83,11 @@ struct CountingStream<S> {
     inner: S,
     count: u64,
     ended: bool,
-    _slot: BootstrapSlot,
+    _slot: Slot,
 }
 
 impl<S> CountingStream<S> {
-    fn new(inner: S, slot: BootstrapSlot) -> Self {
+    fn new(inner: S, slot: Slot) -> Self {
         CountingStream { inner, count: 0, ended: false, _slot: slot }
     }
 }

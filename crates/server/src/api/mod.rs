@@ -6,9 +6,11 @@ mod changes;
 mod conflicts;
 pub mod error;
 mod health;
+pub mod live;
 mod pull;
 mod push;
 mod query;
+pub mod slots;
 mod status;
 mod sync;
 
@@ -44,7 +46,9 @@ pub struct AppState {
     /// Becomes true when the server starts shutting down; long polls then answer at once.
     pub shutdown: watch::Receiver<bool>,
     /// The bootstraps streaming now.
-    pub bootstraps: bootstrap::BootstrapSlots,
+    pub bootstraps: Arc<slots::UserSlots>,
+    /// The live connections open now.
+    pub live: Arc<slots::UserSlots>,
     /// The last verdict on whether writes work.
     pub health: health::WriteProbe,
 }
@@ -64,7 +68,8 @@ impl AppState {
             auth,
             clock,
             shutdown,
-            bootstraps: bootstrap::BootstrapSlots::default(),
+            bootstraps: Default::default(),
+            live: Default::default(),
             health: health::WriteProbe::default(),
         }
     }
@@ -97,6 +102,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/bootstrap", get(bootstrap::bootstrap))
         .route("/v1/status", get(status::status))
         .route("/v1/conflicts", get(conflicts::conflicts))
+        .route("/v1/live", get(live::live))
         .route("/healthz", get(health::healthz));
     let router = web
         .with_static(routes, Router::new().fallback(not_found))

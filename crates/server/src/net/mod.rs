@@ -33,7 +33,7 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tower_service::Service;
 
@@ -73,6 +73,14 @@ pub fn connection_cap(configured: usize) -> usize {
     } else {
         configured
     }
+}
+
+/// A connection's place under `max_connections`, shared with whatever
+/// outlives its HTTP exchange: a live WebSocket holds it (through the
+/// request's extensions) until it closes, so upgraded connections count too.
+#[derive(Clone)]
+pub struct ConnectionHold {
+    _permit: Arc<OwnedSemaphorePermit>,
 }
 
 /// The per-connection settings.
@@ -126,9 +134,9 @@ pub async fn serve(
                         continue;
                     };
                     let (app, builder, closing) = (app.clone(), builder.clone(), closing.clone());
+                    let hold = ConnectionHold { _permit: Arc::new(permit) };
                     connections.spawn(async move {
-                        serve_connection(stream, app, &builder, settings, closing).await;
-                        drop(permit);
+                        serve_connection(stream, app, &builder, settings, closing, hold).await;
                     });
                 }
                 Err(e) => {
@@ -193,11 +201,12 @@ async fn serve_connection(
     builder: &auto::Builder<TokioExecutor>,
     settings: ConnectionSettings,
     mut closing: watch::Receiver<bool>,
+    hold: ConnectionHold,
 ) {
     let _ = stream.set_nodelay(true);
     let activity = Arc::new(Activity::new());
     let socket = WatchedSocket::new(stream, activity.clone(), settings.write_timeout);
-    let service = TrackedService { app, activity: activity.clone() };
+    let service = TrackedService { app, activity: activity.clone(), hold };
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(socket), service);
     tokio::pin!(connection);
     let mut asked_to_close = *closing.borrow();
@@ -231,6 +240,7 @@ async fn serve_connection(
 struct TrackedService {
     app: Router,
     activity: Arc<Activity>,
+    hold: ConnectionHold,
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for TrackedService {
@@ -238,8 +248,9 @@ impl hyper::service::Service<hyper::Request<Incoming>> for TrackedService {
     type Error = Infallible;
     type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
-    fn call(&self, request: hyper::Request<Incoming>) -> Self::Future {
+    fn call(&self, mut request: hyper::Request<Incoming>) -> Self::Future {
         let in_flight = InFlight::start(self.activity.clone());
+        request.extensions_mut().insert(self.hold.clone());
         let mut app = self.app.clone();
         Box::pin(async move {
             let response = app.call(request.map(Body::new)).await?;
