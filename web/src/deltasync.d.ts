@@ -9,9 +9,9 @@ export interface OpenOptions {
   server?: string;
   /** A bearer token (`--auth jwt`); absent on a server with `--auth none`. */
   token?: string;
-  /** Long-poll the server for changes while the page is visible and the runner started (default true). */
+  /** While the page is visible and the runner started, hold the live channel (a WebSocket, `GET /v1/live`) and sync as soon as the server's head moves; on a server without it, long-poll (default true). */
   live?: boolean;
-  /** Milliseconds each long poll waits on the server (default 30000; whole seconds from 1 to 60). */
+  /** Milliseconds each long poll waits on the server, where there is no live channel (default 30000; whole seconds from 1 to 60). */
   wait?: number;
   /** Milliseconds between periodic syncs of the runner (default 30000). */
   interval?: number;

@@ -1,8 +1,9 @@
 // deltasync in a browser: the sync engine (Rust, compiled to wasm) keeps a
 // replica in IndexedDB and syncs it over fetch. This module is the browser's
 // side of it: the API apps call, the sync triggers (start, visible, online,
-// periodic, after local writes, manual), the long poll while the page is
-// visible, and the tabs: every tab of an app opens the same database, one tab
+// periodic, after local writes, manual), the live channel (a WebSocket that
+// says when the server's head moves; a long poll on a server without it)
+// while the page is visible, and the tabs: every tab of an app opens the same database, one tab
 // at a time syncs (Web Locks), and every tab hears every change
 // (BroadcastChannel). Every sync rule (merge, outbox, verification, heal,
 // backoff) is the engine's. See deltasync.d.ts for the API.
@@ -259,36 +260,32 @@ class Db {
     // The server counts whole seconds, from 1 to 60.
     const waitSecs = Math.min(60, Math.max(1, Math.round((this.#options.wait ?? defaults.wait_secs * 1000) / 1000)));
     const wake = (reason) => () => runner.wakeup.push(reason);
-    const onVisible = () => visible() && runner.wakeup.push("visible");
+    // Hidden, the page lets go of the live channel; visible again, it syncs and watches again.
+    const onVisible = () => (visible() ? runner.wakeup.push("visible") : runner.socket?.close(1000));
     const onOnline = wake("online");
     globalThis.document?.addEventListener("visibilitychange", onVisible);
     globalThis.addEventListener?.("online", onOnline);
     runner.lead = true;
     let failures = 0;
-    let polling = false;
+    let watching = false;
     try {
       while (!runner.stopped) {
         try {
           await this.#sync(false);
           failures = 0;
+          runner.noLive = false; // a socket that failed may open now
         } catch {
           failures += 1;
         }
         const syncedAt = Date.now();
         let deadline = syncedAt + (failures === 0 ? interval : retryDelayMs(failures - 1, interval));
         while (!runner.stopped) {
-          if (live && failures === 0 && !polling && visible()) {
-            polling = true;
-            this.#core.waitForChanges(waitSecs).then(
-              () => {
-                polling = false;
-                runner.wakeup.push("polled");
-              },
-              () => {
-                polling = false;
-                runner.wakeup.push("poll-failed");
-              },
-            );
+          if (live && failures === 0 && !watching && visible()) {
+            watching = true;
+            this.#watch(runner, waitSecs).then((reason) => {
+              watching = false;
+              runner.wakeup.push(reason);
+            });
           }
           const reason = await runner.wakeup.next(deadline - Date.now());
           if (reason === "local-write") {
@@ -297,15 +294,86 @@ class Db {
             failures += 1;
             deadline = Date.now() + retryDelayMs(failures - 1, interval);
           } else if (reason !== "polled") {
-            break; // the deadline, visible, online, stop
+            break; // the deadline, behind, visible, online, stop
           }
         }
       }
     } finally {
       runner.lead = false;
+      runner.socket?.close(1000);
+      runner.socket = null;
       globalThis.document?.removeEventListener("visibilitychange", onVisible);
       globalThis.removeEventListener?.("online", onOnline);
     }
+  }
+
+  /**
+   * Waits for the server's head to move past this replica. On the live
+   * channel, resolves "behind" (sync now) or "poll-failed" (it closed); on a
+   * server without one (the socket never opened), one long poll: "polled"
+   * or "poll-failed".
+   */
+  async #watch(runner, waitSecs) {
+    if (!runner.noLive) {
+      const reason = await this.#liveHead(runner);
+      if (reason !== "unsupported") return reason;
+      runner.noLive = true;
+    }
+    try {
+      await this.#core.waitForChanges(waitSecs);
+      return "polled";
+    } catch {
+      return "poll-failed";
+    }
+  }
+
+  /** The live socket's verdict: "behind", "poll-failed", or "unsupported". */
+  #liveHead(runner) {
+    const live = this.#core.liveRequest();
+    if (!live || typeof WebSocket === "undefined") return Promise.resolve("unsupported");
+    let socket = runner.socket;
+    if (!socket) {
+      socket = new WebSocket(live.url, live.protocols);
+      socket.opened = false;
+      socket.head = null;
+      socket.addEventListener("open", () => (socket.opened = true));
+      // Kept between watches: a head that arrives during a sync is judged after it.
+      socket.addEventListener("message", (e) => {
+        try {
+          socket.head = JSON.parse(e.data);
+        } catch {
+          // not a head: ignored
+        }
+      });
+      runner.socket = socket;
+    }
+    return new Promise((resolve) => {
+      let settled = false;
+      const done = (reason) => {
+        if (settled) return;
+        settled = true;
+        socket.removeEventListener("message", judge);
+        socket.removeEventListener("close", onClose);
+        resolve(reason);
+      };
+      const judge = async () => {
+        const head = socket.head;
+        if (!head) return;
+        try {
+          if (await this.#core.isBehind(head)) done("behind");
+        } catch {
+          // judged again on the next head
+        }
+      };
+      const onClose = () => {
+        if (runner.socket === socket) runner.socket = null;
+        done(!visible() ? "polled" : socket.opened ? "poll-failed" : "unsupported");
+      };
+      socket.addEventListener("message", judge);
+      socket.addEventListener("close", onClose);
+      if (socket.readyState === WebSocket.CLOSED) onClose();
+      else judge();
+    });
   }
 
   /** An event of this tab's engine. */

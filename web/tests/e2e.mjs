@@ -935,13 +935,17 @@ async function theRunnerSpacesWriteSyncsByTheDebounce(s) {
 }
 
 /**
- * The long poll runs while the page is visible, and only then: a hidden page
- * sends no new poll, and becoming visible again syncs at once and polls again.
+ * Without the live channel (here: a page without WebSocket), the long poll
+ * runs while the page is visible, and only then: a hidden page sends no new
+ * poll, and becoming visible again syncs at once and polls again.
  * (Visibility is set from the page: headless Chromium has no window to hide.)
  */
 async function theLongPollRunsWhileVisible(s) {
   const server = await s.server();
   const context = await s.context();
+  await context.addInitScript(() => {
+    delete globalThis.WebSocket;
+  });
   const tab = await s.tab(context, { name: "visible", server: server.url, live: true, wait: 1000, interval: 600_000 });
   const polls = [];
   tab.page.on("request", (r) => {
@@ -966,6 +970,48 @@ async function theLongPollRunsWhileVisible(s) {
   });
   await until("a sync when the page is visible again", async () => (await tab.events()).filter((e) => e.type === "sync").length > syncsBefore, { timeout: 5_000, every: 100 });
   await until("long polls again once visible", async () => polls.length >= hiddenFrom + 2, { timeout: 10_000, every: 100 });
+  await tab.call("stop");
+}
+
+/**
+ * The live channel (a WebSocket to GET /v1/live) is held while the page is
+ * visible: another device's change reaches the page by the sync it starts,
+ * with the periodic sync ten minutes away. Hidden, the page closes it and
+ * hears nothing; visible again, it syncs and opens it again.
+ */
+async function theLiveChannelRunsWhileVisible(s) {
+  const server = await s.server();
+  const tab = await s.tab(await s.context(), { name: "live-ws", server: server.url, live: true, interval: 600_000 });
+  const writer = await s.tab(await s.context(), { name: "live-writer", server: server.url, live: false }, "writer");
+  const sockets = [];
+  tab.page.on("websocket", (ws) => ws.url().includes("/v1/live") && sockets.push(ws));
+  await tab.call("start");
+  await until("the live channel opens", async () => sockets.length === 1, { timeout: 10_000, every: 100 });
+  const title = async (id) => (await tab.call("get", TASKS, id))?.title ?? null;
+
+  await writer.put(TASKS, "w1", { title: "while visible", done: false });
+  await writer.call("sync");
+  await until("w1 to reach the visible page through the live channel", async () => (await title("w1")) === "while visible", { timeout: 5_000, every: 100 });
+
+  await tab.page.evaluate(() => {
+    Object.defineProperty(document, "visibilityState", { configurable: true, get: () => "hidden" });
+    document.dispatchEvent(new Event("visibilitychange"));
+  });
+  await until("the hidden page closes the live channel", async () => sockets[0].isClosed(), { timeout: 5_000, every: 100 });
+  await writer.put(TASKS, "w2", { title: "while hidden", done: false });
+  await writer.call("sync");
+  await new Promise((r) => setTimeout(r, 2000));
+  assert((await title("w2")) === null, "a hidden page synced without a trigger");
+
+  await tab.page.evaluate(() => {
+    Object.defineProperty(document, "visibilityState", { configurable: true, get: () => "visible" });
+    document.dispatchEvent(new Event("visibilitychange"));
+  });
+  await until("w2 once the page is visible again", async () => (await title("w2")) === "while hidden", { timeout: 5_000, every: 100 });
+  await until("the live channel opens again", async () => sockets.length === 2 && !sockets[1].isClosed(), { timeout: 5_000, every: 100 });
+  await writer.put(TASKS, "w3", { title: "visible again", done: false });
+  await writer.call("sync");
+  await until("w3 through the new live channel", async () => (await title("w3")) === "visible again", { timeout: 5_000, every: 100 });
   await tab.call("stop");
 }
 
@@ -1271,7 +1317,8 @@ const SCENARIOS = [
   ["the example app syncs two browsers", theExampleAppSyncsTwoBrowsers],
   ["the runner spaces syncs caused by writes by the debounce", theRunnerSpacesWriteSyncsByTheDebounce],
   ["the runner moves to another tab when its tab closes", theRunnerMovesToAnotherTab],
-  ["the long poll runs while the page is visible, and only then", theLongPollRunsWhileVisible],
+  ["without the live channel, the long poll runs while the page is visible, and only then", theLongPollRunsWhileVisible],
+  ["the live channel runs while the page is visible, and only then", theLiveChannelRunsWhileVisible],
   ["the API keeps its small promises", theApiKeepsItsSmallPromises],
   ["the runner syncs when the browser comes back online", theRunnerSyncsWhenBackOnline],
   ["the runner heals by itself after a server restore", theRunnerHealsAfterARestore],

@@ -318,6 +318,20 @@ impl Client {
         Ok(self.engine().wait_for_changes(wait).await?)
     }
 
+    /// Opens the live channel (`GET /v1/live`): a WebSocket on which the
+    /// server sends its head whenever it moves. A server without it answers
+    /// a [`crate::ClientError`] whose status is 404.
+    pub async fn open_live(&self) -> Result<crate::live::LiveSocket> {
+        let api = self.engine().transport_ref().ok_or(deltasync_engine::Error::NoServer)?;
+        Ok(api.open_live(self.device_id().as_str()).await?)
+    }
+
+    /// Whether the server's head, as the live channel sent it, differs from
+    /// where this replica stands (a sync then has work).
+    pub async fn is_behind(&self, head: &deltasync_protocol::wire::LiveHead) -> Result<bool> {
+        Ok(self.engine().is_behind(head).await?)
+    }
+
     /// This user's conflict records on the server (changes that lost or were
     /// refused for good, from any device), a page from `since`.
     pub async fn conflicts(

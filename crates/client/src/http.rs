@@ -144,6 +144,25 @@ impl ServerApi {
         Ok(body)
     }
 
+    /// Opens the live channel (`GET /v1/live`) for `device_id`, as an
+    /// HTTP/1.1 upgrade on this client's connections. A server without the
+    /// endpoint answers [`Error::Server`] with status 404.
+    pub async fn open_live(&self, device_id: &str) -> Result<crate::live::LiveSocket> {
+        let (req, request, limit) = self.build(requests::live(device_id));
+        let (headers, key) = crate::live::LiveSocket::upgrade_headers();
+        let mut req = req.version(reqwest::Version::HTTP_11);
+        for (name, value) in headers {
+            req = req.header(name, value);
+        }
+        let resp = match tokio::time::timeout(limit, self.send(request, req, limit)).await {
+            Ok(result) => result?,
+            Err(_) => {
+                return Err(Error::Timeout { kind: TimeoutKind::Request, operation: request.to_owned(), after: limit });
+            }
+        };
+        crate::live::LiveSocket::accept(resp, &key, format!("{}/v1/live", self.base)).await
+    }
+
     /// Sends a request whose whole answer is one JSON value, within its deadline.
     async fn json<T: DeserializeOwned>(&self, r: Request) -> Result<T> {
         let (req, request, limit) = self.build(r);

@@ -66,6 +66,7 @@
 pub mod client;
 pub mod error;
 pub mod http;
+pub mod live;
 pub mod local;
 pub mod runner;
 

@@ -1,6 +1,8 @@
 //! Background sync: a task that syncs on start, at an interval, shortly after
 //! local writes (debounced), on demand, and, in live mode, as soon as another
-//! device's change reaches the server (a long-poll pull).
+//! device's change reaches the server: the live channel (`GET /v1/live`, a
+//! WebSocket that sends the server's head) says so, and the runner syncs; a
+//! server without the live channel (404) gets a long-poll pull instead.
 //!
 //! A failed sync is retried with backoff and logged as a warning; once syncs
 //! have failed the same way (the same error code) [`PERSISTENT_FAILURES`]
@@ -21,7 +23,8 @@ pub use deltasync_engine::schedule::PERSISTENT_FAILURES;
 use deltasync_engine::schedule::{self, FailureStreak};
 
 use crate::client::Client;
-use crate::error::Result;
+use crate::error::{ClientError, Result};
+use crate::live::LiveSocket;
 use crate::sync::SyncReport;
 
 /// When the runner syncs.
@@ -31,8 +34,9 @@ pub struct RunnerOptions {
     pub interval: Duration,
     /// Syncs caused by local writes are at least this far apart (default 5 s).
     pub debounce: Duration,
-    /// Hold a long-poll pull open between syncs, so other devices' changes
-    /// arrive within milliseconds (default off).
+    /// Hold the live channel (or, on a server without it, a long-poll pull)
+    /// open between syncs, so other devices' changes arrive within
+    /// milliseconds (default off).
     pub live: bool,
     /// How long each long poll waits on the server (default 30 s; the server
     /// counts whole seconds, so it is taken as at least 1 s and at most 60 s).
@@ -107,6 +111,7 @@ async fn run(
     let mut failures = 0u32;
     let mut streak = FailureStreak::default();
     let mut manual_pending = false;
+    let mut live = Live::default();
     loop {
         let outcome = tokio::select! {
             r = client.sync_with(manual_pending) => r,
@@ -124,15 +129,18 @@ async fn run(
         let mut deadline =
             synced_at + if ok { options.interval } else { client.network_backoff(failures - 1, options.interval) };
         loop {
-            let long_poll = async {
+            let watch = async {
                 if options.live && failures == 0 {
-                    client.wait_for_changes(options.wait.max(Duration::from_secs(1))).await
+                    live.next_move(&client, options.wait).await
                 } else {
                     std::future::pending().await
                 }
             };
             tokio::select! {
-                _ = stop.changed() => return,
+                _ = stop.changed() => {
+                    live.close().await;
+                    return;
+                }
                 _ = manual.notified() => {
                     manual_pending = true;
                     failures = 0;
@@ -144,14 +152,82 @@ async fn run(
                         deadline = deadline.min((synced_at + options.debounce).max(Instant::now()));
                     }
                 }
-                r = long_poll => {
-                    if let Err(e) = r {
-                        streak.log(client.device_id(), "long poll", e.code(), &e);
+                r = watch => match r {
+                    Ok(Moved::Behind) => break,
+                    Ok(Moved::Applied) => {}
+                    Err(e) => {
+                        streak.log(client.device_id(), "live", e.code(), &e);
                         failures += 1;
                         deadline = Instant::now() + client.network_backoff(failures - 1, options.interval);
                     }
+                },
+            }
+        }
+    }
+}
+
+/// What the live watch saw.
+enum Moved {
+    /// The server's head moved past this replica: sync now.
+    Behind,
+    /// A long poll applied what arrived (or nothing arrived): watch on.
+    Applied,
+}
+
+/// The live channel, kept open across syncs, or the knowledge that the
+/// server lacks it.
+#[derive(Default)]
+struct Live {
+    socket: Option<LiveSocket>,
+    /// The server answered the upgrade 404: long-poll instead.
+    unsupported: bool,
+}
+
+impl Live {
+    /// Waits for the server's head to move past this replica (live
+    /// channel), or for one long poll (server without it).
+    async fn next_move(&mut self, client: &Client, wait: Duration) -> Result<Moved> {
+        if self.unsupported {
+            client.wait_for_changes(wait.max(Duration::from_secs(1))).await?;
+            return Ok(Moved::Applied);
+        }
+        let socket = match &mut self.socket {
+            Some(socket) => socket,
+            None => match client.open_live().await {
+                Ok(socket) => self.socket.insert(socket),
+                Err(ClientError::Server { status: 404, .. }) => {
+                    tracing::info!(device = %client.device_id(), "the server has no live channel (GET /v1/live is 404); long-polling instead");
+                    self.unsupported = true;
+                    return Ok(Moved::Applied);
+                }
+                Err(e) => return Err(e),
+            },
+        };
+        loop {
+            match socket.next_head().await {
+                Ok(Some(head)) => {
+                    if client.is_behind(&head).await? {
+                        return Ok(Moved::Behind);
+                    }
+                }
+                Ok(None) => {
+                    self.socket = None;
+                    return Err(ClientError::Unreachable {
+                        url: "GET /v1/live".into(),
+                        message: "the server closed the live channel".into(),
+                    });
+                }
+                Err(e) => {
+                    self.socket = None;
+                    return Err(e.into());
                 }
             }
+        }
+    }
+
+    async fn close(&mut self) {
+        if let Some(socket) = self.socket.take() {
+            socket.close().await;
         }
     }
 }

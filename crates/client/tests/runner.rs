@@ -1,5 +1,6 @@
 //! The background [`SyncRunner`]: sync on start, debounced syncs after local
-//! writes, `sync_now`, live mode (long poll), stop, and network failures.
+//! writes, `sync_now`, live mode (the live channel, or a long poll on a
+//! server without it), stop, and network failures.
 //!
 //! Timing is checked loosely: orderings and generous upper bounds, never
 //! tight windows.
@@ -123,8 +124,24 @@ async fn sync_now_bypasses_the_debounce() {
     server.stop().await;
 }
 
+/// Waits until `events` reports `t1` of `tasks` changed by the server.
+async fn server_change_of_t1(events: &mut tokio::sync::broadcast::Receiver<deltasync_client::ChangeEvent>) {
+    let wanted = (Collection::parse("tasks").unwrap(), EntityId::parse("t1").unwrap());
+    timeout(TIMEOUT, async {
+        loop {
+            let e = events.recv().await.expect("event channel open");
+            if e.origin == Origin::Server && e.entities.contains(&wanted) {
+                assert_eq!(e.entities, vec![wanted]);
+                return;
+            }
+        }
+    })
+    .await
+    .expect("B heard of A's change in time");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn live_mode_receives_another_devices_change_by_long_poll() {
+async fn live_mode_syncs_when_the_live_channel_says_the_head_moved() {
     let mut server = TestServer::start().await;
     let devices = Devices::new();
     let a = devices.open("A", &server.url);
@@ -133,34 +150,82 @@ async fn live_mode_receives_another_devices_change_by_long_poll() {
     let runner = SyncRunner::start(b.clone(), options(LONG, Duration::from_millis(300), true));
     let mut outcomes = runner.outcomes();
     ok_report(&*next_outcome(&mut outcomes, TIMEOUT).await);
-    // Let the long poll reach the server (not required for correctness).
+    // Let the live channel open (not required for correctness).
     sleep(Duration::from_millis(200)).await;
 
     a.patch("tasks", "t1", obj(json!({"title": "hello"}))).unwrap();
     assert_eq!(a.sync().await.unwrap().pushed, 1);
     let sent = Instant::now();
-    let wanted = (Collection::parse("tasks").unwrap(), EntityId::parse("t1").unwrap());
-    let event = timeout(TIMEOUT, async {
-        loop {
-            let e = events.recv().await.expect("event channel open");
-            if e.origin == Origin::Server && e.entities.contains(&wanted) {
-                return e;
-            }
-        }
-    })
-    .await
-    .expect("B heard of A's change in time");
+    server_change_of_t1(&mut events).await;
     eprintln!("live change arrived {:?} after A's sync", sent.elapsed());
-    assert_eq!(event.entities, vec![wanted]);
-    assert!(!outcomes.has_changed().unwrap(), "no sync ran (the interval is 60 s): the long poll delivered the change");
+    // The interval is 60 s and nothing was written on B: only the live
+    // channel's head can have started this sync.
+    let report = ok_report(&*next_outcome(&mut outcomes, TIMEOUT).await).clone();
+    assert_eq!(report.pulled, 1, "{report:?}");
     assert_eq!(b.get("tasks", "t1").unwrap().unwrap().data["title"], "hello");
     let status = server.status().await;
     let st = b.stats().unwrap();
     assert_eq!((st.cursor, st.state_hash, st.state_digest), (status.head, status.state_hash, status.state_digest));
 
+    // The head of B's own sync does not start another one.
+    sleep(Duration::from_millis(500)).await;
+    assert!(!outcomes.has_changed().unwrap(), "a sync ran with nothing new on the server");
+
+    // Stop ends the task while the live channel is open.
+    timeout(Duration::from_secs(5), runner.stop()).await.expect("stop ends the task with the live channel open");
+    server.stop().await;
+}
+
+/// A server without the live channel (as before it had one): the real
+/// router, with `GET /v1/live` answered 404. Returns its URL, and what keeps
+/// it running.
+async fn start_without_live() -> (String, tokio::sync::watch::Sender<bool>, tempfile::TempDir) {
+    use axum::response::IntoResponse;
+    let dir = tempfile::tempdir().unwrap();
+    let store = deltasync_server::store::sqlite::SqliteStore::open(&dir.path().join("server.db")).unwrap();
+    let (shutdown, rx) = tokio::sync::watch::channel(false);
+    let state = deltasync_server::api::AppState::new(
+        Arc::new(store),
+        deltasync_server::Config::default(),
+        deltasync_server::Auth::None,
+        deltasync_server::Clock::system(),
+        rx,
+    );
+    let app = deltasync_server::api::router(Arc::new(state)).layer(axum::middleware::from_fn(
+        |request: axum::extract::Request, next: axum::middleware::Next| async move {
+            if request.uri().path() == "/v1/live" {
+                let body = json!({"error": "not_found", "message": "no such endpoint: /v1/live"});
+                return (axum::http::StatusCode::NOT_FOUND, axum::Json(body)).into_response();
+            }
+            next.run(request).await
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, shutdown, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn live_mode_long_polls_a_server_without_the_live_channel() {
+    let (url, _running, _dir) = start_without_live().await;
+    let devices = Devices::new();
+    let a = devices.open("A", &url);
+    let b = devices.open("B", &url);
+    let mut events = b.subscribe();
+    let runner = SyncRunner::start(b.clone(), options(LONG, Duration::from_millis(300), true));
+    let mut outcomes = runner.outcomes();
+    ok_report(&*next_outcome(&mut outcomes, TIMEOUT).await);
+    sleep(Duration::from_millis(200)).await;
+
+    a.patch("tasks", "t1", obj(json!({"title": "hello"}))).unwrap();
+    assert_eq!(a.sync().await.unwrap().pushed, 1);
+    server_change_of_t1(&mut events).await;
+    assert!(!outcomes.has_changed().unwrap(), "no sync ran (the interval is 60 s): the long poll delivered the change");
+    assert_eq!(b.get("tasks", "t1").unwrap().unwrap().data["title"], "hello");
+
     // Stop ends the task while a long poll is held on the server.
     timeout(Duration::from_secs(5), runner.stop()).await.expect("stop ends the task during a long poll");
-    server.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -63,6 +63,10 @@ pub fn may_be_error_body(status: u16, content_type: Option<&str>) -> bool {
 /// Whether an answer to `request` is a deltasync success whose body the
 /// caller should go on to read: a 2xx status with the expected content type.
 pub fn is_success(request: &str, status: u16, content_type: Option<&str>) -> bool {
+    if request == crate::transport::LIVE {
+        // The live channel's upgrade succeeds with 101 Switching Protocols.
+        return status == 101;
+    }
     (200..300).contains(&status) && is_type(content_type, expected_content_type(request))
 }
 

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::transport::{BOOTSTRAP, CONFLICTS, PULL, STATUS, SYNC, SyncBody};
+use crate::transport::{BOOTSTRAP, CONFLICTS, LIVE, PULL, STATUS, SYNC, SyncBody};
 
 /// One request to the server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,6 +62,12 @@ pub fn bootstrap(device_id: &str) -> Request {
     get(BOOTSTRAP, "/v1/bootstrap", &[("device_id", device_id.to_owned())])
 }
 
+/// `GET /v1/live`: the WebSocket upgrade of the live channel (the transport
+/// adds the upgrade's headers, or opens it as a WebSocket URL).
+pub fn live(device_id: &str) -> Request {
+    get(LIVE, "/v1/live", &[("device_id", device_id.to_owned())])
+}
+
 /// `GET /v1/conflicts` from record `since`, at most `limit` (the server's default when `None`).
 pub fn conflicts(since: u64, limit: Option<u64>) -> Request {
     let mut query = vec![("since", since.to_string())];
@@ -88,5 +94,6 @@ mod tests {
         assert_eq!((s.method, s.name), ("POST", SYNC));
         assert_eq!(s.body.as_deref(), Some(br#"{"device_id":"d","cursor":1,"changes":[]}"#.as_slice()));
         assert_eq!(bootstrap("d").path, "/v1/bootstrap?device_id=d");
+        assert_eq!(live("d 1").path, "/v1/live?device_id=d+1");
     }
 }

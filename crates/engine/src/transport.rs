@@ -20,6 +20,8 @@ pub const STATUS: &str = "GET /v1/status";
 pub const BOOTSTRAP: &str = "GET /v1/bootstrap";
 /// `GET /v1/conflicts`, as named in errors.
 pub const CONFLICTS: &str = "GET /v1/conflicts";
+/// The name of the live socket's upgrade request.
+pub const LIVE: &str = "GET /v1/live";
 
 /// The body of `POST /v1/sync`.
 #[derive(Debug, Serialize)]

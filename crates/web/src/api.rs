@@ -216,6 +216,39 @@ impl Core {
         promise(async move { engine.wait_for_changes(Duration::from_secs(wait_secs.into())).await })
     }
 
+    /// The live channel (`GET /v1/live`) as a browser opens it:
+    /// `{url, protocols}`, the `ws://` or `wss://` URL and the subprotocols
+    /// to offer (`deltasync.live`, and `bearer.<token>` when there is a
+    /// token: a WebSocket cannot carry `Authorization`). Null without a server.
+    #[wasm_bindgen(js_name = liveRequest)]
+    pub fn live_request(&self) -> Result<JsValue, JsValue> {
+        use deltasync_engine::transport::Transport;
+        let Some(transport) = self.engine.transport_ref() else { return Ok(JsValue::NULL) };
+        let path = deltasync_engine::requests::live(self.engine.device_id().as_str()).path;
+        let base = transport.base();
+        let url = match (base.strip_prefix("https://"), base.strip_prefix("http://")) {
+            (Some(rest), _) => format!("wss://{rest}{path}"),
+            (None, Some(rest)) => format!("ws://{rest}{path}"),
+            (None, None) => return Ok(JsValue::NULL),
+        };
+        let mut protocols = vec!["deltasync.live".to_owned()];
+        protocols.extend(transport.token().map(|token| format!("bearer.{token}")));
+        to_js(&json!({"url": url, "protocols": protocols}))
+    }
+
+    /// Whether the server's head, as the live channel sent it
+    /// (`{cursor, state_hash, state_digest}`), differs from where this
+    /// replica stands: a sync then has work. Resolves to a boolean.
+    #[wasm_bindgen(js_name = isBehind)]
+    pub fn is_behind(&self, head: JsValue) -> Promise {
+        let engine = self.engine.clone();
+        promise(async move {
+            let head: deltasync_protocol::wire::LiveHead = serde_json::from_value(from_js(&head, "head")?)
+                .map_err(|e| Error::Invalid(format!("a live message: {e}")))?;
+            engine.is_behind(&head).await
+        })
+    }
+
     /// As `deltasync client status`.
     pub fn status(&self) -> Promise {
         let engine = self.engine.clone();

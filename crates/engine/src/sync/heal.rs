@@ -76,4 +76,13 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
         }
         Ok(arrived || resp.has_more)
     }
+
+    /// Whether the server's head, as the live channel (`GET /v1/live`) sent
+    /// it, is not where this replica's confirmed state stands: then a sync
+    /// has something to fetch (or, for a head behind the replica's or with
+    /// another chain hash at the same cursor, something to heal).
+    pub async fn is_behind(&self, head: &deltasync_protocol::wire::LiveHead) -> Result<bool> {
+        let state = replica::sync_state(&mut self.store.begin(Access::Read).await?).await?;
+        Ok(head.cursor != state.cursor || head.state_hash != state.state_hash)
+    }
 }
