@@ -29,6 +29,8 @@ fn run_bench(dir: &Path, extra: &[&str]) -> (Value, String) {
             "2500",
             "--trials",
             "10",
+            "--live-connections",
+            "50",
         ])
         .args(extra)
         .arg("--out")
@@ -77,6 +79,19 @@ fn check_figures(report: &Value, instances: usize) {
     let details = &figure(&format!("propagation p50, {propagation}"))["details"];
     assert_eq!(details["wait_instance"], 0);
     assert_eq!(details["push_instance"], usize::from(instances > 1));
+    let live = if instances == 1 { "live".to_owned() } else { "live (instance 1 → 0)".to_owned() };
+    for name in [
+        format!("propagation, {live} p50"),
+        format!("propagation, {live} p99"),
+        "propagation, live, 50 open p99".to_owned(),
+    ] {
+        let f = figure(&name);
+        assert!(f["value"].as_f64().unwrap() > 0.0, "{f}");
+        assert_eq!(f["details"]["trials"], 10, "{f}");
+    }
+    let idle = figure("server RSS with 50 idle live sockets");
+    assert!(idle["value"].as_f64().unwrap() > 1.0, "{idle}");
+    assert_eq!(idle["details"]["connections"], 50);
     for name in ["wire, one-field edit, HTTP/1.1", "wire, one-field edit, HTTP/2"] {
         let bytes = figure(name)["value"].as_f64().unwrap();
         assert!((200.0..5000.0).contains(&bytes), "{name}: {bytes} bytes");

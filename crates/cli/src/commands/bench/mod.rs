@@ -8,6 +8,7 @@
 //! prints a table against the project's targets; `--out FILE` also writes the
 //! figures as JSON.
 
+mod live;
 mod postgres;
 mod server;
 mod wire;
@@ -37,6 +38,11 @@ pub enum Workload {
     Pull,
     /// Device A pushes one change while device B waits in a long poll.
     Propagation,
+    /// Device A pushes one change while device B holds a live WebSocket (GET /v1/live).
+    Live,
+    /// --live-connections idle live WebSockets held open at once: the server's memory, and
+    /// propagation to one of them meanwhile.
+    LiveIdle,
     /// A fresh device streams a snapshot of --bootstrap-entities entities.
     Bootstrap,
     /// The client SDK: a first sync of --client-changes changes into a fresh
@@ -68,7 +74,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     instances: u32,
     /// Which workloads to run (comma-separated); all but `client` by default.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Workload::Wire, Workload::Push, Workload::Update, Workload::Pull, Workload::Propagation, Workload::Bootstrap])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Workload::Wire, Workload::Push, Workload::Update, Workload::Pull, Workload::Propagation, Workload::Live, Workload::LiveIdle, Workload::Bootstrap])]
     workloads: Vec<Workload>,
     /// How many entities each push workload creates.
     #[arg(long, default_value_t = 100_000)]
@@ -85,9 +91,12 @@ pub struct BenchArgs {
     /// Entities in the dataset the bootstrap workload streams (the dataset is filled up to it first).
     #[arg(long, default_value_t = 1_000_000)]
     bootstrap_entities: usize,
-    /// Trials of the propagation workload.
+    /// Trials of the propagation workloads (long poll, live, and live among idle sockets).
     #[arg(long, default_value_t = 500)]
     trials: usize,
+    /// Idle live WebSockets the live-idle workload holds open at once.
+    #[arg(long, default_value_t = 10_000)]
+    live_connections: usize,
     /// Changes in the log (filled up to it first) that the client workload's fresh replica syncs.
     #[arg(long, default_value_t = 100_000)]
     client_changes: usize,
@@ -283,6 +292,12 @@ async fn bench(args: &BenchArgs, store: &Store, schema: Option<&BenchSchema>) ->
     }
     if has(Workload::Propagation) {
         bench.propagation(args.trials).await?;
+    }
+    if has(Workload::Live) {
+        bench.live_propagation(args.trials).await?;
+    }
+    if has(Workload::LiveIdle) {
+        bench.live_idle(args.live_connections, args.trials).await?;
     }
     if has(Workload::Client) {
         bench.client(args.client_changes, args.client_outbox, args.batch).await?;

@@ -19,9 +19,11 @@ pub struct ChildServer {
 
 impl ChildServer {
     /// Starts a server on port 0 and `database` (a `--database` URL), and waits until it listens.
-    pub fn start(database: &str) -> anyhow::Result<ChildServer> {
+    pub fn start(database: &str, config: &std::path::Path) -> anyhow::Result<ChildServer> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(["serve", "--listen", "127.0.0.1:0", "--database", database])
+            .arg("--config")
+            .arg(config)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
@@ -55,16 +57,25 @@ pub struct Servers {
     /// The servers, instance 0 first. Dropped (killed) before the directory.
     pub instances: Vec<ChildServer>,
     _dir: Option<tempfile::TempDir>,
+    _config: tempfile::TempDir,
 }
+
+/// The configuration the bench's servers run with: the defaults, but room
+/// for the live-idle workload's sockets, which all belong to one user
+/// (`--auth none`). `max_connections` is lowered to the open-file limit.
+pub const BENCH_CONFIG: &str = "[server]\nmax_live_per_user = 20000\nmax_connections = 16384\n";
 
 impl Servers {
     /// Starts `count` servers on `database`, one after the other (so the
     /// first has created the tables before the others open them).
     /// `dir` is kept until the servers are stopped.
     pub fn start(database: &str, count: usize, dir: Option<tempfile::TempDir>) -> anyhow::Result<Servers> {
-        let mut servers = Servers { instances: Vec::with_capacity(count), _dir: dir };
+        let config_dir = tempfile::tempdir()?;
+        let config = config_dir.path().join("bench.toml");
+        std::fs::write(&config, BENCH_CONFIG)?;
+        let mut servers = Servers { instances: Vec::with_capacity(count), _dir: dir, _config: config_dir };
         for i in 0..count {
-            let server = ChildServer::start(database).with_context(|| format!("instance {i}"))?;
+            let server = ChildServer::start(database, &config).with_context(|| format!("instance {i}"))?;
             servers.instances.push(server);
         }
         Ok(servers)

@@ -21,18 +21,18 @@ struct PageSummary {
 }
 
 /// Issues increasing HLC stamps for one simulated device.
-struct Stamps {
+pub(super) struct Stamps {
     device: String,
     ms: u64,
     counter: u32,
 }
 
 impl Stamps {
-    fn new(device: &str) -> Self {
+    pub(super) fn new(device: &str) -> Self {
         Stamps { device: device.to_owned(), ms: 0, counter: 0 }
     }
 
-    fn next(&mut self) -> String {
+    pub(super) fn next(&mut self) -> String {
         let now = now_ms();
         if now > self.ms {
             self.ms = now;
@@ -63,7 +63,7 @@ fn entity_data(i: usize) -> String {
 }
 
 /// The `p` quantile (0..=1) of `samples` (sorted in place); zero when there are none.
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
+pub(super) fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     if samples.is_empty() {
         return Duration::ZERO;
     }
@@ -71,7 +71,7 @@ fn percentile(samples: &mut [Duration], p: f64) -> Duration {
     samples[((samples.len() as f64 * p).ceil() as usize).clamp(1, samples.len()) - 1]
 }
 
-fn bar(len: u64, what: &str) -> ProgressBar {
+pub(super) fn bar(len: u64, what: &str) -> ProgressBar {
     let bar = ProgressBar::new(len);
     bar.set_style(
         ProgressStyle::with_template("{msg:<28} [{bar:30}] {human_pos}/{human_len} ({per_sec}, {eta})")
@@ -88,8 +88,8 @@ pub struct Bench {
     /// The base URL of each instance, instance 0 first; all share one database.
     urls: Vec<String>,
     /// Their process ids when they are our children (else empty).
-    server_pids: Vec<u32>,
-    run_id: u64,
+    pub(super) server_pids: Vec<u32>,
+    pub(super) run_id: u64,
     /// Entities created so far by this run.
     entities: usize,
     /// The figures measured.
@@ -105,17 +105,17 @@ impl Bench {
     }
 
     /// The URL of instance 0, which every single-server workload uses.
-    fn url(&self) -> &str {
+    pub(super) fn url(&self) -> &str {
         &self.urls[0]
     }
 
     /// How many instances share the database.
-    fn instances(&self) -> usize {
+    pub(super) fn instances(&self) -> usize {
         self.urls.len()
     }
 
     /// A bench of the same run that talks to instance `i % instances` only (no figures, no pids).
-    fn on_instance(&self, i: usize) -> Bench {
+    pub(super) fn on_instance(&self, i: usize) -> Bench {
         Bench {
             http: self.http.clone(),
             urls: vec![self.urls[i % self.urls.len()].clone()],
@@ -127,7 +127,7 @@ impl Bench {
     }
 
     /// Sends one `POST /v1/push` body to instance 0 and returns the head it answers.
-    async fn post_push(&self, body: String) -> anyhow::Result<u64> {
+    pub(super) async fn post_push(&self, body: String) -> anyhow::Result<u64> {
         let r = self
             .http
             .post(format!("{}/v1/push", self.url()))
@@ -256,7 +256,7 @@ impl Bench {
     }
 
     /// The dataset's head, from /v1/status.
-    async fn head(&self) -> anyhow::Result<u64> {
+    pub(super) async fn head(&self) -> anyhow::Result<u64> {
         let r = self.http.get(format!("{}/v1/status", self.url())).send().await?;
         let status: Value = serde_json::from_slice(&r.bytes().await?)?;
         status["head"].as_u64().context("status without head")
