@@ -80,6 +80,19 @@ pub const SQLITE_MIGRATIONS: &[&str] = &[
         PRIMARY KEY (user_id, collection)
     ) WITHOUT ROWID;
     "#,
+    // 2: receipts, so that a change is known as a duplicate after compaction
+    // dropped it from the log (idempotency outlives history). The receipts
+    // take over the job of the unique index on `changes`, which goes.
+    r#"
+    CREATE TABLE receipts (
+        user_id       TEXT    NOT NULL,
+        change_id     TEXT    NOT NULL,
+        seq           INTEGER NOT NULL,
+        PRIMARY KEY (user_id, change_id)
+    ) WITHOUT ROWID;
+    INSERT INTO receipts (user_id, change_id, seq) SELECT user_id, change_id, seq FROM changes;
+    DROP INDEX changes_by_change_id;
+    "#,
 ];
 
 /// The PostgreSQL migrations, in step with [`SQLITE_MIGRATIONS`].
@@ -162,6 +175,17 @@ pub const POSTGRES_MIGRATIONS: &[&str] = &[
         policy        TEXT    NOT NULL,
         PRIMARY KEY (user_id, collection)
     );
+    "#,
+    // 2: receipts (see the SQLite list).
+    r#"
+    CREATE TABLE receipts (
+        user_id       TEXT COLLATE "C" NOT NULL,
+        change_id     TEXT COLLATE "C" NOT NULL,
+        seq           BIGINT  NOT NULL,
+        PRIMARY KEY (user_id, change_id)
+    );
+    INSERT INTO receipts (user_id, change_id, seq) SELECT user_id, change_id, seq FROM changes;
+    DROP INDEX changes_by_change_id;
     "#,
 ];
 
