@@ -14,8 +14,7 @@ use crate::store::Store;
 /// after start) until `shutdown` turns true. A failed pass is logged and the
 /// next one runs on time; nothing here stops the server. A pass in progress
 /// when shutdown comes is finished first (the server closes its store only
-/// after this returns): a pass cut between raising a horizon and dropping
-/// the rows below it would leave them behind.
+/// after this returns), so its rows are not left for the next pass.
 pub async fn run_compactor(
     store: Arc<dyn Store>,
     compaction: Compaction,

@@ -102,7 +102,7 @@ pub struct Migrated {
 pub struct Compacted {
     /// The datasets looked at.
     pub datasets: u64,
-    /// The datasets whose horizon moved.
+    /// The datasets whose history was dropped (their horizon moved, or a pass cut short was finished).
     pub compacted: u64,
     /// The log rows deleted.
     pub dropped: u64,

@@ -82,8 +82,11 @@ pub const SQLITE_MIGRATIONS: &[&str] = &[
     "#,
     // 2: receipts, so that a change is known as a duplicate after compaction
     // dropped it from the log (idempotency outlives history). The receipts
-    // take over the job of the unique index on `changes`, which goes.
+    // take over the job of the unique index on `changes`, which goes. And
+    // how far compaction has deleted the log (`dropped_to`, at the horizon
+    // unless a pass was cut short).
     r#"
+    ALTER TABLE datasets ADD COLUMN dropped_to INTEGER NOT NULL DEFAULT 0;
     CREATE TABLE receipts (
         user_id       TEXT    NOT NULL,
         change_id     TEXT    NOT NULL,
@@ -176,8 +179,9 @@ pub const POSTGRES_MIGRATIONS: &[&str] = &[
         PRIMARY KEY (user_id, collection)
     );
     "#,
-    // 2: receipts (see the SQLite list).
+    // 2: receipts and `dropped_to` (see the SQLite list).
     r#"
+    ALTER TABLE datasets ADD COLUMN dropped_to BIGINT NOT NULL DEFAULT 0;
     CREATE TABLE receipts (
         user_id       TEXT COLLATE "C" NOT NULL,
         change_id     TEXT COLLATE "C" NOT NULL,

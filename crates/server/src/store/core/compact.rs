@@ -13,9 +13,10 @@
 //! When that is above the current horizon, a pass first raises the horizon
 //! (from then on a cursor below it is answered `410 reset_required`, and no
 //! read touches the rows below it any more), then deletes the rows
-//! `old horizon < seq <= new horizon` in chunks of at most [`DROP_CHUNK`]
-//! seqs, each its own short write, so a push never waits behind more than one
-//! chunk. `append` changes stay: they are state that bootstrap serves. The
+//! `dropped_to < seq <= new horizon` in chunks of at most [`DROP_CHUNK`]
+//! seqs, each its own short write that also moves the dataset's `dropped_to`
+//! mark, so a push never waits behind more than one chunk, and a pass cut
+//! short (a crash) is finished by the next one even when the horizon stays. `append` changes stay: they are state that bootstrap serves. The
 //! receipts of the dropped changes stay too, so a change pushed again is still
 //! answered `duplicate` with its seq. The chain head and digest of the rows
 //! above the horizon stay with them, so a page from a cursor at the horizon
@@ -80,6 +81,18 @@ pub struct DeviceMark {
     pub last_seen: u64,
 }
 
+/// What a pass reads of one dataset before it decides.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Marks {
+    /// The dataset head, with its horizon.
+    pub head: DatasetHead,
+    /// The highest seq below which every row but the appends is deleted
+    /// (below the horizon only when a pass was cut short).
+    pub dropped_to: u64,
+    /// Its devices.
+    pub devices: Vec<DeviceMark>,
+}
+
 /// The highest seq no active device still needs: the lowest cursor of the
 /// active devices, capped at the head (the head when none is active).
 pub fn held_back_at(head: &DatasetHead, devices: &[DeviceMark], rules: &CompactRules) -> u64 {
@@ -120,8 +133,8 @@ pub trait CompactionSql: Send + Sync {
     /// At most `limit` dataset ids greater than `after` (all when `None`), in order.
     fn datasets<'a>(&'a self, after: Option<&'a UserId>, limit: u64) -> StoreFuture<'a, Vec<UserId>>;
 
-    /// The dataset's head and its devices.
-    fn marks<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, (DatasetHead, Vec<DeviceMark>)>;
+    /// The dataset's head, how far its history is dropped, and its devices.
+    fn marks<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, Marks>;
 
     /// The lowest seq `after < seq <= up_to` whose change was logged after `logged_by` (ms).
     fn first_young<'a>(
@@ -135,7 +148,9 @@ pub trait CompactionSql: Send + Sync {
     /// Sets the horizon to `horizon` if it is below it; answers whether it moved.
     fn raise_horizon<'a>(&'a self, user: &'a UserId, horizon: u64) -> StoreFuture<'a, bool>;
 
-    /// Deletes the log rows `after < seq <= up_to` that are not `append`s; answers how many.
+    /// Deletes the log rows `after < seq <= up_to` that are not `append`s and
+    /// raises the dataset's `dropped_to` mark to `up_to`, in one write; answers
+    /// how many rows went.
     fn drop_history<'a>(&'a self, user: &'a UserId, after: u64, up_to: u64) -> StoreFuture<'a, u64>;
 
     /// Gives freed space back after a pass that dropped rows (SQLite: incremental vacuum).
@@ -174,20 +189,20 @@ async fn compact_dataset(
     user: &UserId,
     rules: &CompactRules,
 ) -> Result<Option<(u64, u64)>, StoreError> {
-    let (head, devices) = sql.marks(user).await?;
+    let Marks { head, dropped_to, devices } = sql.marks(user).await?;
     let allowed = held_back_at(&head, &devices, rules);
-    if allowed <= head.horizon {
-        return Ok(None);
-    }
-    let first_young = sql.first_young(user, head.horizon, allowed, rules.logged_by()).await?;
-    let Some(horizon) = new_horizon(&head, allowed, first_young) else {
-        return Ok(None);
+    let raised = if allowed > head.horizon {
+        new_horizon(&head, allowed, sql.first_young(user, head.horizon, allowed, rules.logged_by()).await?)
+    } else {
+        None
     };
-    if !sql.raise_horizon(user, horizon).await? {
-        return Ok(None);
-    }
+    let horizon = match raised {
+        Some(horizon) if sql.raise_horizon(user, horizon).await? => horizon,
+        _ if dropped_to < head.horizon => head.horizon,
+        _ => return Ok(None),
+    };
     let mut dropped = 0;
-    for (from, to) in chunks(head.horizon, horizon) {
+    for (from, to) in chunks(dropped_to.min(head.horizon), horizon) {
         dropped += sql.drop_history(user, from, to).await?;
     }
     tracing::debug!(%user, horizon, dropped, "compacted");
@@ -277,6 +292,7 @@ mod tests {
     /// One dataset in memory, recording the writes a pass makes, in order.
     struct Fake {
         head: DatasetHead,
+        dropped_to: u64,
         devices: Vec<DeviceMark>,
         /// `server_time` of each seq (index 0 is seq 1).
         times: Vec<u64>,
@@ -288,8 +304,10 @@ mod tests {
             let all = if after.is_none() { vec![UserId::parse("u").unwrap()] } else { Vec::new() };
             Box::pin(async move { Ok(all) })
         }
-        fn marks<'a>(&'a self, _: &'a UserId) -> StoreFuture<'a, (DatasetHead, Vec<DeviceMark>)> {
-            Box::pin(async move { Ok((self.head, self.devices.clone())) })
+        fn marks<'a>(&'a self, _: &'a UserId) -> StoreFuture<'a, Marks> {
+            Box::pin(async move {
+                Ok(Marks { head: self.head, dropped_to: self.dropped_to, devices: self.devices.clone() })
+            })
         }
         fn first_young<'a>(&'a self, _: &'a UserId, after: u64, up_to: u64, by: u64) -> StoreFuture<'a, Option<u64>> {
             let found = (after + 1..=up_to).find(|s| self.times[*s as usize - 1] > by);
@@ -316,6 +334,7 @@ mod tests {
         times[(2 * DROP_CHUNK + 5) as usize] = 99 * DAY; // seq 2 * DROP_CHUNK + 6 is young
         let fake = Fake {
             head: head(3, seqs),
+            dropped_to: 3,
             devices: vec![device(seqs, 100 * DAY), device(1, DAY)],
             times,
             writes: Default::default(),
@@ -339,6 +358,7 @@ mod tests {
     async fn a_pass_with_nothing_to_drop_writes_nothing() {
         let fake = Fake {
             head: head(0, 5),
+            dropped_to: 0,
             devices: vec![device(0, 100 * DAY)],
             times: vec![DAY; 5],
             writes: Default::default(),
@@ -346,6 +366,20 @@ mod tests {
         let done = run_pass(&fake, &rules(100 * DAY, 30, 90)).await.unwrap();
         assert_eq!(done, Compacted { datasets: 1, ..Compacted::default() });
         assert!(fake.writes.lock().unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_pass_cut_short_is_finished_by_the_next_even_when_the_horizon_stays() {
+        let fake = Fake {
+            head: head(10, 12),
+            dropped_to: 4,
+            devices: vec![device(10, 100 * DAY)],
+            times: vec![DAY; 12],
+            writes: Default::default(),
+        };
+        let done = run_pass(&fake, &rules(100 * DAY, 30, 90)).await.unwrap();
+        assert_eq!(done, Compacted { datasets: 1, compacted: 1, dropped: 6, horizon: 10 });
+        assert_eq!(*fake.writes.lock().unwrap(), ["drop 4..10", "reclaim"]);
     }
 
     #[test]

@@ -7,8 +7,7 @@ use deltasync_protocol::UserId;
 
 use super::reads::read_head;
 use super::{PostgresStore, map_err};
-use crate::batch::DatasetHead;
-use crate::store::core::compact::{CompactionSql, DeviceMark};
+use crate::store::core::compact::{CompactionSql, DeviceMark, Marks};
 use crate::store::rows::Columns;
 use crate::store::{BoxFuture, StoreError, StoreFuture};
 
@@ -31,10 +30,16 @@ impl CompactionSql for PostgresStore {
         })
     }
 
-    fn marks<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, (DatasetHead, Vec<DeviceMark>)> {
+    fn marks<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, Marks> {
         Box::pin(async move {
             let client = self.client().await?;
             let head = read_head(&client, user).await?;
+            let stmt =
+                client.prepare_cached("SELECT dropped_to FROM datasets WHERE user_id = $1").await.map_err(map_err)?;
+            let dropped_to = match client.query_opt(&stmt, &[&user.as_str()]).await.map_err(map_err)? {
+                Some(r) => r.int(0)? as u64,
+                None => 0,
+            };
             let stmt = client
                 .prepare_cached("SELECT cursor, last_seen FROM devices WHERE user_id = $1")
                 .await
@@ -44,7 +49,7 @@ impl CompactionSql for PostgresStore {
                 .iter()
                 .map(|r| Ok(DeviceMark { cursor: r.int(0)? as u64, last_seen: r.int(1)? as u64 }))
                 .collect::<Result<Vec<_>, StoreError>>()?;
-            Ok((head, devices))
+            Ok(Marks { head, dropped_to, devices })
         })
     }
 
@@ -86,11 +91,20 @@ impl CompactionSql for PostgresStore {
     fn drop_history<'a>(&'a self, user: &'a UserId, after: u64, up_to: u64) -> StoreFuture<'a, u64> {
         Box::pin(async move {
             let client = self.client().await?;
+            // One statement: the rows and the mark go together, or neither does.
             let stmt = client
-                .prepare_cached("DELETE FROM changes WHERE user_id = $1 AND seq > $2 AND seq <= $3 AND op <> 'append'")
+                .prepare_cached(
+                    "WITH gone AS (
+                         DELETE FROM changes WHERE user_id = $1 AND seq > $2 AND seq <= $3 AND op <> 'append'
+                         RETURNING 1),
+                     mark AS (UPDATE datasets SET dropped_to = $3 WHERE user_id = $1 AND dropped_to < $3)
+                     SELECT COUNT(*) FROM gone",
+                )
                 .await
                 .map_err(map_err)?;
-            client.execute(&stmt, &[&user.as_str(), &(after as i64), &(up_to as i64)]).await.map_err(map_err)
+            let row =
+                client.query_one(&stmt, &[&user.as_str(), &(after as i64), &(up_to as i64)]).await.map_err(map_err)?;
+            Ok(row.int(0)? as u64)
         })
     }
 

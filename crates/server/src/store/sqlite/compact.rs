@@ -9,8 +9,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use super::reads::read_head;
 use super::writer::{Job, Maintenance};
 use super::{AutoVacuum, SqliteStore, auto_vacuum, map_err};
-use crate::batch::DatasetHead;
-use crate::store::core::compact::{CompactionSql, DeviceMark};
+use crate::store::core::compact::{CompactionSql, DeviceMark, Marks};
 use crate::store::{BoxFuture, StoreError, StoreFuture};
 
 /// How many free pages one step of incremental vacuum returns (4 MiB of 4 KiB pages).
@@ -48,11 +47,18 @@ impl CompactionSql for SqliteStore {
         }))
     }
 
-    fn marks<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, (DatasetHead, Vec<DeviceMark>)> {
+    fn marks<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, Marks> {
         let user = user.clone();
         Box::pin(self.readers.run(move |conn| {
             let tx = conn.transaction().map_err(map_err)?;
             let head = read_head(&tx, &user)?;
+            let dropped_to = tx
+                .prepare_cached("SELECT dropped_to FROM datasets WHERE user_id = ?1")
+                .map_err(map_err)?
+                .query_row([user.as_str()], |r| r.get::<_, i64>(0))
+                .optional()
+                .map_err(map_err)?
+                .unwrap_or(0) as u64;
             let mut stmt =
                 tx.prepare_cached("SELECT cursor, last_seen FROM devices WHERE user_id = ?1").map_err(map_err)?;
             let devices = stmt
@@ -62,7 +68,7 @@ impl CompactionSql for SqliteStore {
                 .map_err(map_err)?
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(map_err)?;
-            Ok((head, devices))
+            Ok(Marks { head, dropped_to, devices })
         }))
     }
 
@@ -106,11 +112,16 @@ impl CompactionSql for SqliteStore {
     fn drop_history<'a>(&'a self, user: &'a UserId, after: u64, up_to: u64) -> StoreFuture<'a, u64> {
         let user = user.clone();
         Box::pin(self.maintain(move |conn| {
-            conn.prepare_cached("DELETE FROM changes WHERE user_id = ?1 AND seq > ?2 AND seq <= ?3 AND op <> 'append'")
+            let gone = conn
+                .prepare_cached("DELETE FROM changes WHERE user_id = ?1 AND seq > ?2 AND seq <= ?3 AND op <> 'append'")
                 .map_err(map_err)?
                 .execute(params![user.as_str(), after as i64, up_to as i64])
-                .map(|n| n as u64)
-                .map_err(map_err)
+                .map_err(map_err)?;
+            conn.prepare_cached("UPDATE datasets SET dropped_to = ?2 WHERE user_id = ?1 AND dropped_to < ?2")
+                .map_err(map_err)?
+                .execute(params![user.as_str(), up_to as i64])
+                .map_err(map_err)?;
+            Ok(gone as u64)
         }))
     }
 

@@ -321,6 +321,8 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM sqlite_schema WHERE name = 'changes_by_change_id'", [], |r| r.get(0))
             .unwrap();
         assert_eq!(index, 0);
+        let dropped_to: i64 = conn.query_row("SELECT COUNT(dropped_to) FROM datasets", [], |r| r.get(0)).unwrap();
+        assert_eq!(dropped_to, 0, "a new column, on no dataset yet");
     }
 
     #[test]
