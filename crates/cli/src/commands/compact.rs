@@ -16,7 +16,7 @@ use super::database::Database;
 it returns). Logged appends and the receipts that answer re-pushed changes as duplicates are kept. \
 `deltasync serve` runs the same pass every `compact_interval`; this one may run beside it.
 
-Prints one JSON object: {\"datasets\": looked at, \"compacted\": whose horizon moved, \"dropped\": log rows \
+Prints one JSON object: {\"datasets\": looked at, \"compacted\": whose history was dropped, \"dropped\": log rows \
 deleted, \"horizon\": the highest horizon reached, \"compact_after_secs\", \"device_expiry_secs\", \"elapsed_ms\"}.")]
 pub struct CompactArgs {
     /// The database: sqlite://PATH or postgres://USER[:PASSWORD]@HOST[:PORT]/DATABASE.
