@@ -4,7 +4,8 @@
 //! is answered `410 reset_required`, pages from it verify, bootstrap and the
 //! digest are unchanged, appends stay, and a compacted change pushed again is
 //! still a duplicate with its seq. A device that returns after it expired
-//! heals by bootstrap and keeps (and pushes) what it wrote meanwhile.
+//! heals by bootstrap and keeps (and pushes) what it wrote meanwhile. A
+//! database of schema version 1 migrates with every logged change a duplicate.
 
 mod common;
 
@@ -296,4 +297,49 @@ async fn sqlite_gives_the_freed_pages_back_to_the_file_system() {
     assert!(after * 4 < full, "the file kept its pages: {full} before, {after} after");
     assert!(free < 1024, "{free} free pages left after the pass");
     assert_eq!(status(&c, url).await["horizon"], 2000);
+}
+
+/// Turns a database at schema version 2 back into version 1 (no receipts, no
+/// `dropped_to`, the unique index on change ids), keeping its data.
+fn downgrade_to_version_1(server: &Server) {
+    let sql = "DROP TABLE receipts; ALTER TABLE datasets DROP COLUMN dropped_to;
+               CREATE UNIQUE INDEX changes_by_change_id ON changes (user_id, change_id);
+               UPDATE schema_version SET version = 1;";
+    match server.sqlite_file() {
+        Some(path) => rusqlite::Connection::open(path).unwrap().execute_batch(sql).unwrap(),
+        None => pg_execute(&server.database, sql.to_owned()).unwrap(),
+    }
+}
+
+store_test!(#[tokio::test] async fn migration_2_keeps_every_logged_change_a_duplicate);
+async fn migration_2_keeps_every_logged_change_a_duplicate(backend: &Backend) {
+    let mut server = Server::start(backend);
+    let t = base();
+    let changes = vec![
+        upsert("c1", "tasks", "t1", json!({"title": "one"}), &hlc(t + 1, 0, "w")),
+        upsert("c2", "tasks", "t2", json!({"title": "two"}), &hlc(t + 2, 0, "w")),
+    ];
+    push(&client(), &server.url, "w", changes.clone()).await;
+    server.kill();
+    downgrade_to_version_1(&server);
+    let (s, out, err) = run_cli(&["migrate", "--database", &server.database]);
+    assert!(s.success(), "{err}");
+    assert!(out.contains("from version 1 to 2"), "{out}");
+    server.restart();
+    let (c, url) = (client(), server.url.as_str());
+    let again = push(&c, url, "w", changes).await;
+    let seqs: Vec<(&str, u64)> = again["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["status"].as_str().unwrap(), r["seq"].as_u64().unwrap()))
+        .collect();
+    assert_eq!(seqs, [("duplicate", 1), ("duplicate", 2)]);
+    // The receipts now answer for compacted changes too.
+    let (s, _) = pull(&c, url, "w", 0, 100).await;
+    assert_eq!(s, 200);
+    let report = compact(&server.database, KEEP_ACTIVE);
+    assert_eq!((&report["dropped"], &report["horizon"]), (&json!(2), &json!(2)), "{report}");
+    let third = push(&c, url, "w", vec![upsert("c2", "tasks", "t2", json!({}), &hlc(t + 2, 0, "w"))]).await;
+    assert_eq!((&third["results"][0]["status"], &third["results"][0]["seq"]), (&json!("duplicate"), &json!(2)));
 }
