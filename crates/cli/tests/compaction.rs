@@ -343,3 +343,66 @@ async fn migration_2_keeps_every_logged_change_a_duplicate(backend: &Backend) {
     let third = push(&c, url, "w", vec![upsert("c2", "tasks", "t2", json!({}), &hlc(t + 2, 0, "w"))]).await;
     assert_eq!((&third["results"][0]["status"], &third["results"][0]["seq"]), (&json!("duplicate"), &json!(2)));
 }
+
+store_test!(#[tokio::test(flavor = "multi_thread", worker_threads = 2)] async fn pushes_and_pulls_go_on_while_a_pass_drops_thousands_of_rows);
+async fn pushes_and_pulls_go_on_while_a_pass_drops_thousands_of_rows(backend: &Backend) {
+    let server = Server::start(backend);
+    let (c, url) = (client(), server.url.clone());
+    let t = base();
+    // Chain heads by cursor, from every push answer.
+    let mut hashes = std::collections::HashMap::new();
+    let batch = |n: u64| -> Vec<Value> {
+        (0..200)
+            .map(|i| {
+                let k = n * 200 + i;
+                upsert(&format!("c{k}"), "notes", &format!("n{}", k % 50), json!({"k": k}), &hlc(t + k, 0, "w"))
+            })
+            .collect()
+    };
+    for n in 0..30 {
+        let a = push(&c, &url, "w", batch(n)).await;
+        hashes.insert(a["cursor"].as_u64().unwrap(), a["state_hash"].as_str().unwrap().to_owned());
+    }
+    // `w` (the only device: it pushes and pulls) stands at 6000, so however its
+    // requests during the pass fall against the pass's clock, the horizon reaches 6000.
+    for cursor in (0..6000).step_by(10_000 / 2) {
+        let (s, _) = pull(&c, &url, "w", cursor, 5000).await;
+        assert_eq!(s, 200);
+    }
+    let database = server.database.clone();
+    let pass = tokio::task::spawn_blocking(move || {
+        compact(&database, "[server]\ncompact_after = \"0s\"\ndevice_expiry = \"0s\"\n")
+    });
+    let mut n = 30;
+    let mut answers = std::collections::BTreeMap::new();
+    while !pass.is_finished() || n < 33 {
+        let a = push(&c, &url, "w", batch(n)).await;
+        hashes.insert(a["cursor"].as_u64().unwrap(), a["state_hash"].as_str().unwrap().to_owned());
+        n += 1;
+        for cursor in [0, 3000, 5000] {
+            let (s, body) = pull(&c, &url, "w", cursor, 50).await;
+            assert!(s == 200 || body["error"] == "reset_required", "pull at {cursor} during a pass: {s} {body}");
+            *answers.entry(s).or_insert(0) += 1;
+        }
+    }
+    let report = pass.await.unwrap();
+    let horizon = report["horizon"].as_u64().unwrap();
+    assert!(horizon >= 6000 && report["dropped"].as_u64() == Some(horizon), "{report}");
+    assert_eq!(status(&c, &url).await["horizon"], horizon);
+    // From the horizon, the rest of the log is there and verifies.
+    let mut chain = StateHash::from_hex(&hashes[&horizon]).unwrap();
+    let mut cursor = horizon;
+    loop {
+        let (s, page) = pull(&c, &url, "v", cursor, 10_000).await;
+        assert_eq!(s, 200, "{page}");
+        for ch in page["changes"].as_array().unwrap() {
+            chain = chain.fold(&serde_json::from_value::<StoredChange>(ch.clone()).unwrap());
+        }
+        assert_eq!(chain.to_hex(), page["state_hash"].as_str().unwrap(), "at {}", page["cursor"]);
+        cursor = page["cursor"].as_u64().unwrap();
+        if page["has_more"] == false {
+            break;
+        }
+    }
+    assert_eq!(cursor, n * 200, "{answers:?}");
+}
