@@ -16,8 +16,9 @@
 //! `dropped_to < seq <= new horizon` in chunks of at most [`DROP_CHUNK`]
 //! seqs, each its own short write that also moves the dataset's `dropped_to`
 //! mark, so a push never waits behind more than one chunk, and a pass cut
-//! short (a crash) is finished by the next one even when the horizon stays. `append` changes stay: they are state that bootstrap serves. The
-//! receipts of the dropped changes stay too, so a change pushed again is still
+//! short (a crash) is finished by the next one even when the horizon stays.
+//! `append` changes stay: they are state that bootstrap serves. The receipts
+//! of the dropped changes stay too, so a change pushed again is still
 //! answered `duplicate` with its seq. The chain head and digest of the rows
 //! above the horizon stay with them, so a page from a cursor at the horizon
 //! ends on hashes the store holds (a page that ends at the horizon is empty
