@@ -1,4 +1,4 @@
-//! `deltasync`: serve, mint dev tokens, act as a client, and benchmark.
+//! `deltasync`: serve, migrate, compact, mint dev tokens, act as a client, and benchmark.
 
 mod commands;
 
@@ -18,6 +18,8 @@ enum Command {
     Serve(commands::serve::ServeArgs),
     /// Apply missing schema migrations to a database and exit (serve also does it at start).
     Migrate(commands::migrate::MigrateArgs),
+    /// Run one compaction pass now: drop the history every active device has, print JSON figures.
+    Compact(commands::compact::CompactArgs),
     /// Mint an HS256 token for a server running with `--auth jwt`.
     Token(commands::token::TokenArgs),
     /// Act as a device: local writes and reads, sync, status (JSON on stdout).
@@ -32,6 +34,7 @@ fn main() -> std::process::ExitCode {
         Command::Client(args) => return commands::client::run(args),
         Command::Serve(args) => commands::serve::run(args),
         Command::Migrate(args) => commands::migrate::run(args),
+        Command::Compact(args) => commands::compact::run(args),
         Command::Token(args) => commands::token::run(args),
         Command::Bench(args) => commands::bench::run(args),
     };

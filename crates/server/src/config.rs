@@ -34,6 +34,68 @@ pub enum ConfigError {
     Invalid(String),
 }
 
+/// Why a duration (`30s`, `15m`, `24h`, `7d`) was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DurationError {
+    /// Not an integer followed by one of the units (the caller's fault).
+    #[error("a duration must be an integer followed by s, m, h or d (e.g. 30s, 15m, 24h, 7d), got {0:?}")]
+    Syntax(String),
+    /// Too long to count in seconds (the caller's fault).
+    #[error("the duration {0:?} is too long")]
+    TooLong(String),
+}
+
+/// Parses `30s`, `15m`, `24h`, `7d` (an integer and one unit; `0s` is zero):
+/// the syntax of `deltasync token --ttl` and of the duration keys of the file.
+pub fn parse_duration(s: &str) -> Result<Duration, DurationError> {
+    let (digits, unit) = s.split_at(s.len().saturating_sub(1));
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(DurationError::Syntax(s.to_owned()));
+    }
+    let n: u64 = digits.parse().map_err(|_| DurationError::TooLong(s.to_owned()))?;
+    let factor = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(DurationError::Syntax(s.to_owned())),
+    };
+    n.checked_mul(factor).map(Duration::from_secs).ok_or_else(|| DurationError::TooLong(s.to_owned()))
+}
+
+/// When the change log is compacted (see `docs/protocol.md`, "Compaction").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compaction {
+    /// A change may leave the log once it is this old and every active device has pulled past it.
+    pub compact_after: Duration,
+    /// A device not seen for this long stops holding back compaction (it heals by bootstrap when it returns).
+    pub device_expiry: Duration,
+    /// How often `deltasync serve` runs a compaction pass in the background.
+    pub compact_interval: Duration,
+}
+
+impl Default for Compaction {
+    fn default() -> Self {
+        Compaction {
+            compact_after: Duration::from_secs(30 * 86_400),
+            device_expiry: Duration::from_secs(90 * 86_400),
+            compact_interval: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Compaction {
+    /// The rules of a pass that runs at `now` (ms since the Unix epoch).
+    pub fn rules(&self, now: u64) -> crate::store::core::compact::CompactRules {
+        crate::store::core::compact::CompactRules {
+            now,
+            compact_after: self.compact_after,
+            device_expiry: self.device_expiry,
+        }
+    }
+}
+
 /// The most bootstraps an instance may stream at once: each holds one of the
 /// 16 PostgreSQL connections (or 32 SQLite readers) while it streams.
 pub const MAX_BOOTSTRAPS_CEILING: usize = 12;
@@ -132,6 +194,8 @@ pub struct Config {
     pub network: Network,
     /// The merge policies.
     pub policies: Policies,
+    /// When the log is compacted.
+    pub compaction: Compaction,
     /// CORS and static files, from `deltasync serve --cors-origin` and `--static` (not the file).
     pub web: crate::web::Web,
 }
@@ -166,6 +230,9 @@ struct ServerSection {
     write_timeout_secs: Option<u64>,
     shutdown_grace_secs: Option<u64>,
     live_ping_secs: Option<u64>,
+    compact_after: Option<String>,
+    device_expiry: Option<String>,
+    compact_interval: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -252,6 +319,7 @@ impl Config {
                 json::CLIENT_PARSE_DEPTH
             )));
         }
+        let compaction = compaction(&s)?;
         let mut collections = BTreeMap::new();
         for (name, section) in file.collections {
             Collection::parse(name.as_str())
@@ -262,9 +330,30 @@ impl Config {
             limits,
             network,
             policies: Policies { default: s.default_policy.unwrap_or_default(), collections },
+            compaction,
             web: Default::default(),
         })
     }
+}
+
+/// The compaction keys of `[server]`, with their defaults.
+fn compaction(s: &ServerSection) -> Result<Compaction, ConfigError> {
+    let d = Compaction::default();
+    let read = |name: &str, v: &Option<String>, default: Duration| match v {
+        None => Ok(default),
+        Some(v) => parse_duration(v).map_err(|e| ConfigError::Invalid(format!("{name}: {e}"))),
+    };
+    let c = Compaction {
+        compact_after: read("compact_after", &s.compact_after, d.compact_after)?,
+        device_expiry: read("device_expiry", &s.device_expiry, d.device_expiry)?,
+        compact_interval: read("compact_interval", &s.compact_interval, d.compact_interval)?,
+    };
+    if c.compact_interval.is_zero() {
+        return Err(ConfigError::Invalid(
+            "compact_interval must be at least 1s (to compact at once, run `deltasync compact`)".into(),
+        ));
+    }
+    Ok(c)
 }
 
 #[cfg(test)]
@@ -302,6 +391,47 @@ mod tests {
         assert!(Config::parse("[collections.\"bad name\"]\npolicy = \"entity\"\n").is_err());
         assert!(Config::parse("[server]\nmax_batch = 0\n").is_err());
         assert!(Config::parse("[server]\nheader_read_timeout_secs = 0\n").is_err());
+    }
+
+    #[test]
+    fn durations_take_one_unit() {
+        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("15m").unwrap(), Duration::from_secs(900));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(604_800));
+        assert_eq!(parse_duration("0s").unwrap(), Duration::ZERO);
+        for bad in ["", "h", "10", "1.5h", "-1h", "+1h", "10w", " 1h"] {
+            assert!(matches!(parse_duration(bad), Err(DurationError::Syntax(_))), "{bad}");
+        }
+        assert!(matches!(parse_duration("99999999999999999999d"), Err(DurationError::TooLong(_))));
+        assert!(matches!(parse_duration("18446744073709551615d"), Err(DurationError::TooLong(_))));
+    }
+
+    #[test]
+    fn the_example_file_shows_the_defaults() {
+        let example = include_str!("../../../config.example.toml");
+        assert_eq!(Config::parse(example).unwrap(), Config::default());
+        for key in ["compact_after", "device_expiry", "compact_interval"] {
+            assert!(example.contains(&format!("\n{key} = ")), "config.example.toml does not show {key}");
+        }
+    }
+
+    #[test]
+    fn reads_compaction_keys_with_their_defaults() {
+        let d = Config::parse("").unwrap().compaction;
+        assert_eq!(d.compact_after, Duration::from_secs(30 * 86_400));
+        assert_eq!(d.device_expiry, Duration::from_secs(90 * 86_400));
+        assert_eq!(d.compact_interval, Duration::from_secs(3600));
+        let c = Config::parse("[server]\ncompact_after = \"0s\"\ndevice_expiry = \"2h\"\ncompact_interval = \"1m\"\n")
+            .unwrap()
+            .compaction;
+        assert_eq!(
+            (c.compact_after, c.device_expiry, c.compact_interval),
+            (Duration::ZERO, Duration::from_secs(7200), Duration::from_secs(60))
+        );
+        let err = Config::parse("[server]\ncompact_after = \"30 days\"\n").unwrap_err().to_string();
+        assert!(err.contains("compact_after") && err.contains("30s, 15m"), "{err}");
+        assert!(Config::parse("[server]\ncompact_interval = \"0s\"\n").is_err());
     }
 
     #[test]

@@ -8,6 +8,7 @@
 //! - [`batch`]: what a push does to a dataset, decided in memory, the same for every store.
 //! - [`store`]: the [`store::Store`] interface and its SQLite implementation.
 //! - [`clock`]: the injectable clock.
+//! - [`compactor`]: the background compaction pass.
 //! - [`net`]: connections: the cap, their deadlines, and shutdown within a bounded time.
 //!
 //! Binaries parse their configuration, open a store and call [`run`] with a
@@ -17,6 +18,7 @@ pub mod api;
 pub mod auth;
 pub mod batch;
 pub mod clock;
+pub mod compactor;
 pub mod config;
 pub mod net;
 pub mod refusals;
@@ -60,6 +62,8 @@ pub async fn run(
     store.check_policies(&config.policies).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let network = config.network.clone();
+    let compactor =
+        tokio::spawn(compactor::run_compactor(store.clone(), config.compaction, clock.clone(), shutdown_rx.clone()));
     let state = Arc::new(api::AppState::new(store.clone(), config, auth, clock, shutdown_rx));
     let app = api::router(state);
     let result = net::serve(listener, app, &network, async move {
@@ -68,6 +72,9 @@ pub async fn run(
         let _ = shutdown_tx.send(true);
     })
     .await;
+    if let Err(e) = compactor.await {
+        tracing::error!(error = %e, "the compactor task failed");
+    }
     store.close().await;
     tracing::info!("stopped; every acknowledged change is committed");
     result.map_err(ServeError::Io)

@@ -2,6 +2,7 @@
 
 pub mod bench;
 pub mod client;
+pub mod compact;
 pub mod database;
 pub mod migrate;
 pub mod serve;

@@ -46,7 +46,7 @@ pub struct ServeArgs {
     /// File holding the HS256 secret for --auth jwt (trailing CR/LF bytes are ignored).
     #[arg(long, value_name = "FILE", required_if_eq("auth", "jwt"))]
     jwt_secret_file: Option<PathBuf>,
-    /// TOML configuration file: limits and per-collection merge policies (see config.example.toml).
+    /// TOML configuration file: limits, compaction and per-collection merge policies (see config.example.toml).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
     /// Let web pages from ORIGIN call the API (CORS, `Authorization` included):

@@ -3,10 +3,10 @@
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, bail};
 use clap::Args;
 use deltasync_protocol::UserId;
 use deltasync_server::auth::{mint_token, read_secret};
+use deltasync_server::config::parse_duration;
 
 /// Flags of `deltasync token`.
 #[derive(Args, Debug)]
@@ -22,19 +22,9 @@ pub struct TokenArgs {
     ttl: String,
 }
 
-/// Parses `30s`, `15m`, `24h`, `7d` into seconds.
+/// Parses `30s`, `15m`, `24h`, `7d` into seconds (the syntax of the config file's durations).
 pub fn parse_ttl(s: &str) -> anyhow::Result<u64> {
-    let (digits, unit) = s.split_at(s.len().saturating_sub(1));
-    let n: u64 =
-        digits.parse().with_context(|| format!("--ttl must be an integer followed by s, m, h or d, got {s:?}"))?;
-    let factor = match unit {
-        "s" => 1,
-        "m" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        _ => bail!("--ttl must be an integer followed by s, m, h or d, got {s:?}"),
-    };
-    n.checked_mul(factor).context("--ttl is too long")
+    Ok(parse_duration(s).map_err(|e| anyhow::anyhow!("--ttl: {e}"))?.as_secs())
 }
 
 /// Prints the token alone on stdout.

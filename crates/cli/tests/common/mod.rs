@@ -172,7 +172,7 @@ fn random_u64() -> u64 {
 /// Runs `sql` (one or more statements) on a connection of its own. The work is done
 /// on a thread of its own, with a runtime of its own, since callers may be inside a
 /// tokio runtime (where `block_on` panics).
-fn pg_execute(url: &str, sql: String) -> Result<(), String> {
+pub fn pg_execute(url: &str, sql: String) -> Result<(), String> {
     let url = url.to_owned();
     std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().map_err(|e| e.to_string())?;

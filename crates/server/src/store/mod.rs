@@ -97,6 +97,19 @@ pub struct Migrated {
     pub to: i64,
 }
 
+/// What one compaction pass did (see [`core::compact`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+pub struct Compacted {
+    /// The datasets looked at.
+    pub datasets: u64,
+    /// The datasets whose history was dropped (their horizon moved, or a pass cut short was finished).
+    pub compacted: u64,
+    /// The log rows deleted.
+    pub dropped: u64,
+    /// The highest horizon a dataset reached in this pass (0 when none moved).
+    pub horizon: u64,
+}
+
 /// A validated push, ready for the store.
 #[derive(Debug, Clone)]
 pub struct PushBatch {
@@ -235,6 +248,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// A receiver of the dataset's head seq, which changes whenever a push commits.
     fn subscribe(&self, user: &UserId) -> watch::Receiver<u64>;
+
+    /// Runs one compaction pass over every dataset under `rules` (see
+    /// [`core::compact`]): raises horizons, drops the history below them in
+    /// short writes, and gives the freed space back where the database can.
+    fn compact<'a>(&'a self, rules: &'a core::compact::CompactRules) -> StoreFuture<'a, Compacted>;
 
     /// Answers once the database answers a read.
     fn health(&self) -> StoreFuture<'_, ()>;

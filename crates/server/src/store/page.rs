@@ -188,6 +188,23 @@ impl PageAssembler {
     }
 }
 
+/// Whether a page read failed as a gap in the log would make it fail (as
+/// [`StoreError::Corrupt`]): a store that reads the head and the rows in
+/// separate statements asks [`after_gap`] what to answer.
+pub fn is_gap(e: &StoreError) -> bool {
+    matches!(e, StoreError::Corrupt(_))
+}
+
+/// What a page read that met a gap answers, given the head read again after
+/// it: a reset when compaction raised the horizon past `cursor` meanwhile
+/// (the rows were dropped under the read), else the error itself.
+pub fn after_gap(cursor: u64, head_now: DatasetHead, e: StoreError) -> Result<crate::store::PageOutcome, StoreError> {
+    if cursor < head_now.horizon {
+        return Ok(crate::store::PageOutcome::ResetRequired { head: head_now });
+    }
+    Err(e)
+}
+
 /// The last seq a page after `cursor` may cover: the head, or `limit` changes on.
 pub fn range_end(cursor: u64, rows: u64, head: &DatasetHead) -> u64 {
     cursor.saturating_add(rows).min(head.seq)
@@ -218,6 +235,15 @@ mod tests {
 
     fn head(seq: u64) -> DatasetHead {
         DatasetHead { seq, ..DatasetHead::default() }
+    }
+
+    #[test]
+    fn a_gap_under_a_raised_horizon_is_a_reset_and_any_other_stays_an_error() {
+        let raised = DatasetHead { seq: 10, horizon: 6, ..DatasetHead::default() };
+        let gap = || corrupt("gap");
+        assert!(matches!(after_gap(5, raised, gap()), Ok(crate::store::PageOutcome::ResetRequired { .. })));
+        assert!(matches!(after_gap(6, raised, gap()), Err(StoreError::Corrupt(_))));
+        assert!(is_gap(&gap()) && !is_gap(&StoreError::Unavailable("busy".into())));
     }
 
     #[test]

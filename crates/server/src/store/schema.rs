@@ -80,6 +80,22 @@ pub const SQLITE_MIGRATIONS: &[&str] = &[
         PRIMARY KEY (user_id, collection)
     ) WITHOUT ROWID;
     "#,
+    // 2: receipts, so that a change is known as a duplicate after compaction
+    // dropped it from the log (idempotency outlives history). The receipts
+    // take over the job of the unique index on `changes`, which goes. And
+    // how far compaction has deleted the log (`dropped_to`, at the horizon
+    // unless a pass was cut short).
+    r#"
+    ALTER TABLE datasets ADD COLUMN dropped_to INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE receipts (
+        user_id       TEXT    NOT NULL,
+        change_id     TEXT    NOT NULL,
+        seq           INTEGER NOT NULL,
+        PRIMARY KEY (user_id, change_id)
+    ) WITHOUT ROWID;
+    INSERT INTO receipts (user_id, change_id, seq) SELECT user_id, change_id, seq FROM changes;
+    DROP INDEX changes_by_change_id;
+    "#,
 ];
 
 /// The PostgreSQL migrations, in step with [`SQLITE_MIGRATIONS`].
@@ -162,6 +178,18 @@ pub const POSTGRES_MIGRATIONS: &[&str] = &[
         policy        TEXT    NOT NULL,
         PRIMARY KEY (user_id, collection)
     );
+    "#,
+    // 2: receipts and `dropped_to` (see the SQLite list).
+    r#"
+    ALTER TABLE datasets ADD COLUMN dropped_to BIGINT NOT NULL DEFAULT 0;
+    CREATE TABLE receipts (
+        user_id       TEXT COLLATE "C" NOT NULL,
+        change_id     TEXT COLLATE "C" NOT NULL,
+        seq           BIGINT  NOT NULL,
+        PRIMARY KEY (user_id, change_id)
+    );
+    INSERT INTO receipts (user_id, change_id, seq) SELECT user_id, change_id, seq FROM changes;
+    DROP INDEX changes_by_change_id;
     "#,
 ];
 

@@ -5,10 +5,11 @@
 //! cursor calls for a bootstrap ([`reset`]), which rows a page of the log or
 //! of conflicts covers ([`crate::store::page`], [`conflicts`]), how a push
 //! goes from what was loaded to what is written ([`push`]), which migrations
-//! run ([`migrations`]), and how a bootstrap hands over its head and lines
-//! ([`bootstrap`]).
+//! run ([`migrations`]), how a bootstrap hands over its head and lines
+//! ([`bootstrap`]), and how far compaction may drop the log ([`compact`]).
 
 pub mod bootstrap;
+pub mod compact;
 pub mod conflicts;
 pub mod migrations;
 pub mod push;

@@ -31,9 +31,11 @@
 //!
 //! The store is split by concept: [`writer`] (the SQL of a push), [`reads`]
 //! (every read, bootstrap included), [`listen`] (notifications across
-//! instances). What the rows mean and every decision that does not depend
-//! on PostgreSQL are shared with SQLite (see [`crate::store::core`]).
+//! instances), [`compact`] (the SQL of compaction). What the rows mean and
+//! every decision that does not depend on PostgreSQL are shared with SQLite
+//! (see [`crate::store::core`]).
 
+mod compact;
 mod listen;
 mod reads;
 mod writer;
@@ -52,13 +54,14 @@ use tokio_postgres::types::Type;
 use self::listen::{channel_name, listen};
 use self::reads::{read_collection_policies, read_conflicts, read_page, read_status};
 use self::writer::TOUCH_DEVICE_ASYNC;
+use super::core::compact::{CompactRules, run_pass};
 use super::core::migrations::MigrationPlan;
 use super::notify::Notifier;
 use super::page::PageLimit;
 use super::rows::{self, ColumnValue, Columns};
 use super::schema::POSTGRES_MIGRATIONS;
 use super::{
-    BootstrapStream, BoxFuture, ConflictPage, DatasetStatus, DeviceTouch, Migrated, PageOutcome, PushBatch,
+    BootstrapStream, BoxFuture, Compacted, ConflictPage, DatasetStatus, DeviceTouch, Migrated, PageOutcome, PushBatch,
     PushOutcome, Store, StoreError, StoreFuture,
 };
 
@@ -268,6 +271,10 @@ impl Store for PostgresStore {
 
     fn subscribe(&self, user: &UserId) -> watch::Receiver<u64> {
         self.notifier.subscribe(user)
+    }
+
+    fn compact<'a>(&'a self, rules: &'a CompactRules) -> StoreFuture<'a, Compacted> {
+        Box::pin(run_pass(self, rules))
     }
 
     fn health(&self) -> StoreFuture<'_, ()> {

@@ -10,7 +10,7 @@ use tokio_postgres::IsolationLevel;
 use super::{corrupt_column, map_err, map_pool_err};
 use crate::store::core::bootstrap::{SnapshotFeed, SnapshotPart, bootstrap_channel};
 use crate::store::core::conflicts::{CONFLICT_COLUMNS, ConflictPaging, read_conflict};
-use crate::store::page::{PageAssembler, PageLimit};
+use crate::store::page::{self, PageAssembler, PageLimit};
 use crate::store::rows::{self, CHANGE_COLUMNS, Columns, DEVICE_COLUMNS, HEAD_COLUMNS};
 use crate::store::{BootstrapStream, ConflictPage, DatasetHead, DatasetStatus, PageOutcome, StoreError};
 
@@ -27,7 +27,25 @@ pub(super) async fn read_head(client: &impl GenericClient, user: &UserId) -> Res
 }
 
 /// The changes after `cursor` within `limit`.
+///
+/// The head and the rows are read by separate statements, so a compaction
+/// pass may raise the horizon and drop rows in between: a page that finds a
+/// gap reads the head again, and answers a reset when the cursor has fallen
+/// below the horizon meanwhile (see [`page::after_gap`]).
 pub(super) async fn read_page(
+    client: &Client,
+    user: &UserId,
+    cursor: u64,
+    limit: PageLimit,
+) -> Result<PageOutcome, StoreError> {
+    match read_page_once(client, user, cursor, limit).await {
+        Err(e) if page::is_gap(&e) => page::after_gap(cursor, read_head(client, user).await?, e),
+        outcome => outcome,
+    }
+}
+
+/// [`read_page`], without a second look after a gap.
+async fn read_page_once(
     client: &Client,
     user: &UserId,
     cursor: u64,

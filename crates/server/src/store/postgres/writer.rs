@@ -34,7 +34,7 @@ impl PostgresStore {
             return Ok(reset);
         }
         let (ids, keys) = batch_keys(&batch.changes);
-        // Each key is looked up through its unique index (a LATERAL lookup per
+        // Each key is looked up through the receipts' primary key (a LATERAL lookup per
         // key, kept from being flattened into a join by its LIMIT), whatever
         // the planner believes about the table: with one large dataset and
         // statistics lagging behind its growth (or never gathered, with
@@ -43,7 +43,7 @@ impl PostgresStore {
         let known_stmt = tx
             .prepare_cached(
                 "SELECT k.change_id, c.seq FROM unnest($2::text[]) AS k (change_id)
-                 CROSS JOIN LATERAL (SELECT seq FROM changes WHERE user_id = $1 AND change_id = k.change_id LIMIT 1) c",
+                 CROSS JOIN LATERAL (SELECT seq FROM receipts WHERE user_id = $1 AND change_id = k.change_id LIMIT 1) c",
             )
             .await
             .map_err(map_err)?;
@@ -152,6 +152,12 @@ async fn write_plan(
         )
         .await
         .map_err(map_err)?;
+    let insert_receipts = tx
+        .prepare_cached(
+            "INSERT INTO receipts (user_id, change_id, seq) SELECT $1, * FROM unnest($2::text[], $3::bigint[])",
+        )
+        .await
+        .map_err(map_err)?;
     let upsert_entities = tx
         .prepare_cached(
             "INSERT INTO entities (user_id, collection, entity_id, data, version, deleted, meta, entity_hash)
@@ -216,6 +222,12 @@ async fn write_plan(
         )
         .await
     };
+    let receipts = async {
+        if log.is_empty() {
+            return Ok(0);
+        }
+        tx.execute(&insert_receipts, &[&u, &change_ids, &seqs]).await
+    };
     let entities = async {
         if plan.entities.is_empty() {
             return Ok(0);
@@ -267,7 +279,8 @@ async fn write_plan(
             None => Ok(0),
         }
     };
-    tokio::try_join!(changes, entities, conflicts, policies, device_row, dataset_row, notified).map_err(map_err)?;
+    tokio::try_join!(changes, receipts, entities, conflicts, policies, device_row, dataset_row, notified)
+        .map_err(map_err)?;
     Ok(())
 }
 

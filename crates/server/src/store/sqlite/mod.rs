@@ -10,10 +10,12 @@
 //!
 //! The store is split by concept: [`writer`] (the writer thread and the SQL
 //! of a push), [`reads`] (the read pool and every read), [`checkpoint`] (the
-//! checkpointer thread). What the rows mean and every decision that does not
+//! checkpointer thread), [`compact`] (the SQL of compaction, as reads and
+//! writer jobs). What the rows mean and every decision that does not
 //! depend on SQLite are shared with PostgreSQL (see [`crate::store::core`]).
 
 mod checkpoint;
+mod compact;
 mod reads;
 mod writer;
 
@@ -31,13 +33,14 @@ use tokio::sync::{mpsc, oneshot, watch};
 use self::checkpoint::{Checkpointer, WRITER_AUTOCHECKPOINT_PAGES, WriteFailure};
 use self::reads::{ReadPool, read_collection_policies, read_conflicts, read_page, read_status};
 use self::writer::{Job, writer_loop};
+use super::core::compact::{CompactRules, run_pass};
 use super::core::migrations::MigrationPlan;
 use super::notify::Notifier;
 use super::page::PageLimit;
 use super::rows::{self, ColumnValue, Columns, corrupt};
 use super::schema::SQLITE_MIGRATIONS;
 use super::{
-    BootstrapStream, BoxFuture, ConflictPage, DatasetStatus, DeviceTouch, Migrated, PageOutcome, PushBatch,
+    BootstrapStream, BoxFuture, Compacted, ConflictPage, DatasetStatus, DeviceTouch, Migrated, PageOutcome, PushBatch,
     PushOutcome, Store, StoreError, StoreFuture,
 };
 
@@ -92,6 +95,13 @@ impl SqliteStore {
         // only checkpoints itself if the WAL grows past about 80 MiB.
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES).map_err(map_err)?;
         migrate(&conn)?;
+        if auto_vacuum(&conn)? != AutoVacuum::Incremental {
+            tracing::warn!(
+                database = %path.display(),
+                "this database was created without incremental auto-vacuum: the space compaction frees is reused \
+                 but not returned to the file system; run `deltasync migrate` once, with the server stopped, to convert it"
+            );
+        }
         let failure = WriteFailure::default();
         let checkpoints = Checkpointer::start(path, failure.clone())?;
         let writer_failure = failure.clone();
@@ -119,6 +129,24 @@ impl SqliteStore {
         migrate(&open_wal(path)?)
     }
 
+    /// Turns on incremental auto-vacuum for a database created without it,
+    /// so that compaction returns freed pages to the file system: one
+    /// `VACUUM`, which rewrites the whole file (it needs free disk space of
+    /// the database's size, and holds the write lock while it runs: run it
+    /// with the server stopped). Answers whether it converted anything.
+    pub fn enable_incremental_vacuum(path: &Path) -> Result<bool, StoreError> {
+        let conn = open_wal(path)?;
+        if auto_vacuum(&conn)? == AutoVacuum::Incremental {
+            return Ok(false);
+        }
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL").map_err(map_err)?;
+        conn.execute_batch("VACUUM").map_err(map_err)?;
+        if auto_vacuum(&conn)? != AutoVacuum::Incremental {
+            return Err(StoreError::Internal("VACUUM did not turn on incremental auto-vacuum".into()));
+        }
+        Ok(true)
+    }
+
     /// Queues a job for the writer and waits for its answer, which comes after commit.
     async fn submit<T>(
         &self,
@@ -131,13 +159,40 @@ impl SqliteStore {
     }
 }
 
-/// Opens (creating if needed) the database at `path` in WAL mode, waiting up to 5 s on locks.
+/// Opens (creating if needed) the database at `path` in WAL mode, waiting up
+/// to 5 s on locks. A new database gets incremental auto-vacuum first: it can
+/// only be chosen before the file is first written (switching to WAL writes
+/// it), or later by a `VACUUM`.
 fn open_wal(path: &Path) -> Result<Connection, StoreError> {
     let conn = Connection::open(path)
         .map_err(|e| StoreError::Unavailable(format!("cannot open SQLite database {}: {e}", path.display())))?;
     conn.busy_timeout(std::time::Duration::from_secs(5)).map_err(map_err)?;
+    let tables: i64 = conn.query_row("SELECT COUNT(*) FROM sqlite_schema", [], |r| r.get(0)).map_err(map_err)?;
+    if tables == 0 {
+        conn.pragma_update(None, "auto_vacuum", "INCREMENTAL").map_err(map_err)?;
+    }
     conn.pragma_update(None, "journal_mode", "WAL").map_err(map_err)?;
     Ok(conn)
+}
+
+/// A database's `auto_vacuum` mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AutoVacuum {
+    /// Free pages stay in the file (the default of SQLite).
+    None,
+    /// Every commit truncates the file.
+    Full,
+    /// `PRAGMA incremental_vacuum` returns free pages when asked.
+    Incremental,
+}
+
+fn auto_vacuum(conn: &Connection) -> Result<AutoVacuum, StoreError> {
+    let mode: i64 = conn.query_row("PRAGMA auto_vacuum", [], |r| r.get(0)).map_err(map_err)?;
+    Ok(match mode {
+        1 => AutoVacuum::Full,
+        2 => AutoVacuum::Incremental,
+        _ => AutoVacuum::None,
+    })
 }
 
 /// Applies the missing migrations, each in its own transaction.
@@ -193,6 +248,10 @@ impl Store for SqliteStore {
         self.notifier.subscribe(user)
     }
 
+    fn compact<'a>(&'a self, rules: &'a CompactRules) -> StoreFuture<'a, Compacted> {
+        Box::pin(run_pass(self, rules))
+    }
+
     fn health(&self) -> StoreFuture<'_, ()> {
         Box::pin(self.readers.run(|conn| conn.query_row("SELECT 1", [], |_| Ok(())).map_err(map_err)))
     }
@@ -215,5 +274,69 @@ impl Store for SqliteStore {
                 let _ = tokio::task::spawn_blocking(move || handle.join()).await;
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database at schema version 1 (as the version before compaction made
+    /// it: no auto-vacuum), holding one logged change.
+    fn version_1(path: &Path) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        conn.execute_batch(SQLITE_MIGRATIONS[0]).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE schema_version (version INTEGER NOT NULL); INSERT INTO schema_version VALUES (1);
+             INSERT INTO changes (user_id, seq, change_id, device_id, collection, entity_id, op, data, hlc,
+                                  base_version, server_time, state_hash, state_digest)
+             VALUES ('u', 1, 'c1', 'd', 'notes', 'e', 'upsert', '{}', 'h', NULL, 1, zeroblob(32), zeroblob(32));",
+        )
+        .unwrap();
+        conn
+    }
+
+    #[test]
+    fn a_new_database_gets_incremental_auto_vacuum() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("new.db");
+        assert_eq!(SqliteStore::migrate(&path).unwrap(), Migrated { from: 0, to: SQLITE_MIGRATIONS.len() as i64 });
+        assert_eq!(auto_vacuum(&open_wal(&path).unwrap()).unwrap(), AutoVacuum::Incremental);
+        assert!(!SqliteStore::enable_incremental_vacuum(&path).unwrap(), "nothing to convert");
+    }
+
+    #[test]
+    fn migration_2_gives_every_logged_change_a_receipt_and_drops_the_index() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("v1.db");
+        drop(version_1(&path));
+        assert_eq!(SqliteStore::migrate(&path).unwrap(), Migrated { from: 1, to: 2 });
+        let conn = open_wal(&path).unwrap();
+        let seq: i64 = conn
+            .query_row("SELECT seq FROM receipts WHERE user_id = 'u' AND change_id = 'c1'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(seq, 1);
+        let index: i64 = conn
+            .query_row("SELECT COUNT(*) FROM sqlite_schema WHERE name = 'changes_by_change_id'", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(index, 0);
+        let dropped_to: i64 = conn.query_row("SELECT COUNT(dropped_to) FROM datasets", [], |r| r.get(0)).unwrap();
+        assert_eq!(dropped_to, 0, "a new column, on no dataset yet");
+    }
+
+    #[test]
+    fn an_old_database_is_converted_to_incremental_vacuum_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.db");
+        drop(version_1(&path));
+        SqliteStore::migrate(&path).unwrap();
+        assert_eq!(auto_vacuum(&open_wal(&path).unwrap()).unwrap(), AutoVacuum::None, "migrations alone keep the mode");
+        assert!(SqliteStore::enable_incremental_vacuum(&path).unwrap());
+        assert!(!SqliteStore::enable_incremental_vacuum(&path).unwrap());
+        let conn = open_wal(&path).unwrap();
+        assert_eq!(auto_vacuum(&conn).unwrap(), AutoVacuum::Incremental);
+        let kept: i64 = conn.query_row("SELECT COUNT(*) FROM changes", [], |r| r.get(0)).unwrap();
+        assert_eq!(kept, 1);
     }
 }

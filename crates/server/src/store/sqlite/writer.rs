@@ -1,5 +1,6 @@
-//! The writer thread: group commit of pushes, cursor updates and probes, and
-//! the SQL that loads and writes a push.
+//! The writer thread: group commit of pushes, cursor updates, probes and
+//! maintenance writes (the steps of compaction), and the SQL that loads and
+//! writes a push.
 
 use std::collections::HashMap;
 
@@ -26,13 +27,18 @@ pub(super) enum Job {
     Touch { touch: DeviceTouch, reply: oneshot::Sender<Result<(), StoreError>> },
     /// A write that changes nothing, committed to learn whether writes work.
     Probe { reply: oneshot::Sender<Result<(), StoreError>> },
+    /// A short maintenance write (a step of compaction), answering a count.
+    Run { work: Maintenance, reply: oneshot::Sender<Result<u64, StoreError>> },
 }
+
+/// A maintenance write, run by the writer in its own savepoint of a group.
+pub(super) type Maintenance = Box<dyn FnOnce(&Connection) -> Result<u64, StoreError> + Send>;
 
 impl Job {
     fn weight(&self) -> usize {
         match self {
             Job::Push { batch, .. } => batch.changes.len().max(1),
-            Job::Touch { .. } | Job::Probe { .. } => 1,
+            Job::Touch { .. } | Job::Probe { .. } | Job::Run { .. } => 1,
         }
     }
 }
@@ -72,6 +78,7 @@ pub(super) fn writer_loop(
 enum Done {
     Push(oneshot::Sender<Result<PushOutcome, StoreError>>, Result<PushOutcome, StoreError>),
     Touch(oneshot::Sender<Result<(), StoreError>>, Result<(), StoreError>),
+    Run(oneshot::Sender<Result<u64, StoreError>>, Result<u64, StoreError>),
 }
 
 /// Runs a group of jobs in one transaction; `Err` when the transaction itself failed.
@@ -124,6 +131,11 @@ fn run_group_in_transaction(conn: &Connection, jobs: Vec<Job>, notifier: &Notifi
                 finish_savepoint(conn, out.is_ok());
                 done.push(Done::Touch(reply, out));
             }
+            Job::Run { work, reply } => {
+                let out = savepoint.map_err(map_err).and_then(|_| work(conn));
+                finish_savepoint(conn, out.is_ok());
+                done.push(Done::Run(reply, out));
+            }
         }
     }
     if let Err(e) = conn.execute_batch("COMMIT") {
@@ -134,6 +146,7 @@ fn run_group_in_transaction(conn: &Connection, jobs: Vec<Job>, notifier: &Notifi
             match d {
                 Done::Push(reply, _) => drop(reply.send(Err(StoreError::Unavailable(msg.clone())))),
                 Done::Touch(reply, _) => drop(reply.send(Err(StoreError::Unavailable(msg.clone())))),
+                Done::Run(reply, _) => drop(reply.send(Err(StoreError::Unavailable(msg.clone())))),
             }
         }
         return Err(msg);
@@ -142,6 +155,7 @@ fn run_group_in_transaction(conn: &Connection, jobs: Vec<Job>, notifier: &Notifi
         match d {
             Done::Push(reply, out) => drop(reply.send(out)),
             Done::Touch(reply, out) => drop(reply.send(out)),
+            Done::Run(reply, out) => drop(reply.send(out)),
         }
     }
     for (user, head) in heads {
@@ -163,6 +177,7 @@ fn fail_job(job: Job, err: impl Fn() -> StoreError) {
     match job {
         Job::Push { reply, .. } => drop(reply.send(Err(err()))),
         Job::Touch { reply, .. } | Job::Probe { reply } => drop(reply.send(Err(err()))),
+        Job::Run { reply, .. } => drop(reply.send(Err(err()))),
     }
 }
 
@@ -188,7 +203,7 @@ fn apply_push(conn: &Connection, batch: &PushBatch, policies: &Policies) -> Resu
     let mut snapshot = Snapshot { head, ..Snapshot::default() };
     {
         let mut stmt =
-            conn.prepare_cached("SELECT seq FROM changes WHERE user_id = ?1 AND change_id = ?2").map_err(map_err)?;
+            conn.prepare_cached("SELECT seq FROM receipts WHERE user_id = ?1 AND change_id = ?2").map_err(map_err)?;
         for id in ids {
             if let Some(seq) = stmt
                 .query_row(params![user.as_str(), id.as_str()], |r| r.get::<_, i64>(0))
@@ -225,9 +240,13 @@ fn write_plan(
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             )
             .map_err(map_err)?;
+        let mut receipt = conn
+            .prepare_cached("INSERT INTO receipts (user_id, change_id, seq) VALUES (?1, ?2, ?3)")
+            .map_err(map_err)?;
         for entry in &plan.log {
             let s = &entry.change;
             let c = &s.change;
+            receipt.execute(params![u, c.change_id.as_str(), s.seq as i64]).map_err(map_err)?;
             stmt.execute(params![
                 u,
                 s.seq as i64,
