@@ -86,6 +86,12 @@ pub struct SqliteStore {
     failure: WriteFailure,
 }
 
+/// The size the WAL file is cut back to when the writer starts it over
+/// after a checkpoint (`journal_size_limit`): without it the file stays as
+/// large as it ever grew, which under a steady load of pushes and pulls was
+/// five times the database itself.
+const WAL_SIZE_LIMIT_BYTES: i64 = 16 * 1024 * 1024;
+
 impl SqliteStore {
     /// Opens (creating if needed) the database at `path`, migrates it and starts the writer.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
@@ -94,6 +100,9 @@ impl SqliteStore {
         // Checkpoints run on their own thread (see `checkpoint`); the writer
         // only checkpoints itself if the WAL grows past about 80 MiB.
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES).map_err(map_err)?;
+        // The WAL file keeps the size of its largest burst unless told
+        // otherwise: when the writer starts it over, it is cut back to this.
+        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT_BYTES).map_err(map_err)?;
         migrate(&conn)?;
         if auto_vacuum(&conn)? != AutoVacuum::Incremental {
             tracing::warn!(
