@@ -163,3 +163,24 @@ fn bench_measures_the_client_sdk_first_sync_and_outbox() {
     assert_eq!(outbox["details"]["verified"], true, "{outbox}");
     assert!(outbox["value"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn bench_measures_the_database_file_with_and_without_compaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let (report, _) = run_bench(
+        dir.path(),
+        &["--workloads", "compaction", "--compaction-updates", "2000", "--compact-interval", "1s"],
+    );
+    let figures = report["figures"].as_array().unwrap();
+    for name in [
+        "database file peak, compaction every 1s",
+        "database file at the end, compaction every 1s",
+        "database file peak, no compaction",
+        "database file at the end, no compaction",
+    ] {
+        let f = figures.iter().find(|f| f["workload"] == name).unwrap_or_else(|| panic!("no figure {name:?}"));
+        assert!(f["value"].as_f64().unwrap() > 0.0, "{f}");
+        assert_eq!(f["details"]["updates"], 2000, "{f}");
+    }
+    assert!(figures.iter().any(|f| f["workload"] == "database file peak, with / without compaction"));
+}

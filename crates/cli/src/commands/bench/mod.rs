@@ -8,6 +8,7 @@
 //! prints a table against the project's targets; `--out FILE` also writes the
 //! figures as JSON.
 
+mod compaction;
 mod live;
 mod postgres;
 mod server;
@@ -45,6 +46,9 @@ pub enum Workload {
     LiveIdle,
     /// A fresh device streams a snapshot of --bootstrap-entities entities.
     Bootstrap,
+    /// SQLite only: the database file's size while 4 devices update 1,000 entities
+    /// --compaction-updates times, with compaction every --compact-interval and without.
+    Compaction,
     /// The client SDK: a first sync of --client-changes changes into a fresh
     /// replica, then the sync of a --client-outbox change outbox.
     Client,
@@ -103,6 +107,12 @@ pub struct BenchArgs {
     /// Local writes the client workload then syncs as one outbox.
     #[arg(long, default_value_t = 10_000)]
     client_outbox: usize,
+    /// Updates the compaction workload makes (4 devices, 1,000 entities).
+    #[arg(long, default_value_t = 1_000_000)]
+    compaction_updates: usize,
+    /// How often the compaction workload's server compacts (the `compact_interval` syntax: 30s, 1m, 1h).
+    #[arg(long, default_value = "1m")]
+    compact_interval: String,
     /// Write the figures as JSON to this file.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -298,6 +308,12 @@ async fn bench(args: &BenchArgs, store: &Store, schema: Option<&BenchSchema>) ->
     }
     if has(Workload::LiveIdle) {
         bench.live_idle(args.live_connections, args.trials).await?;
+    }
+    if has(Workload::Compaction) {
+        if !matches!(store, Store::TempSqlite) {
+            bail!("the compaction workload measures a SQLite file of its own: run it without --url and --database");
+        }
+        bench.figures.extend(compaction::compaction(args.compaction_updates, &args.compact_interval).await?);
     }
     if has(Workload::Client) {
         bench.client(args.client_changes, args.client_outbox, args.batch).await?;

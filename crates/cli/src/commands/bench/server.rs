@@ -70,9 +70,20 @@ impl Servers {
     /// first has created the tables before the others open them).
     /// `dir` is kept until the servers are stopped.
     pub fn start(database: &str, count: usize, dir: Option<tempfile::TempDir>) -> anyhow::Result<Servers> {
+        Servers::start_with(database, count, dir, BENCH_CONFIG)
+    }
+
+    /// As [`Servers::start`], with the configuration file's text `config`.
+    pub fn start_with(
+        database: &str,
+        count: usize,
+        dir: Option<tempfile::TempDir>,
+        config: &str,
+    ) -> anyhow::Result<Servers> {
         let config_dir = tempfile::tempdir()?;
+        let config_text = config;
         let config = config_dir.path().join("bench.toml");
-        std::fs::write(&config, BENCH_CONFIG)?;
+        std::fs::write(&config, config_text)?;
         let mut servers = Servers { instances: Vec::with_capacity(count), _dir: dir, _config: config_dir };
         for i in 0..count {
             let server = ChildServer::start(database, &config).with_context(|| format!("instance {i}"))?;
