@@ -285,3 +285,26 @@ async fn a_live_socket_keeps_its_place_under_max_connections() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_sockets_of_one_user_all_get_each_head() {
+    const SOCKETS: usize = 300;
+    let config = format!("[server]\nmax_live_per_user = {SOCKETS}\n");
+    let server = Server::start_with(&Backend::Sqlite, Options { config: Some(config), ..Default::default() });
+    let mut sockets = Vec::with_capacity(SOCKETS);
+    for n in 0..SOCKETS {
+        let mut socket = open(&server, &format!("d{n}"), None, &[]).await.unwrap();
+        assert_eq!(next_head(&mut socket).await["cursor"], 0);
+        sockets.push(socket);
+    }
+    let c = client();
+    let base = now_ms() - 10_000;
+    for round in 1..=3u64 {
+        let id = format!("c{round}");
+        push(&c, &server.url, "w", vec![upsert(&id, "notes", "n", json!({"r": round}), &hlc(base + round, 0, "w"))])
+            .await;
+        for socket in &mut sockets {
+            assert_eq!(next_head(socket).await["cursor"], round);
+        }
+    }
+}

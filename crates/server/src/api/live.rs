@@ -15,8 +15,12 @@
 //!   nothing for two of them; it closes every socket at shutdown.
 //! - Across instances on PostgreSQL, heads arrive through the store's
 //!   NOTIFY listener, as for long polls.
+//! - A head that moves is read from the store once for all of a user's
+//!   sockets ([`LiveHeads`]), not once per socket: 10,000 sockets of one
+//!   user cost one read per push.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade, close_code};
@@ -30,8 +34,9 @@ use tokio::time::{Instant, MissedTickBehavior};
 use super::query::Query;
 use super::slots::{Caps, Refusal, Slot};
 use super::{ApiError, AppState, parse_device};
+use crate::batch::DatasetHead;
 use crate::net::ConnectionHold;
-use crate::store::DeviceTouch;
+use crate::store::{DeviceTouch, Store, StoreError};
 
 /// The subprotocol a client offers to say it speaks this endpoint.
 pub const LIVE_PROTOCOL: &str = "deltasync.live";
@@ -39,8 +44,84 @@ pub const LIVE_PROTOCOL: &str = "deltasync.live";
 pub const BEARER_PROTOCOL_PREFIX: &str = "bearer.";
 /// The largest message the server reads from a live client (it expects only pongs).
 const MAX_CLIENT_MESSAGE: usize = 4 * 1024;
+/// A socket's read buffer (tungstenite's default is 128 KiB, which 10,000
+/// idle sockets would hold for nothing).
+const READ_BUFFER: usize = 4 * 1024;
+/// The most a socket queues for a client that does not read; past it a send
+/// fails and the socket closes (a head is ~170 bytes).
+const MAX_WRITE_BUFFER: usize = 64 * 1024;
 /// How long a client refused for too many live connections is told to wait.
 const RETRY_AFTER_SECS: u64 = 30;
+
+/// The newest head read for each user with live sockets, shared by those
+/// sockets.
+#[derive(Default)]
+pub struct LiveHeads {
+    users: Mutex<HashMap<UserId, Weak<SharedHead>>>,
+}
+
+/// One user's newest head read.
+#[derive(Default)]
+struct SharedHead {
+    newest: tokio::sync::Mutex<Option<DatasetHead>>,
+}
+
+/// A socket's share of its user's head; the user's entry goes with the last share.
+struct HeadShare {
+    heads: Arc<LiveHeads>,
+    user: UserId,
+    shared: Arc<SharedHead>,
+}
+
+impl LiveHeads {
+    /// A share of `user`'s head for one more socket.
+    fn share(self: &Arc<Self>, user: &UserId) -> HeadShare {
+        let mut users = self.users.lock().expect("live heads lock");
+        let shared = match users.get(user).and_then(Weak::upgrade) {
+            Some(shared) => shared,
+            None => {
+                let shared = Arc::new(SharedHead::default());
+                users.insert(user.clone(), Arc::downgrade(&shared));
+                shared
+            }
+        };
+        HeadShare { heads: self.clone(), user: user.clone(), shared }
+    }
+
+    /// How many users have live sockets.
+    pub fn users(&self) -> usize {
+        self.users.lock().expect("live heads lock").len()
+    }
+}
+
+impl HeadShare {
+    /// The user's head at `seq` or newer: read from the store by the first
+    /// socket that asks after it moved (or always, when `fresh`), and taken
+    /// from that read by the others.
+    async fn at_least(&self, store: &dyn Store, seq: u64, fresh: bool) -> Result<DatasetHead, StoreError> {
+        let mut newest = self.shared.newest.lock().await;
+        if !fresh
+            && let Some(head) = newest.as_ref()
+            && head.seq >= seq
+        {
+            return Ok(*head);
+        }
+        let head = store.head(&self.user).await?;
+        *newest = Some(head);
+        Ok(head)
+    }
+}
+
+impl Drop for HeadShare {
+    fn drop(&mut self) {
+        let mut users = self.heads.users.lock().expect("live heads lock");
+        // Under the lock, no other socket can take a share meanwhile: one
+        // strong count left is this share's own.
+        if Arc::strong_count(&self.shared) == 1 {
+            users.remove(&self.user);
+        }
+    }
+}
 
 /// The subprotocols a client offered.
 fn offered_protocols(headers: &HeaderMap) -> Vec<String> {
@@ -111,6 +192,9 @@ pub async fn live(
     Ok(upgrade
         .max_message_size(MAX_CLIENT_MESSAGE)
         .max_frame_size(MAX_CLIENT_MESSAGE)
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(0)
+        .max_write_buffer_size(MAX_WRITE_BUFFER)
         .on_upgrade(move |socket| serve_live(socket, app, user, LiveHold { _slot: slot, _connection: hold })))
 }
 
@@ -149,6 +233,7 @@ async fn serve_live(mut socket: WebSocket, app: Arc<AppState>, user: UserId, hol
 }
 
 async fn run(socket: &mut WebSocket, app: &AppState, user: &UserId) -> Ended {
+    let share = app.live_heads.share(user);
     let mut heads = app.store.subscribe(user);
     let mut shutdown = app.shutdown.clone();
     let every = app.config.network.live_ping_interval;
@@ -160,9 +245,10 @@ async fn run(socket: &mut WebSocket, app: &AppState, user: &UserId) -> Ended {
         if *shutdown.borrow() {
             return Ended::ShuttingDown;
         }
-        heads.borrow_and_update();
-        let head = match app.store.status(user).await {
-            Ok(status) => status.head,
+        let seq = *heads.borrow_and_update();
+        // The first head is read for this socket: the one it opens on must be current.
+        let head = match share.at_least(&*app.store, seq, sent.is_none()).await {
+            Ok(head) => head,
             Err(e) => {
                 tracing::warn!(%user, error = %e, "live connection: cannot read the head");
                 return Ended::StoreFailed;
@@ -199,5 +285,28 @@ async fn run(socket: &mut WebSocket, app: &AppState, user: &UserId) -> Ended {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_users_head_is_shared_while_one_of_its_sockets_is_open() {
+        let heads = Arc::new(LiveHeads::default());
+        let (alice, bob) = (UserId::parse("alice").unwrap(), UserId::parse("bob").unwrap());
+        let first = heads.share(&alice);
+        let second = heads.share(&alice);
+        assert!(Arc::ptr_eq(&first.shared, &second.shared), "two sockets of one user share one head");
+        let other = heads.share(&bob);
+        assert!(!Arc::ptr_eq(&first.shared, &other.shared));
+        assert_eq!(heads.users(), 2);
+        drop(first);
+        assert_eq!(heads.users(), 2, "alice still has a socket");
+        drop(second);
+        assert_eq!(heads.users(), 1, "alice's entry goes with her last socket");
+        drop(other);
+        assert_eq!(heads.users(), 0);
     }
 }

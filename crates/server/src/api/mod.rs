@@ -49,6 +49,8 @@ pub struct AppState {
     pub bootstraps: Arc<slots::UserSlots>,
     /// The live connections open now.
     pub live: Arc<slots::UserSlots>,
+    /// The heads live connections send, read once per user and move.
+    pub live_heads: Arc<live::LiveHeads>,
     /// The last verdict on whether writes work.
     pub health: health::WriteProbe,
 }
@@ -70,6 +72,7 @@ impl AppState {
             shutdown,
             bootstraps: Default::default(),
             live: Default::default(),
+            live_heads: Default::default(),
             health: health::WriteProbe::default(),
         }
     }

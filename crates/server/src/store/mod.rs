@@ -238,6 +238,10 @@ pub trait Store: Send + Sync + 'static {
     /// The dataset head and devices.
     fn status<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, DatasetStatus>;
 
+    /// The dataset head alone (the empty head when the user has no dataset):
+    /// one row, for the live channel.
+    fn head<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, crate::batch::DatasetHead>;
+
     /// Conflict records with `id > since`, at most `limit`.
     fn conflicts<'a>(&'a self, user: &'a UserId, since: u64, limit: u64) -> StoreFuture<'a, ConflictPage>;
 

@@ -92,7 +92,7 @@ async fn device(
 async fn run(updates: usize, config: &str, label: &str) -> anyhow::Result<(Vec<(f64, u64)>, Duration)> {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("bench.db");
-    let servers = Servers::start_with(&format!("sqlite://{}", db.display()), 1, None, config)?;
+    let servers = Servers::start_with(&format!("sqlite://{}", db.display()), 1, None, config, &[])?;
     let url = servers.urls().remove(0);
     let ids: Arc<Vec<String>> = Arc::new((0..ENTITIES).map(|_| uuid::Uuid::new_v4().to_string()).collect());
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;

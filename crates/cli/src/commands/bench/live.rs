@@ -1,13 +1,13 @@
 //! The live channel's workloads (`GET /v1/live`):
 //! - `live`: device A pushes one change while device B holds a live socket;
 //!   the time from the push to B's head message (p50, p99);
-//! - `live-idle`: `--live-connections` sockets held open at once (the
-//!   server's RSS before and with them, per socket), and the same
-//!   propagation to one of them while all are open.
-//!
-//! The bench's servers run with `--auth none`, so every socket is the one
-//! user's: they start with `max_live_per_user` and `max_connections` raised
-//! to fit ([`super::server::BENCH_CONFIG`]).
+//! - `live-idle`: `--live-connections` sockets held open at once, each of
+//!   its own user, so they are idle (the server's RSS before and with them,
+//!   per socket), and the same propagation to one more user's socket while
+//!   all are open. It starts a server of its own with `--auth jwt` (the
+//!   bench's servers run with `--auth none`, where every socket would be
+//!   the one user's and each push would go to all of them), with
+//!   `max_connections` raised to fit ([`super::server::BENCH_CONFIG`]).
 
 use std::time::{Duration, Instant};
 
@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async};
 
-use super::server::proc_status_kib;
+use super::server::{BENCH_CONFIG, Servers, proc_status_kib};
 use super::workloads::{Bench, Stamps, bar, percentile};
 use super::{Figure, Target};
 
@@ -26,11 +26,16 @@ type Socket = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 /// How many sockets are being opened at once.
 const OPENING_AT_ONCE: usize = 64;
 
-/// Opens a live socket on the server at `url` for `device`.
-async fn open(url: &str, device: &str) -> anyhow::Result<Socket> {
+/// Opens a live socket on the server at `url` for `device`, with `token` if given.
+async fn open(url: &str, device: &str, token: Option<&str>) -> anyhow::Result<Socket> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let ws =
         format!("{}/v1/live?device_id={device}", url.replacen("http://", "ws://", 1).replacen("https://", "wss://", 1));
-    let (socket, _) = connect_async(ws.as_str()).await.with_context(|| format!("cannot open {ws}"))?;
+    let mut request = ws.as_str().into_client_request()?;
+    if let Some(token) = token {
+        request.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
+    }
+    let (socket, _) = connect_async(request).await.with_context(|| format!("cannot open {ws}"))?;
     Ok(socket)
 }
 
@@ -97,7 +102,7 @@ impl Bench {
     /// live: the time from a push to the head message on another device's
     /// socket (on instance 0; pushed through instance 1 when there are two).
     pub async fn live_propagation(&mut self, trials: usize) -> anyhow::Result<()> {
-        let mut socket = open(self.url(), "bench-live-b").await?;
+        let mut socket = open(self.url(), "bench-live-b", self.token.as_deref()).await?;
         let first = next_cursor(&mut socket).await?;
         if first != self.head().await? {
             bail!("the live socket's first head {first} is not the server's head");
@@ -108,24 +113,54 @@ impl Bench {
         Ok(())
     }
 
-    /// live-idle: `connections` sockets held open on instance 0, the server's
-    /// memory with them, and the propagation to one of them meanwhile.
+    /// live-idle: `connections` sockets of as many users held open on a
+    /// server of its own, the server's memory with them, and the propagation
+    /// to one more user's socket meanwhile.
     pub async fn live_idle(&mut self, connections: usize, trials: usize) -> anyhow::Result<()> {
         // Each socket is a file descriptor here too.
         let fds = deltasync_server::net::connection_cap(connections + 1024);
         if fds < connections + 64 {
             bail!("this process may open {fds} files; {connections} sockets need more (raise ulimit -n)");
         }
+        let dir = tempfile::tempdir()?;
+        let secret = b"live-idle bench secret";
+        let secret_file = dir.path().join("secret");
+        std::fs::write(&secret_file, secret)?;
+        let database = format!("sqlite://{}", dir.path().join("live-idle.db").display());
+        let extra =
+            ["--auth".to_owned(), "jwt".to_owned(), "--jwt-secret-file".to_owned(), secret_file.display().to_string()];
+        let servers = Servers::start_with(&database, 1, None, BENCH_CONFIG, &extra)?;
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+        let mint = |user: &str| {
+            let user = deltasync_protocol::UserId::parse(user).expect("a bench user id");
+            deltasync_server::auth::mint_token(secret, &user, now, 3600)
+        };
+        let mut own = Bench::new(servers.urls(), servers.pids());
+        own.run_id = self.run_id;
+        own.token = Some(mint("bench-live-user"));
+        let outcome = own.idle_sockets(connections, trials, &mint).await;
+        self.figures.append(&mut own.figures);
+        drop(servers);
+        outcome
+    }
+
+    async fn idle_sockets(
+        &mut self,
+        connections: usize,
+        trials: usize,
+        mint: &impl Fn(&str) -> String,
+    ) -> anyhow::Result<()> {
         let pid = self.server_pids.first().copied();
         let before = pid.map(|p| proc_status_kib(p, "VmRSS:"));
         let progress = bar(connections as u64, "live, opening idle sockets");
         let url = self.url().to_owned();
         let started = Instant::now();
-        let mut sockets: Vec<Socket> = futures_util::stream::iter(0..connections)
-            .map(|n| {
+        let tokens: Vec<String> = (0..connections).map(|n| mint(&format!("bench-idle-{n}"))).collect();
+        let mut sockets: Vec<Socket> = futures_util::stream::iter(tokens.into_iter().enumerate())
+            .map(|(n, token)| {
                 let url = url.clone();
                 async move {
-                    let mut socket = open(&url, &format!("bench-idle-{n}")).await?;
+                    let mut socket = open(&url, &format!("bench-idle-{n}"), Some(&token)).await?;
                     next_cursor(&mut socket).await?;
                     anyhow::Ok(socket)
                 }
@@ -141,8 +176,9 @@ impl Bench {
         // Let the server settle before reading its memory.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let with = pid.map(|p| proc_status_kib(p, "VmRSS:"));
-        let watched = sockets.last_mut().context("no socket")?;
-        let mut latencies = self.time_heads(watched, trials, "propagation, among idle").await?;
+        let mut watched = open(&url, "bench-live-b", self.token.as_deref()).await?;
+        next_cursor(&mut watched).await?;
+        let mut latencies = self.time_heads(&mut watched, trials, "propagation, among idle").await?;
         let mib = |kib: u64| kib as f64 / 1024.0;
         let details = json!({
             "connections": connections,
@@ -161,7 +197,7 @@ impl Bench {
             ));
         }
         self.latency_figures(&format!("propagation, live, {connections} open"), &mut latencies, details);
-        // Every socket has been heard from: all were open throughout.
+        // Every idle socket sent its first head, and none was closed before now.
         for socket in &mut sockets {
             socket.close(None).await.ok();
         }

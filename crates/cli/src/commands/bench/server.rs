@@ -19,11 +19,12 @@ pub struct ChildServer {
 
 impl ChildServer {
     /// Starts a server on port 0 and `database` (a `--database` URL), and waits until it listens.
-    pub fn start(database: &str, config: &std::path::Path) -> anyhow::Result<ChildServer> {
+    pub fn start(database: &str, config: &std::path::Path, extra: &[String]) -> anyhow::Result<ChildServer> {
         let mut child = Command::new(std::env::current_exe()?)
             .args(["serve", "--listen", "127.0.0.1:0", "--database", database])
             .arg("--config")
             .arg(config)
+            .args(extra)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
@@ -70,15 +71,17 @@ impl Servers {
     /// first has created the tables before the others open them).
     /// `dir` is kept until the servers are stopped.
     pub fn start(database: &str, count: usize, dir: Option<tempfile::TempDir>) -> anyhow::Result<Servers> {
-        Servers::start_with(database, count, dir, BENCH_CONFIG)
+        Servers::start_with(database, count, dir, BENCH_CONFIG, &[])
     }
 
-    /// As [`Servers::start`], with the configuration file's text `config`.
+    /// As [`Servers::start`], with the configuration file's text `config`
+    /// and `extra` arguments for `deltasync serve`.
     pub fn start_with(
         database: &str,
         count: usize,
         dir: Option<tempfile::TempDir>,
         config: &str,
+        extra: &[String],
     ) -> anyhow::Result<Servers> {
         let config_dir = tempfile::tempdir()?;
         let config_text = config;
@@ -86,7 +89,7 @@ impl Servers {
         std::fs::write(&config, config_text)?;
         let mut servers = Servers { instances: Vec::with_capacity(count), _dir: dir, _config: config_dir };
         for i in 0..count {
-            let server = ChildServer::start(database, &config).with_context(|| format!("instance {i}"))?;
+            let server = ChildServer::start(database, &config, extra).with_context(|| format!("instance {i}"))?;
             servers.instances.push(server);
         }
         Ok(servers)

@@ -90,6 +90,8 @@ pub struct Bench {
     /// Their process ids when they are our children (else empty).
     pub(super) server_pids: Vec<u32>,
     pub(super) run_id: u64,
+    /// The bearer token requests carry (servers with `--auth jwt`).
+    pub(super) token: Option<String>,
     /// Entities created so far by this run.
     entities: usize,
     /// The figures measured.
@@ -101,7 +103,7 @@ impl Bench {
     pub fn new(urls: Vec<String>, server_pids: Vec<u32>) -> Bench {
         assert!(!urls.is_empty(), "a bench needs a server");
         let http = reqwest::Client::builder().tcp_nodelay(true).build().expect("HTTP client");
-        Bench { http, urls, server_pids, run_id: now_ms(), entities: 0, figures: Vec::new() }
+        Bench { http, urls, server_pids, run_id: now_ms(), token: None, entities: 0, figures: Vec::new() }
     }
 
     /// The URL of instance 0, which every single-server workload uses.
@@ -121,6 +123,7 @@ impl Bench {
             urls: vec![self.urls[i % self.urls.len()].clone()],
             server_pids: Vec::new(),
             run_id: self.run_id,
+            token: self.token.clone(),
             entities: 0,
             figures: Vec::new(),
         }
@@ -128,13 +131,12 @@ impl Bench {
 
     /// Sends one `POST /v1/push` body to instance 0 and returns the head it answers.
     pub(super) async fn post_push(&self, body: String) -> anyhow::Result<u64> {
-        let r = self
-            .http
-            .post(format!("{}/v1/push", self.url()))
-            .header("content-type", "application/json")
-            .body(body)
-            .send()
-            .await?;
+        let mut request =
+            self.http.post(format!("{}/v1/push", self.url())).header("content-type", "application/json").body(body);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        let r = request.send().await?;
         if !r.status().is_success() {
             bail!("push answered {}: {}", r.status(), r.text().await?);
         }

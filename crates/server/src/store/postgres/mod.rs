@@ -52,7 +52,7 @@ use tokio_postgres::NoTls;
 use tokio_postgres::types::Type;
 
 use self::listen::{channel_name, listen};
-use self::reads::{read_collection_policies, read_conflicts, read_page, read_status};
+use self::reads::{read_collection_policies, read_conflicts, read_head, read_page, read_status};
 use self::writer::TOUCH_DEVICE_ASYNC;
 use super::core::compact::{CompactRules, run_pass};
 use super::core::migrations::MigrationPlan;
@@ -259,6 +259,10 @@ impl Store for PostgresStore {
 
     fn status<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, DatasetStatus> {
         Box::pin(async move { read_status(&self.client().await?, user).await })
+    }
+
+    fn head<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, crate::batch::DatasetHead> {
+        Box::pin(async move { read_head(&self.client().await?, user).await })
     }
 
     fn conflicts<'a>(&'a self, user: &'a UserId, since: u64, limit: u64) -> StoreFuture<'a, ConflictPage> {

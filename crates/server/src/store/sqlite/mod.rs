@@ -31,7 +31,7 @@ use rusqlite::types::ValueRef;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use self::checkpoint::{Checkpointer, WRITER_AUTOCHECKPOINT_PAGES, WriteFailure};
-use self::reads::{ReadPool, read_collection_policies, read_conflicts, read_page, read_status};
+use self::reads::{ReadPool, read_collection_policies, read_conflicts, read_head, read_page, read_status};
 use self::writer::{Job, writer_loop};
 use super::core::compact::{CompactRules, run_pass};
 use super::core::migrations::MigrationPlan;
@@ -242,6 +242,11 @@ impl Store for SqliteStore {
     fn status<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, DatasetStatus> {
         let user = user.clone();
         Box::pin(self.readers.run(move |conn| read_status(conn, &user)))
+    }
+
+    fn head<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, crate::batch::DatasetHead> {
+        let user = user.clone();
+        Box::pin(self.readers.run(move |conn| read_head(conn, &user)))
     }
 
     fn conflicts<'a>(&'a self, user: &'a UserId, since: u64, limit: u64) -> StoreFuture<'a, ConflictPage> {
