@@ -169,7 +169,16 @@ fn bench_measures_the_database_file_with_and_without_compaction() {
     let dir = tempfile::tempdir().unwrap();
     let (report, _) = run_bench(
         dir.path(),
-        &["--workloads", "compaction", "--compaction-updates", "2000", "--compact-interval", "1s"],
+        &[
+            "--workloads",
+            "compaction",
+            "--compaction-updates",
+            "2000",
+            "--compact-interval",
+            "1s",
+            "--compaction-rate",
+            "4000",
+        ],
     );
     let figures = report["figures"].as_array().unwrap();
     for name in [
@@ -181,6 +190,13 @@ fn bench_measures_the_database_file_with_and_without_compaction() {
         let f = figures.iter().find(|f| f["workload"] == name).unwrap_or_else(|| panic!("no figure {name:?}"));
         assert!(f["value"].as_f64().unwrap() > 0.0, "{f}");
         assert_eq!(f["details"]["updates"], 2000, "{f}");
+        // Paced at 4,000 a second, each device's fifth and last sync of 100 starts 0.4 s in.
+        assert!(f["details"]["seconds"].as_f64().unwrap() >= 0.4, "{f}");
     }
     assert!(figures.iter().any(|f| f["workload"] == "database file peak, with / without compaction"));
+    // Without compaction the file ends with every change in the log, each with its receipt.
+    let end = figures.iter().find(|f| f["workload"] == "receipts at the end, no compaction").unwrap();
+    assert_eq!(end["details"]["at_the_end"]["log_rows"], 2000, "{end}");
+    assert_eq!(end["details"]["at_the_end"]["receipts"], 2000, "{end}");
+    assert!(end["value"].as_f64().unwrap() > 16.0, "a receipt holds at least its change id: {end}");
 }

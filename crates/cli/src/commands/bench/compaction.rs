@@ -7,7 +7,12 @@
 //! each on a fresh server: one that compacts every `--compact-interval`
 //! with `compact_after = "0s"`, and one that never compacts. The file (with
 //! its WAL) is sampled every second; the figures are its peak and its size
-//! at the end of each run.
+//! at the end of each run, with what fills the file at the end (SQLite's
+//! `dbstat`: the log, the receipts, the entities, free pages).
+//!
+//! `--compaction-rate` paces the devices (updates per second in all), so
+//! that the run lasts long enough for many passes: a steady load rather
+//! than a burst that ends before the second pass.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -49,12 +54,19 @@ async fn device(
     n: usize,
     ids: Arc<Vec<String>>,
     syncs: usize,
+    pace: Option<Duration>,
     done: Arc<AtomicU64>,
 ) -> anyhow::Result<()> {
     let name = format!("bench-compact-{n}");
     let mut stamps = Stamps::new(&name);
     let mut cursor = 0u64;
+    let started = tokio::time::Instant::now();
     for s in 0..syncs {
+        if let Some(pace) = pace {
+            // Sync `s` starts at its slot, not `pace` after the one before: a
+            // slow sync does not lower the rate, it only delays the next one.
+            tokio::time::sleep_until(started + pace * s as u32).await;
+        }
         let changes: Vec<Value> = (0..BATCH)
             .map(|k| {
                 let i = (s * BATCH + k) * 7919 % ENTITIES;
@@ -87,9 +99,54 @@ async fn device(
     Ok(())
 }
 
-/// One run on a fresh server started with `config`: the file's size samples
-/// (seconds, bytes) and how long the updates took.
-async fn run(updates: usize, config: &str, label: &str) -> anyhow::Result<(Vec<(f64, u64)>, Duration)> {
+/// What one run measured.
+struct Run {
+    /// The file's size (with its WAL) every second: (seconds, bytes).
+    samples: Vec<(f64, u64)>,
+    /// How long the updates took.
+    took: Duration,
+    /// What fills the file at the end.
+    space: Space,
+}
+
+/// Where the bytes of a SQLite file are, by `dbstat`.
+struct Space {
+    /// Bytes of each table or index, by name.
+    by_name: Vec<(String, u64)>,
+    /// Bytes in free pages (the freelist).
+    free: u64,
+    /// Rows in `receipts`.
+    receipts: u64,
+    /// Rows in `changes` (the log).
+    changes: u64,
+}
+
+impl Space {
+    /// Reads it from the file at `db` (with no server on it).
+    fn of(db: &Path) -> anyhow::Result<Space> {
+        let conn = rusqlite::Connection::open_with_flags(db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .with_context(|| format!("opening {} to measure it", db.display()))?;
+        let mut by_name: Vec<(String, u64)> = conn
+            .prepare("SELECT name, SUM(pgsize) FROM dbstat GROUP BY name ORDER BY 2 DESC")?
+            .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?
+            .collect::<Result<_, _>>()?;
+        by_name.retain(|(_, bytes)| *bytes > 0);
+        let page: i64 = conn.query_row("PRAGMA page_size", [], |r| r.get(0))?;
+        let free: i64 = conn.query_row("PRAGMA freelist_count", [], |r| r.get(0))?;
+        let count = |table: &str| -> anyhow::Result<u64> {
+            Ok(conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get::<_, i64>(0))? as u64)
+        };
+        Ok(Space { free: (page * free) as u64, receipts: count("receipts")?, changes: count("changes")?, by_name })
+    }
+
+    /// The bytes of `name` (0 when absent).
+    fn bytes(&self, name: &str) -> u64 {
+        self.by_name.iter().find(|(n, _)| n == name).map_or(0, |(_, b)| *b)
+    }
+}
+
+/// One run on a fresh server started with `config`.
+async fn run(updates: usize, rate: u32, config: &str, label: &str) -> anyhow::Result<Run> {
     let dir = tempfile::tempdir()?;
     let db = dir.path().join("bench.db");
     let servers = Servers::start_with(&format!("sqlite://{}", db.display()), 1, None, config, &[])?;
@@ -97,6 +154,8 @@ async fn run(updates: usize, config: &str, label: &str) -> anyhow::Result<(Vec<(
     let ids: Arc<Vec<String>> = Arc::new((0..ENTITIES).map(|_| uuid::Uuid::new_v4().to_string()).collect());
     let http = reqwest::Client::builder().tcp_nodelay(true).build()?;
     let syncs = updates.div_ceil(DEVICES * BATCH);
+    // Each device makes rate / DEVICES updates a second, in syncs of BATCH.
+    let pace = (rate > 0).then(|| Duration::from_secs_f64((DEVICES * BATCH) as f64 / f64::from(rate)));
     let done = Arc::new(AtomicU64::new(0));
     let progress = bar((syncs * DEVICES * BATCH) as u64, label);
     let stop = Arc::new(AtomicBool::new(false));
@@ -114,7 +173,7 @@ async fn run(updates: usize, config: &str, label: &str) -> anyhow::Result<(Vec<(
         })
     };
     let devices: Vec<_> = (0..DEVICES)
-        .map(|n| tokio::spawn(device(http.clone(), url.clone(), n, ids.clone(), syncs, done.clone())))
+        .map(|n| tokio::spawn(device(http.clone(), url.clone(), n, ids.clone(), syncs, pace, done.clone())))
         .collect();
     for d in devices {
         d.await??;
@@ -127,11 +186,15 @@ async fn run(updates: usize, config: &str, label: &str) -> anyhow::Result<(Vec<(
     drop(servers);
     let (main, wal) = file_sizes(&db);
     eprintln!("{label}: database file {main} bytes, WAL {wal} bytes at the end");
-    Ok((samples, took))
+    // The server is gone, so the WAL was checkpointed into the file: measure that.
+    let space = Space::of(&db)?;
+    Ok(Run { samples, took, space })
 }
 
-/// Runs the workload: `updates` updates with compaction every `interval`, then without.
-pub async fn compaction(updates: usize, interval: &str) -> anyhow::Result<Vec<Figure>> {
+/// Runs the workload: `updates` updates (`rate` a second in all, or as fast
+/// as the server takes them when 0) with compaction every `interval`, then
+/// without.
+pub async fn compaction(updates: usize, rate: u32, interval: &str) -> anyhow::Result<Vec<Figure>> {
     deltasync_server::config::parse_duration(interval)
         .map_err(|e| anyhow::anyhow!("--compact-interval {interval:?}: {e}"))?;
     let with = format!("[server]\ncompact_after = \"0s\"\ncompact_interval = \"{interval}\"\n");
@@ -142,19 +205,33 @@ pub async fn compaction(updates: usize, interval: &str) -> anyhow::Result<Vec<Fi
     for (what, config) in
         [(format!("compaction every {interval}"), with.as_str()), ("no compaction".to_owned(), without)]
     {
-        let (samples, took) = run(updates, config, &format!("updates, {what}")).await?;
+        let Run { samples, took, space } = run(updates, rate, config, &format!("updates, {what}")).await?;
         let peak = samples.iter().map(|(_, b)| *b).max().unwrap_or(0);
         let end = samples.last().map_or(0, |(_, b)| *b);
-        // Every tenth sample, to show the shape without a second per line.
-        let shape: Vec<Value> =
-            samples.iter().step_by(10).map(|(t, b)| json!({"s": (t * 10.0).round() / 10.0, "mib": mib(*b)})).collect();
+        // About 30 samples, to show the shape without a second per line.
+        let shape: Vec<Value> = samples
+            .iter()
+            .step_by((samples.len() / 30).max(10))
+            .map(|(t, b)| json!({"s": (t * 10.0).round() / 10.0, "mib": mib(*b)}))
+            .collect();
+        let by_name: serde_json::Map<String, Value> =
+            space.by_name.iter().map(|(n, b)| (n.clone(), json!(mib(*b)))).collect();
         let details = json!({
-            "updates": updates, "devices": DEVICES, "entities": ENTITIES, "batch": BATCH,
+            "updates": updates, "devices": DEVICES, "entities": ENTITIES, "batch": BATCH, "rate": rate,
             "seconds": took.as_secs_f64(), "updates_per_sec": updates as f64 / took.as_secs_f64(),
             "peak_mib": mib(peak), "end_mib": mib(end), "samples": shape,
+            "at_the_end": {"mib_by_table": by_name, "free_mib": mib(space.free),
+                "log_rows": space.changes, "receipts": space.receipts},
         });
         figures.push(Figure::new(format!("database file peak, {what}"), mib(peak), "MiB", None, details.clone()));
-        figures.push(Figure::new(format!("database file at the end, {what}"), mib(end), "MiB", None, details));
+        figures.push(Figure::new(format!("database file at the end, {what}"), mib(end), "MiB", None, details.clone()));
+        figures.push(Figure::new(
+            format!("receipts at the end, {what}"),
+            space.bytes("receipts") as f64 / space.receipts.max(1) as f64,
+            "bytes per change",
+            None,
+            details,
+        ));
         peaks.push(peak);
     }
     let ratio = peaks[0] as f64 / peaks[1].max(1) as f64;

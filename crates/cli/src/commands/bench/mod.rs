@@ -113,6 +113,10 @@ pub struct BenchArgs {
     /// How often the compaction workload's server compacts (the `compact_interval` syntax: 30s, 1m, 1h).
     #[arg(long, default_value = "1m")]
     compact_interval: String,
+    /// Updates per second the compaction workload's devices make in all (0: as fast as the
+    /// server takes them). Pacing them makes the run a steady load that lasts many passes.
+    #[arg(long, default_value_t = 0)]
+    compaction_rate: u32,
     /// Write the figures as JSON to this file.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -313,7 +317,9 @@ async fn bench(args: &BenchArgs, store: &Store, schema: Option<&BenchSchema>) ->
         if !matches!(store, Store::TempSqlite) {
             bail!("the compaction workload measures a SQLite file of its own: run it without --url and --database");
         }
-        bench.figures.extend(compaction::compaction(args.compaction_updates, &args.compact_interval).await?);
+        bench.figures.extend(
+            compaction::compaction(args.compaction_updates, args.compaction_rate, &args.compact_interval).await?,
+        );
     }
     if has(Workload::Client) {
         bench.client(args.client_changes, args.client_outbox, args.batch).await?;
