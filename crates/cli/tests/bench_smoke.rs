@@ -67,6 +67,8 @@ fn check_figures(report: &Value, instances: usize) {
         assert_eq!(f["unit"], "changes/s");
     }
     assert_eq!(figure(&multi_push)["details"]["instances"], instances);
+    // Real clients' ids unless asked otherwise.
+    assert_eq!(figure("push, 1 device")["details"]["ids"], "random");
     // Every change pushed is pulled: 800 + 800 new entities, 300 updates, and the two wire syncs' 4 changes.
     assert_eq!(figure("pull, 10000 per page")["details"]["changes"], 800 + 800 + 300 + 4);
     let boot = figure("bootstrap");
@@ -162,6 +164,26 @@ fn bench_measures_the_client_sdk_first_sync_and_outbox() {
     let outbox = figure("client, sync of a 300-change outbox");
     assert_eq!(outbox["details"]["verified"], true, "{outbox}");
     assert!(outbox["value"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn time_ordered_ids_are_measured_under_their_own_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (report, _) = run_bench(dir.path(), &["--workloads", "push,update", "--ids", "time-ordered"]);
+    let figures = report["figures"].as_array().unwrap();
+    for name in [
+        "push, 1 device (time-ordered ids)",
+        "push, 4 devices (time-ordered ids)",
+        "update, one field (time-ordered ids)",
+    ] {
+        let f = figures.iter().find(|f| f["workload"] == name).unwrap_or_else(|| panic!("no figure {name:?}"));
+        assert_eq!(f["details"]["ids"], "time-ordered", "{f}");
+        assert!(f["value"].as_f64().unwrap() > 0.0, "{f}");
+    }
+    assert!(
+        !figures.iter().any(|f| f["workload"] == "push, 1 device"),
+        "a time-ordered figure under the realistic name"
+    );
 }
 
 #[test]

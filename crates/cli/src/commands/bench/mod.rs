@@ -86,6 +86,12 @@ pub struct BenchArgs {
     /// Changes per push request.
     #[arg(long, default_value_t = 500)]
     batch: usize,
+    /// The change ids and entity ids the push, update, pull and bootstrap workloads send: `random`
+    /// (version 4 UUIDs, as real clients send them), or `time-ordered` (ids that arrive in key order,
+    /// the shape that favours the server) to compare. Figures measured with time-ordered ids say so
+    /// in their name.
+    #[arg(long, value_enum, default_value_t = workloads::Ids::Random)]
+    ids: workloads::Ids,
     /// Concurrent devices of the multi-device push.
     #[arg(long, default_value_t = 8)]
     devices: usize,
@@ -291,6 +297,7 @@ async fn bench(args: &BenchArgs, store: &Store, schema: Option<&BenchSchema>) ->
     };
     let pids = servers.as_ref().map(Servers::pids).unwrap_or_default();
     let mut bench = workloads::Bench::new(urls, pids);
+    bench.ids = args.ids;
     let has = |w| args.workloads.contains(&w);
     if has(Workload::Wire) {
         bench.wire().await?;

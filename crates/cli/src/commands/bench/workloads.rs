@@ -82,6 +82,51 @@ pub(super) fn bar(len: u64, what: &str) -> ProgressBar {
     bar
 }
 
+/// The ids the push workloads send.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Ids {
+    /// Random (version 4) UUIDs for change ids and entity ids, as real clients
+    /// send them: they arrive in no key order.
+    Random,
+    /// Ids that arrive in key order (`DEVICE-RUN-N` change ids, `eN` entity
+    /// ids): the shape that favours the server's indexes, for comparison.
+    TimeOrdered,
+}
+
+impl Ids {
+    /// The id of entity `n` of run `run` (the same every time it is asked for).
+    fn entity(self, run: u64, n: usize) -> String {
+        match self {
+            Ids::Random => uuid_like(run, n as u64),
+            Ids::TimeOrdered => format!("e{n}"),
+        }
+    }
+
+    /// The id of the `i`th change `device` pushes in run `run`.
+    fn change(self, device: &str, run: u64, i: usize) -> String {
+        match self {
+            Ids::Random => uuid::Uuid::new_v4().to_string(),
+            Ids::TimeOrdered => format!("{device}-{run}-{i}"),
+        }
+    }
+
+    /// The name reports give the shape.
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Ids::Random => "random",
+            Ids::TimeOrdered => "time-ordered",
+        }
+    }
+
+    /// What a figure's name says about the shape: nothing for the realistic one.
+    fn suffix(self) -> &'static str {
+        match self {
+            Ids::Random => "",
+            Ids::TimeOrdered => " (time-ordered ids)",
+        }
+    }
+}
+
 /// The benchmark's state: the servers, an HTTP client, and the figures so far.
 pub struct Bench {
     http: reqwest::Client,
@@ -92,6 +137,8 @@ pub struct Bench {
     pub(super) run_id: u64,
     /// The bearer token requests carry (servers with `--auth jwt`).
     pub(super) token: Option<String>,
+    /// The ids the push workloads send.
+    pub(super) ids: Ids,
     /// Entities created so far by this run.
     entities: usize,
     /// The figures measured.
@@ -103,7 +150,16 @@ impl Bench {
     pub fn new(urls: Vec<String>, server_pids: Vec<u32>) -> Bench {
         assert!(!urls.is_empty(), "a bench needs a server");
         let http = reqwest::Client::builder().tcp_nodelay(true).build().expect("HTTP client");
-        Bench { http, urls, server_pids, run_id: now_ms(), token: None, entities: 0, figures: Vec::new() }
+        Bench {
+            http,
+            urls,
+            server_pids,
+            run_id: now_ms(),
+            token: None,
+            ids: Ids::Random,
+            entities: 0,
+            figures: Vec::new(),
+        }
     }
 
     /// The URL of instance 0, which every single-server workload uses.
@@ -124,6 +180,7 @@ impl Bench {
             server_pids: Vec::new(),
             run_id: self.run_id,
             token: self.token.clone(),
+            ids: self.ids,
             entities: 0,
             figures: Vec::new(),
         }
@@ -166,8 +223,8 @@ impl Bench {
                 }
                 write!(
                     body,
-                    r#"{{"change_id":"{device}-{}-{i}","collection":"tasks","entity_id":"{entity}","op":"upsert","data":{data},"hlc":"{}"}}"#,
-                    self.run_id,
+                    r#"{{"change_id":"{}","collection":"tasks","entity_id":"{entity}","op":"upsert","data":{data},"hlc":"{}"}}"#,
+                    self.ids.change(device, self.run_id, i),
                     stamps.next()
                 )?;
             }
@@ -191,9 +248,10 @@ impl Bench {
             let progress = progress.clone();
             let base = first + d * per_device;
             let n = if d + 1 == devices.max(1) { count - d * per_device } else { per_device };
+            let (ids, run) = (self.ids, self.run_id);
             tasks.push(tokio::spawn(async move {
                 let device = format!("bench-{}", base);
-                this.push_changes(&device, n, batch, &progress, |i| (format!("e{}", base + i), entity_data(base + i)))
+                this.push_changes(&device, n, batch, &progress, |i| (ids.entity(run, base + i), entity_data(base + i)))
                     .await
             }));
         }
@@ -208,18 +266,20 @@ impl Bench {
 
     /// push: new entities from 1 device, then from `devices` devices at once.
     pub async fn push(&mut self, entities: usize, batch: usize, devices: usize) -> anyhow::Result<()> {
-        let s = self.push_new("push, 1 device", entities, batch, 1).await?;
+        let (ids, suffix) = (self.ids.as_str(), self.ids.suffix());
+        let label = format!("push, 1 device{suffix}");
+        let s = self.push_new(&label, entities, batch, 1).await?;
         self.figures.push(Figure::new(
-            "push, 1 device",
+            label,
             entities as f64 / s,
             "changes/s",
             Some(Target::AtLeast(60_000.0)),
-            json!({"changes": entities, "seconds": s, "batch": batch}),
+            json!({"changes": entities, "seconds": s, "batch": batch, "ids": ids}),
         ));
         let instances = self.instances().min(devices.max(1));
         let label = match instances {
-            1 => format!("push, {devices} devices"),
-            n => format!("push, {devices} devices over {n} instances"),
+            1 => format!("push, {devices} devices{suffix}"),
+            n => format!("push, {devices} devices over {n} instances{suffix}"),
         };
         let s = self.push_new(&label, entities, batch, devices).await?;
         self.figures.push(Figure::new(
@@ -227,7 +287,7 @@ impl Bench {
             entities as f64 / s,
             "changes/s",
             Some(Target::AtLeast(100_000.0)),
-            json!({"changes": entities, "seconds": s, "batch": batch, "devices": devices, "instances": instances}),
+            json!({"changes": entities, "seconds": s, "batch": batch, "devices": devices, "instances": instances, "ids": ids}),
         ));
         Ok(())
     }
@@ -239,20 +299,22 @@ impl Bench {
             let _ = s;
         }
         let existing = self.entities;
-        let progress = bar(updates as u64, "update, one field");
+        let label = format!("update, one field{}", self.ids.suffix());
+        let progress = bar(updates as u64, &label);
         let t = Instant::now();
+        let (ids, run) = (self.ids, self.run_id);
         self.push_changes("bench-updater", updates, batch, &progress, |i| {
-            (format!("e{}", i % existing), format!(r#"{{"done":{}}}"#, i % 2 == 0))
+            (ids.entity(run, i % existing), format!(r#"{{"done":{}}}"#, i % 2 == 0))
         })
         .await?;
         let s = t.elapsed().as_secs_f64();
         progress.finish_and_clear();
         self.figures.push(Figure::new(
-            "update, one field",
+            label,
             updates as f64 / s,
             "changes/s",
             Some(Target::AtLeast(60_000.0)),
-            json!({"changes": updates, "seconds": s, "batch": batch}),
+            json!({"changes": updates, "seconds": s, "batch": batch, "ids": ids.as_str()}),
         ));
         Ok(())
     }
