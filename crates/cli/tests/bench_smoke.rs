@@ -187,6 +187,19 @@ fn time_ordered_ids_are_measured_under_their_own_names() {
 }
 
 #[test]
+fn the_sqlite_floor_inserts_the_rows_of_a_push_without_a_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let (report, _) = run_bench(dir.path(), &["--workloads", "sqlite-floor"]);
+    let figures = report["figures"].as_array().unwrap();
+    let floor = figures.iter().find(|f| f["workload"] == "SQLite floor, batches of 100").expect("a floor figure");
+    assert_eq!(floor["details"]["changes"], 800, "{floor}");
+    assert_eq!(floor["details"]["ids"], "random", "{floor}");
+    assert!(floor["value"].as_f64().unwrap() > 0.0, "{floor}");
+    // Each change writes at least its row of about 150 bytes of data, WAL and checkpoint included.
+    assert!(floor["details"]["kib_written_per_change"].as_f64().unwrap() > 0.1, "{floor}");
+}
+
+#[test]
 fn bench_measures_the_database_file_with_and_without_compaction() {
     let dir = tempfile::tempdir().unwrap();
     let (report, _) = run_bench(

@@ -9,6 +9,7 @@
 //! figures as JSON.
 
 mod compaction;
+mod floor;
 mod live;
 mod postgres;
 mod server;
@@ -49,6 +50,9 @@ pub enum Workload {
     /// SQLite only: the database file's size while 4 devices update 1,000 entities
     /// --compaction-updates times, with compaction every --compact-interval and without.
     Compaction,
+    /// No server: the rows a push of --entities new entities writes, inserted straight into a
+    /// fresh SQLite file with the server's schema, in transactions of --batch: SQLite's own rate.
+    SqliteFloor,
     /// The client SDK: a first sync of --client-changes changes into a fresh
     /// replica, then the sync of a --client-outbox change outbox.
     Client,
@@ -77,7 +81,7 @@ pub struct BenchArgs {
     /// on instance 0 and pushes through instance 1; every other workload uses instance 0.
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     instances: u32,
-    /// Which workloads to run (comma-separated); all but `client` by default.
+    /// Which workloads to run (comma-separated); all but `sqlite-floor`, `compaction` and `client` by default.
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Workload::Wire, Workload::Push, Workload::Update, Workload::Pull, Workload::Propagation, Workload::Live, Workload::LiveIdle, Workload::Bootstrap])]
     workloads: Vec<Workload>,
     /// How many entities each push workload creates.
@@ -319,6 +323,10 @@ async fn bench(args: &BenchArgs, store: &Store, schema: Option<&BenchSchema>) ->
     }
     if has(Workload::LiveIdle) {
         bench.live_idle(args.live_connections, args.trials).await?;
+    }
+    if has(Workload::SqliteFloor) {
+        let dir = tempfile::tempdir()?;
+        bench.figures.push(floor::sqlite_floor(dir.path(), args.entities, args.batch, args.ids)?);
     }
     if has(Workload::Compaction) {
         if !matches!(store, Store::TempSqlite) {

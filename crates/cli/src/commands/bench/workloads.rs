@@ -52,7 +52,7 @@ fn now_ms() -> u64 {
 }
 
 /// About 150 bytes of JSON: a title, a flag, a number, a small array of tags.
-fn entity_data(i: usize) -> String {
+pub(super) fn entity_data(i: usize) -> String {
     format!(
         r#"{{"title":"Task number {i} with a reasonably long title","done":{},"priority":{},"tags":["work","home","t{}"],"estimate":{}}}"#,
         i.is_multiple_of(3),
@@ -95,7 +95,7 @@ pub enum Ids {
 
 impl Ids {
     /// The id of entity `n` of run `run` (the same every time it is asked for).
-    fn entity(self, run: u64, n: usize) -> String {
+    pub(super) fn entity(self, run: u64, n: usize) -> String {
         match self {
             Ids::Random => uuid_like(run, n as u64),
             Ids::TimeOrdered => format!("e{n}"),
@@ -103,7 +103,7 @@ impl Ids {
     }
 
     /// The id of the `i`th change `device` pushes in run `run`.
-    fn change(self, device: &str, run: u64, i: usize) -> String {
+    pub(super) fn change(self, device: &str, run: u64, i: usize) -> String {
         match self {
             Ids::Random => uuid::Uuid::new_v4().to_string(),
             Ids::TimeOrdered => format!("{device}-{run}-{i}"),
@@ -119,7 +119,7 @@ impl Ids {
     }
 
     /// What a figure's name says about the shape: nothing for the realistic one.
-    fn suffix(self) -> &'static str {
+    pub(super) fn suffix(self) -> &'static str {
         match self {
             Ids::Random => "",
             Ids::TimeOrdered => " (time-ordered ids)",
