@@ -31,6 +31,12 @@ fn run_bench(dir: &Path, extra: &[&str]) -> (Value, String) {
             "10",
             "--live-connections",
             "50",
+            "--users",
+            "20",
+            "--connections",
+            "8",
+            "--many-users-seconds",
+            "1",
         ])
         .args(extra)
         .arg("--out")
@@ -67,6 +73,19 @@ fn check_figures(report: &Value, instances: usize) {
         assert_eq!(f["unit"], "changes/s");
     }
     assert_eq!(figure(&multi_push)["details"]["instances"], instances);
+    let many = |what: &str| match instances {
+        1 => figure(&format!("many users, {what}")),
+        n => figure(&format!("many users, {what} over {n} instances")),
+    };
+    let (syncs, changes) = (many("syncs"), many("changes"));
+    assert_eq!(syncs["details"]["users"], 20, "{syncs}");
+    assert_eq!(syncs["details"]["instances"], instances, "{syncs}");
+    let done = syncs["details"]["syncs"].as_u64().unwrap();
+    // Every sync carries one to three changes.
+    let carried = changes["details"]["changes"].as_u64().unwrap();
+    assert!(done > 0 && carried >= done && carried <= 3 * done, "{syncs}");
+    assert!(many("sync p99")["value"].as_f64().unwrap() >= many("sync p50")["value"].as_f64().unwrap());
+    assert!(many("server peak RSS")["value"].as_f64().unwrap() > 0.0);
     // Real clients' ids unless asked otherwise.
     assert_eq!(figure("push, 1 device")["details"]["ids"], "random");
     // Every change pushed is pulled: 800 + 800 new entities, 300 updates, and the two wire syncs' 4 changes.

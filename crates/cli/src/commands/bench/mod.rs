@@ -11,6 +11,7 @@
 mod compaction;
 mod floor;
 mod live;
+mod many_users;
 mod postgres;
 mod server;
 mod wire;
@@ -50,6 +51,9 @@ pub enum Workload {
     /// SQLite only: the database file's size while 4 devices update 1,000 entities
     /// --compaction-updates times, with compaction every --compact-interval and without.
     Compaction,
+    /// --users users with two devices each, every device syncing 1-3 small changes at a time over
+    /// --connections connections in all, for --many-users-seconds (servers of its own, --auth jwt).
+    ManyUsers,
     /// No server: the rows a push of --entities new entities writes, inserted straight into a
     /// fresh SQLite file with the server's schema, in transactions of --batch: SQLite's own rate.
     SqliteFloor,
@@ -82,7 +86,7 @@ pub struct BenchArgs {
     #[arg(long, value_name = "N", default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=64))]
     instances: u32,
     /// Which workloads to run (comma-separated); all but `sqlite-floor`, `compaction` and `client` by default.
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Workload::Wire, Workload::Push, Workload::Update, Workload::Pull, Workload::Propagation, Workload::Live, Workload::LiveIdle, Workload::Bootstrap])]
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = [Workload::Wire, Workload::Push, Workload::Update, Workload::Pull, Workload::Propagation, Workload::Live, Workload::LiveIdle, Workload::Bootstrap, Workload::ManyUsers])]
     workloads: Vec<Workload>,
     /// How many entities each push workload creates.
     #[arg(long, default_value_t = 100_000)]
@@ -127,6 +131,15 @@ pub struct BenchArgs {
     /// server takes them). Pacing them makes the run a steady load that lasts many passes.
     #[arg(long, default_value_t = 0)]
     compaction_rate: u32,
+    /// Users of the many-users workload (each with two devices).
+    #[arg(long, default_value_t = 1_000)]
+    users: usize,
+    /// Concurrent connections of the many-users workload, in all.
+    #[arg(long, default_value_t = 256)]
+    connections: usize,
+    /// How long the many-users workload's devices sync.
+    #[arg(long, default_value_t = 15.0)]
+    many_users_seconds: f64,
     /// Write the figures as JSON to this file.
     #[arg(long, value_name = "FILE")]
     out: Option<PathBuf>,
@@ -323,6 +336,21 @@ async fn bench(args: &BenchArgs, store: &Store, schema: Option<&BenchSchema>) ->
     }
     if has(Workload::LiveIdle) {
         bench.live_idle(args.live_connections, args.trials).await?;
+    }
+    if has(Workload::ManyUsers) {
+        let database = match store {
+            Store::External => {
+                bail!("the many-users workload starts servers of its own (with --auth jwt): run it without --url")
+            }
+            Store::TempSqlite | Store::Sqlite(_) => String::new(),
+            Store::Postgres(_) => schema.context("no schema")?.server_url.clone(),
+        };
+        let shape = many_users::ManyUsers {
+            users: args.users,
+            connections: args.connections,
+            seconds: args.many_users_seconds,
+        };
+        bench.figures.extend(many_users::many_users(&database, instances, &shape).await?);
     }
     if has(Workload::SqliteFloor) {
         let dir = tempfile::tempdir()?;
