@@ -2,7 +2,8 @@
 //! `conflicts` (the server's records, page by page), `retry-failed` and
 //! `discard-failed` (changes the server refused for good), `watch` (a line per
 //! sync until a count, a signal or a closed stdout), and `no_endpoint` for a
-//! server URL with a wrong path. Each runs against a real `deltasync serve`.
+//! server URL with a wrong path, and `import` (many writes from NDJSON, in
+//! batches). Each runs against a real `deltasync serve`.
 //!
 //! Bounds on time are liveness bounds, never speed measurements.
 
@@ -306,4 +307,66 @@ fn a_server_url_with_a_wrong_path_is_no_endpoint(backend: &Backend) {
     assert_eq!(a.status()["pending"], 1);
     // The right URL works, and is kept.
     assert_eq!(a.sync(&server.url)["applied"], 1);
+}
+
+/// `lines` NDJSON writes: puts of entities `i0`, `i1`, …
+fn ndjson_puts(lines: usize) -> String {
+    (0..lines)
+        .map(|i| {
+            json!({"op": "put", "collection": "tasks", "id": format!("i{i}"), "data": {"n": i}}).to_string() + "\n"
+        })
+        .collect()
+}
+
+store_test!(#[test] fn import_writes_ndjson_in_batches_that_sync_like_any_write);
+fn import_writes_ndjson_in_batches_that_sync_like_any_write(backend: &Backend) {
+    let server = Server::start(backend);
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (Device::new(dir.path(), "a"), Device::new(dir.path(), "b"));
+    // 2,500 puts, a blank line, a patch and a delete of imported entities, a put that changes nothing.
+    let mut text = ndjson_puts(2_500);
+    text.push('\n');
+    text.push_str(&json!({"op": "patch", "collection": "tasks", "id": "i1", "data": {"done": true}}).to_string());
+    text.push('\n');
+    text.push_str(&json!({"op": "delete", "collection": "tasks", "id": "i2"}).to_string());
+    text.push('\n');
+    text.push_str(&json!({"op": "put", "collection": "tasks", "id": "i3", "data": {"n": 3}}).to_string());
+    text.push('\n');
+    let file = dir.path().join("writes.ndjson");
+    std::fs::write(&file, text).unwrap();
+    let out = a.run(None, &["import", "--batch", "1000", file.to_str().unwrap()]);
+    assert!(out.success(), "{out:?}");
+    assert_eq!(out.json(), json!({"lines": 2_504, "written": 2_502, "unchanged": 1}));
+    assert_eq!(a.status()["pending"], 2_502);
+
+    let r = a.sync(&server.url);
+    assert_eq!(r["pushed"], 2_502, "{r}");
+    b.sync(&server.url);
+    let listed = b.list("tasks");
+    assert_eq!(listed.as_array().unwrap().len(), 2_499, "i2 is deleted");
+    let i1 = listed.as_array().unwrap().iter().find(|e| e["id"] == "i1").unwrap();
+    assert_eq!(i1["data"], json!({"n": 1, "done": true}));
+    assert_eq!(a.status()["state_digest"], b.status()["state_digest"]);
+}
+
+/// No server: an import is local.
+#[test]
+fn import_stops_at_a_bad_line_and_says_what_was_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Device::new(dir.path(), "a");
+    let mut lines: Vec<String> = ndjson_puts(2_500).lines().map(str::to_owned).collect();
+    lines[1_499] = json!({"op": "put", "collection": "tasks", "id": "x"}).to_string();
+    let file = dir.path().join("bad.ndjson");
+    std::fs::write(&file, lines.join("\n")).unwrap();
+    let err = a.run(None, &["import", "--batch", "1000", file.to_str().unwrap()]).error();
+    assert_eq!(err["error"], "invalid_input", "{err}");
+    let message = err["message"].as_str().unwrap();
+    assert!(message.contains("line 1500 (put) needs an object `data`"), "{message}");
+    assert!(message.contains("lines 1 to 1000 were imported") && message.contains("tail -n +1001"), "{message}");
+    // The first batch is kept whole; the one with the bad line is not written at all.
+    assert_eq!(a.status()["pending"], 1_000);
+
+    let err = a.run(None, &["import", dir.path().join("missing.ndjson").to_str().unwrap()]).error();
+    assert!(err["message"].as_str().unwrap().contains("cannot read"), "{err}");
+    assert_eq!(a.status()["pending"], 1_000);
 }

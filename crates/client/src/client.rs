@@ -7,7 +7,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use deltasync_engine::{Clock, Engine, EngineOptions, Notice};
+use deltasync_engine::{Clock, Engine, EngineOptions, LocalWrite, Notice};
 use deltasync_protocol::{ChangeId, DeviceId};
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, broadcast};
@@ -221,6 +221,14 @@ impl Client {
     /// Deletes the entity (a tombstone, also for an entity never seen).
     pub fn delete(&self, collection: &str, entity_id: &str) -> Result<ChangeId> {
         Ok(run_now(self.engine().delete(collection, entity_id))?)
+    }
+
+    /// Makes many writes in one local transaction: all are kept or none (the
+    /// first invalid write fails the batch). Returns each write's change id,
+    /// `None` where a `put` or `patch` changed nothing. For bulk work: one
+    /// transaction costs far less than one per write.
+    pub fn write_batch(&self, writes: Vec<LocalWrite>) -> Result<Vec<Option<ChangeId>>> {
+        Ok(run_now(self.engine().write_batch(writes))?)
     }
 
     /// Logs an `append`: opaque data (for example a CRDT operation) that the

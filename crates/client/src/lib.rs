@@ -76,6 +76,7 @@ pub use client::{
     ChangeEvent, Client, ClientOptions, DEFAULT_JOURNAL_LIMIT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_STALL_TIMEOUT,
     LastError, MAX_DATA_BYTES, Origin, Progress, Stats,
 };
+pub use deltasync_engine::{LocalWrite, WriteKind};
 pub use error::{ClientError, Result, TimeoutKind};
 pub use local::{OutboxEntry, OutboxStatus};
 pub use runner::{RunnerOptions, SyncRunner};

@@ -11,7 +11,7 @@ use serde_json::{Map, Value};
 
 use crate::clock::Clock;
 use crate::engine::{Engine, Notice, Origin};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::replica::{self, keys};
 use crate::store::{Access, LocalStore, OutboxEntry, OutboxStatus, StoreTx};
 use crate::transport::Transport;
@@ -149,6 +149,43 @@ pub struct LocalWrite {
     pub entity_id: String,
     /// What to write.
     pub edit: WriteKind,
+}
+
+impl LocalWrite {
+    /// A write as apps and files give it: `{"op": "put" | "patch" | "delete",
+    /// "collection", "id", "data"}` (`data` an object for `put` and `patch`).
+    /// `at` names it in the error (`writes[3]`, `line 12`).
+    pub fn from_json(item: Value, at: &str) -> Result<LocalWrite> {
+        let Value::Object(mut item) = item else {
+            return Err(Error::Invalid(format!("{at}: a write must be an object {{op, collection, id, data}}")));
+        };
+        let mut field = |name: &str| match item.remove(name) {
+            Some(Value::String(s)) => Some(s),
+            _ => None,
+        };
+        let (Some(op), Some(collection), Some(entity_id)) = (field("op"), field("collection"), field("id")) else {
+            return Err(Error::Invalid(format!("{at} needs string fields op, collection and id")));
+        };
+        let mut data = || match item.remove("data") {
+            Some(Value::Object(o)) => Ok(o),
+            _ => Err(Error::Invalid(format!("{at} ({op}) needs an object `data`"))),
+        };
+        let edit = match op.as_str() {
+            "put" => WriteKind::Put(data()?),
+            "patch" => WriteKind::Patch(data()?),
+            "delete" => WriteKind::Delete,
+            other => return Err(Error::Invalid(format!("{at}: unknown op {other:?} (put, patch or delete)"))),
+        };
+        Ok(LocalWrite { collection, entity_id, edit })
+    }
+
+    /// Every write of a JSON array of them (see [`LocalWrite::from_json`]).
+    pub fn parse_array(value: Value) -> Result<Vec<LocalWrite>> {
+        let Value::Array(items) = value else {
+            return Err(Error::Invalid("writes must be an array of {op, collection, id, data}".into()));
+        };
+        items.into_iter().enumerate().map(|(i, item)| LocalWrite::from_json(item, &format!("writes[{i}]"))).collect()
+    }
 }
 
 /// Local writes within one transaction: the policies read once, and the
@@ -485,5 +522,37 @@ mod tests {
         assert_eq!(ids, sorted, "ids made in order must sort in order, within one millisecond too");
         let unique: std::collections::HashSet<_> = ids.iter().collect();
         assert_eq!(unique.len(), ids.len());
+    }
+
+    #[test]
+    fn writes_parse_from_the_json_apps_and_files_give() {
+        let writes = LocalWrite::parse_array(serde_json::json!([
+            {"op": "put", "collection": "tasks", "id": "a", "data": {"title": "x"}},
+            {"op": "patch", "collection": "tasks", "id": "b", "data": {"done": true}},
+            {"op": "delete", "collection": "tasks", "id": "c"},
+        ]))
+        .unwrap();
+        let kinds: Vec<_> = writes.iter().map(|w| (w.entity_id.as_str(), &w.edit)).collect();
+        assert!(matches!(kinds[0], ("a", WriteKind::Put(d)) if d["title"] == "x"));
+        assert!(matches!(kinds[1], ("b", WriteKind::Patch(d)) if d["done"] == true));
+        assert!(matches!(kinds[2], ("c", WriteKind::Delete)));
+    }
+
+    #[test]
+    fn a_bad_write_is_named_in_its_error() {
+        let message = |value: Value| match LocalWrite::from_json(value, "line 7") {
+            Err(Error::Invalid(m)) => m,
+            other => panic!("expected an invalid-input error, got {other:?}"),
+        };
+        assert!(message(serde_json::json!([1])).starts_with("line 7: a write must be an object"));
+        assert!(message(serde_json::json!({"op": "put", "id": "a"})).contains("line 7 needs string fields"));
+        assert!(
+            message(serde_json::json!({"op": "put", "collection": "t", "id": "a"})).contains("needs an object `data`")
+        );
+        assert!(
+            message(serde_json::json!({"op": "upsert", "collection": "t", "id": "a"}))
+                .contains("unknown op \"upsert\"")
+        );
+        assert!(matches!(LocalWrite::parse_array(serde_json::json!({})), Err(Error::Invalid(_))));
     }
 }

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use deltasync_engine::engine::Notice;
-use deltasync_engine::{Engine, EngineOptions, Error, LocalWrite, Progress, WriteKind, schedule};
+use deltasync_engine::{Engine, EngineOptions, Error, LocalWrite, Progress, schedule};
 use js_sys::{Function, Promise, Reflect};
 use serde::Serialize;
 use serde_json::{Map, Value, json};
@@ -182,7 +182,7 @@ impl Core {
     pub fn write(&self, writes: JsValue) -> Promise {
         let engine = self.engine.clone();
         promise(async move {
-            let writes = parse_writes(from_js(&writes, "writes")?)?;
+            let writes = LocalWrite::parse_array(from_js(&writes, "writes")?)?;
             engine.write_batch(writes).await
         })
     }
@@ -300,35 +300,6 @@ impl Core {
 }
 
 /// `db.write`'s writes, each `{op: "put" | "patch" | "delete", collection, id, data}`.
-fn parse_writes(value: Value) -> Result<Vec<LocalWrite>, Error> {
-    let Value::Array(items) = value else {
-        return Err(Error::Invalid("writes must be an array of {op, collection, id, data}".into()));
-    };
-    items
-        .into_iter()
-        .enumerate()
-        .map(|(i, item)| {
-            let field = |name: &str| item.get(name).and_then(Value::as_str).map(str::to_owned);
-            let (Some(op), Some(collection), Some(entity_id)) = (field("op"), field("collection"), field("id")) else {
-                return Err(Error::Invalid(format!("writes[{i}] needs string fields op, collection and id")));
-            };
-            let data = || match item.get("data") {
-                Some(Value::Object(o)) => Ok(o.clone()),
-                _ => Err(Error::Invalid(format!("writes[{i}] ({op}) needs an object `data`"))),
-            };
-            let edit = match op.as_str() {
-                "put" => WriteKind::Put(data()?),
-                "patch" => WriteKind::Patch(data()?),
-                "delete" => WriteKind::Delete,
-                other => {
-                    return Err(Error::Invalid(format!("writes[{i}]: unknown op {other:?} (put, patch or delete)")));
-                }
-            };
-            Ok(LocalWrite { collection, entity_id, edit })
-        })
-        .collect()
-}
-
 /// The background runner's defaults, the native runner's:
 /// `{interval_ms, debounce_ms, wait_secs}`.
 #[wasm_bindgen(js_name = runnerDefaults)]

@@ -11,6 +11,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod import;
+
 use clap::{Args, Subcommand};
 use deltasync_client::engine::transport::CONFLICTS;
 use deltasync_client::{
@@ -90,6 +92,23 @@ enum ClientCommand {
         id: String,
         /// Any JSON value.
         json: String,
+    },
+    /// Make many writes from NDJSON, one per line, in few local transactions. Prints
+    /// {"lines", "written", "unchanged"}.
+    ///
+    /// Each line is {"op": "put" | "patch" | "delete", "collection", "id", "data"}
+    /// (`data`, an object, for put and patch), the shape of the browser client's
+    /// db.write. Every --batch lines are one transaction, kept whole or not at
+    /// all: a bad line stops the import before its batch is written, and the
+    /// error says which lines were imported, so the rest can follow once it is
+    /// fixed. The writes wait in the outbox for `sync`, as any local write.
+    Import {
+        /// The NDJSON file; `-` reads stdin.
+        #[arg(default_value = "-")]
+        file: PathBuf,
+        /// Lines per local transaction.
+        #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+        batch: u32,
     },
     /// Print the entity's data as a JSON object; exit 1 if it is absent or deleted.
     Get {
@@ -254,6 +273,9 @@ fn execute(args: ClientArgs) -> Result<Output, ClientError> {
     // A spinner on stderr for long syncs; indicatif draws nothing when stderr is not a terminal.
     let bar = ProgressBar::new_spinner();
     let progress = matches!(args.command, ClientCommand::Sync { .. }).then(|| spinner(&bar));
+    if matches!(args.command, ClientCommand::Import { .. }) {
+        bar.set_message("import: reading");
+    }
     let deadline = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
     let options = ClientOptions {
         server: args.server,
@@ -296,6 +318,9 @@ fn dispatch(
             let value: Value =
                 serde_json::from_str(&json).map_err(|e| ClientError::Invalid(format!("not valid JSON: {e}")))?;
             json_line(&client.append(&collection, &id, value)?)
+        }
+        ClientCommand::Import { file, batch } => {
+            json_line(&import::import(client, &file, batch as usize, bar)?.to_json())
         }
         ClientCommand::Get { collection, id } => match client.get(&collection, &id)? {
             Some(entity) => json_line(&entity.data),
