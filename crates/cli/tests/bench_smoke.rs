@@ -180,6 +180,9 @@ fn bench_measures_the_client_sdk_first_sync_and_outbox() {
     assert_eq!(received, 1500, "{first}");
     assert_eq!(first["details"]["verified"], true, "{first}");
     assert!(first["value"].as_f64().unwrap() > 0.0);
+    let writes = figure("client, 300 local writes, write_batch of 10000");
+    assert_eq!(writes["details"]["writes"], 300, "{writes}");
+    assert!(writes["value"].as_f64().unwrap() > 0.0);
     let outbox = figure("client, sync of a 300-change outbox");
     assert_eq!(outbox["details"]["verified"], true, "{outbox}");
     assert!(outbox["value"].as_f64().unwrap() > 0.0);

@@ -118,8 +118,8 @@ pub struct BenchArgs {
     /// Changes in the log (filled up to it first) that the client workload's fresh replica syncs.
     #[arg(long, default_value_t = 100_000)]
     client_changes: usize,
-    /// Local writes the client workload then syncs as one outbox.
-    #[arg(long, default_value_t = 10_000)]
+    /// Local writes the client workload then makes (write_batch, 10,000 per transaction) and syncs as one outbox.
+    #[arg(long, default_value_t = 100_000)]
     client_outbox: usize,
     /// Updates the compaction workload makes (4 devices, 1,000 entities).
     #[arg(long, default_value_t = 1_000_000)]
