@@ -14,6 +14,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use deltasync_server::store::core::pending::FOLD_ROWS_VAR;
 use serde_json::{Value, json};
 
 /// The `deltasync` binary built for these tests.
@@ -333,6 +334,10 @@ fn spawn(args: &[String], log: Option<&Path>) -> (Child, String) {
     let mut child = Command::new(binary())
         .args(args)
         .env("RUST_LOG", level)
+        // SQLite servers fold their pending rows every few rows instead of
+        // every 50,000, so that every test runs on a mix of folded and
+        // pending entity states, and crashes land between folds and in them.
+        .env(FOLD_ROWS_VAR, "5")
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()

@@ -73,6 +73,9 @@ pub enum StoreError {
     /// The database URL cannot be used as given (operator's fault).
     #[error("the database URL is invalid: {0}")]
     InvalidDatabaseUrl(String),
+    /// A store setting from the environment cannot be used (operator's fault).
+    #[error("invalid store setting: {0}")]
+    InvalidSetting(String),
     /// The server is shutting down and takes no more writes.
     #[error("the server is shutting down")]
     ShuttingDown,

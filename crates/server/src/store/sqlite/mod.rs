@@ -8,6 +8,12 @@
 //! devices share one fsync. A checkpointer thread copies committed WAL frames
 //! into the database file in the background, so the writer never pauses for it.
 //!
+//! A push appends its log rows and, instead of writing entity states and
+//! receipts in place (two random page writes per change with the random ids
+//! real clients send), appends them to two pending tables that the writer
+//! folds into `entities` and `receipts` in key order every few tens of
+//! thousands of rows (see [`super::core::pending`]).
+//!
 //! The store is split by concept: [`writer`] (the writer thread and the SQL
 //! of a push), [`reads`] (the read pool and every read), [`checkpoint`] (the
 //! checkpointer thread), [`compact`] (the SQL of compaction, as reads and
@@ -35,6 +41,7 @@ use self::reads::{ReadPool, read_collection_policies, read_conflicts, read_head,
 use self::writer::{Job, writer_loop};
 use super::core::compact::{CompactRules, run_pass};
 use super::core::migrations::MigrationPlan;
+use super::core::pending::fold_rows_from_env;
 use super::notify::Notifier;
 use super::page::PageLimit;
 use super::rows::{self, ColumnValue, Columns, corrupt};
@@ -93,8 +100,16 @@ pub struct SqliteStore {
 const WAL_SIZE_LIMIT_BYTES: i64 = 16 * 1024 * 1024;
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database at `path`, migrates it and starts the writer.
+    /// Opens (creating if needed) the database at `path`, migrates it and
+    /// starts the writer, which folds pending rows every
+    /// [`FOLD_ROWS`](super::core::pending::FOLD_ROWS) rows unless
+    /// [`FOLD_ROWS_VAR`](super::core::pending::FOLD_ROWS_VAR) says otherwise.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_folding_every(path, fold_rows_from_env().map_err(StoreError::InvalidSetting)?)
+    }
+
+    /// [`open`](Self::open), with the writer folding every `fold_rows` pending rows.
+    pub fn open_folding_every(path: &Path, fold_rows: usize) -> Result<SqliteStore, StoreError> {
         let conn = open_wal(path)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(map_err)?;
         // Checkpoints run on their own thread (see `checkpoint`); the writer
@@ -120,7 +135,7 @@ impl SqliteStore {
         let writer = std::thread::Builder::new()
             .name("deltasync-writer".into())
             .spawn(move || {
-                writer_loop(conn, rx, &writer_notifier, &checkpoints, &writer_failure);
+                writer_loop(conn, rx, &writer_notifier, &checkpoints, &writer_failure, fold_rows);
                 checkpoints.finish();
             })
             .map_err(|e| StoreError::Internal(format!("cannot start the writer thread: {e}")))?;
@@ -325,7 +340,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("v1.db");
         drop(version_1(&path));
-        assert_eq!(SqliteStore::migrate(&path).unwrap(), Migrated { from: 1, to: 2 });
+        assert_eq!(SqliteStore::migrate(&path).unwrap(), Migrated { from: 1, to: SQLITE_MIGRATIONS.len() as i64 });
         let conn = open_wal(&path).unwrap();
         let seq: i64 = conn
             .query_row("SELECT seq FROM receipts WHERE user_id = 'u' AND change_id = 'c1'", [], |r| r.get(0))
@@ -337,6 +352,129 @@ mod tests {
         assert_eq!(index, 0);
         let dropped_to: i64 = conn.query_row("SELECT COUNT(dropped_to) FROM datasets", [], |r| r.get(0)).unwrap();
         assert_eq!(dropped_to, 0, "a new column, on no dataset yet");
+    }
+
+    /// A change as a client sends it.
+    fn change(id: &str, entity: &str, data: serde_json::Value, ms: u64) -> deltasync_protocol::Change {
+        let value = serde_json::json!({
+            "change_id": id, "collection": "notes", "entity_id": entity, "op": "upsert", "data": data,
+            "hlc": format!("{ms:013}-00000-dev"),
+        });
+        deltasync_protocol::Change::from_json(&value, &Default::default()).unwrap()
+    }
+
+    fn batch(user: &str, changes: Vec<deltasync_protocol::Change>) -> PushBatch {
+        PushBatch {
+            user: UserId::parse(user).unwrap(),
+            device: deltasync_protocol::DeviceId::parse("dev").unwrap(),
+            changes,
+            now: 2_000_000_000_000,
+            max_clock_drift_ms: 60_000,
+            require_cursor: None,
+        }
+    }
+
+    /// The answers (status and seq per change) and head of a push.
+    async fn push(store: &SqliteStore, b: PushBatch) -> (Vec<(String, Option<u64>)>, u64) {
+        match store.push(b, Policies::default()).await.unwrap() {
+            PushOutcome::Committed { results, head } => {
+                (results.into_iter().map(|r| (format!("{:?}", r.status), r.seq)).collect(), head.seq)
+            }
+            other => panic!("push not committed: {other:?}"),
+        }
+    }
+
+    async fn bootstrap_text(store: &SqliteStore, user: &str) -> String {
+        use futures_util::StreamExt;
+        let stream = store.bootstrap(&UserId::parse(user).unwrap(), Duration::from_secs(5)).await.unwrap();
+        let chunks: Vec<_> = stream.lines.map(|c| c.unwrap()).collect().await;
+        String::from_utf8(chunks.concat()).unwrap()
+    }
+
+    fn count(path: &Path, table: &str) -> i64 {
+        open_wal(path).unwrap().query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0)).unwrap()
+    }
+
+    /// Pushes that create, update and repeat changes over random-looking
+    /// ids, for two users, in small batches.
+    fn workload() -> Vec<PushBatch> {
+        let mut pushes = Vec::new();
+        let entity = |i: u64| format!("{:016x}", i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        for round in 0..6u64 {
+            for user in ["alice", "bob"] {
+                let mut changes = Vec::new();
+                for i in 0..5u64 {
+                    let e = entity((round * 3 + i) % 11);
+                    let data = serde_json::json!({ format!("f{}", i % 3): round * 10 + i });
+                    changes.push(change(&format!("{user}-{round}-{i}"), &e, data, 1_000_000 + round * 100 + i));
+                }
+                if round > 0 {
+                    // A retry of a change pushed earlier (folded or pending by now).
+                    changes.push(change(&format!("{user}-{}-1", round - 1), "ignored", serde_json::json!({}), 1));
+                }
+                pushes.push(batch(user, changes));
+            }
+        }
+        pushes
+    }
+
+    #[tokio::test]
+    async fn folding_changes_no_answer_and_no_bootstrap_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let folding = SqliteStore::open_folding_every(&dir.path().join("folding.db"), 4).unwrap();
+        let pending = SqliteStore::open_folding_every(&dir.path().join("pending.db"), 1_000_000).unwrap();
+        for b in workload() {
+            let again = PushBatch { changes: b.changes.clone(), user: b.user.clone(), ..batch("x", Vec::new()) };
+            assert_eq!(push(&folding, b).await, push(&pending, again).await);
+        }
+        for user in ["alice", "bob"] {
+            let lines = bootstrap_text(&folding, user).await;
+            assert_eq!(lines, bootstrap_text(&pending, user).await);
+            assert_eq!(lines.lines().filter(|l| l.starts_with("{\"entity\"")).count(), 11);
+        }
+        assert!(count(&dir.path().join("folding.db"), "entities") > 0, "the folding store folded");
+        assert!(count(&dir.path().join("folding.db"), "pending_receipts") < 4);
+        assert_eq!(count(&dir.path().join("pending.db"), "entities"), 0, "the other one never did");
+        assert_eq!(count(&dir.path().join("pending.db"), "receipts"), 0);
+    }
+
+    #[tokio::test]
+    async fn pending_rows_outlive_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("restart.db");
+        let store = SqliteStore::open_folding_every(&path, 1_000_000).unwrap();
+        let (results, _) = push(&store, batch("u", vec![change("c1", "e1", serde_json::json!({"a": 1}), 1_000)])).await;
+        assert_eq!(results, [("Applied".to_owned(), Some(1))]);
+        let before = bootstrap_text(&store, "u").await;
+        store.close().await;
+        drop(store);
+
+        let store = SqliteStore::open_folding_every(&path, 1_000_000).unwrap();
+        assert_eq!(bootstrap_text(&store, "u").await, before);
+        let retry = batch("u", vec![change("c1", "e1", serde_json::json!({"a": 1}), 1_000)]);
+        assert_eq!(push(&store, retry).await.0, [("Duplicate".to_owned(), Some(1))]);
+        // The field merge starts from the pending state, not from nothing.
+        push(&store, batch("u", vec![change("c2", "e1", serde_json::json!({"b": 2}), 2_000)])).await;
+        let lines = bootstrap_text(&store, "u").await;
+        assert!(lines.contains(r#""data":{"a":1,"b":2}"#), "{lines}");
+    }
+
+    #[tokio::test]
+    async fn a_second_writer_on_the_same_file_sees_the_first_ones_pending_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("shared.db");
+        let first = SqliteStore::open_folding_every(&path, 1_000_000).unwrap();
+        let second = SqliteStore::open_folding_every(&path, 1_000_000).unwrap();
+        // Both build their index before the other writes.
+        push(&first, batch("u", vec![change("c0", "e0", serde_json::json!({"x": 0}), 500)])).await;
+        push(&second, batch("u", vec![change("c0", "e0", serde_json::json!({"x": 0}), 500)])).await;
+
+        push(&first, batch("u", vec![change("c1", "e1", serde_json::json!({"a": 1}), 1_000)])).await;
+        let retry = batch("u", vec![change("c1", "e1", serde_json::json!({"a": 1}), 1_000)]);
+        assert_eq!(push(&second, retry).await.0, [("Duplicate".to_owned(), Some(2))]);
+        push(&second, batch("u", vec![change("c2", "e1", serde_json::json!({"b": 2}), 2_000)])).await;
+        let lines = bootstrap_text(&first, "u").await;
+        assert!(lines.contains(r#""data":{"a":1,"b":2}"#), "{lines}");
     }
 
     #[test]

@@ -11,8 +11,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use super::{MAX_READERS, READER_WAIT, map_err};
 use crate::store::core::bootstrap::{SnapshotFeed, SnapshotPart, bootstrap_channel};
 use crate::store::core::conflicts::{CONFLICT_COLUMNS, ConflictPaging, read_conflict};
+use crate::store::core::pending::{PendingLines, StoredEntity};
 use crate::store::page::{PageAssembler, PageLimit};
-use crate::store::rows::{self, CHANGE_COLUMNS, DEVICE_COLUMNS, HEAD_COLUMNS};
+use crate::store::rows::{self, CHANGE_COLUMNS, Columns, DEVICE_COLUMNS, HEAD_COLUMNS};
 use crate::store::{BootstrapStream, ConflictPage, DatasetHead, DatasetStatus, PageOutcome, StoreError};
 
 /// Read connections, opened on demand and kept for reuse, at most
@@ -197,16 +198,62 @@ fn stream_snapshot(conn: &mut Connection, user: &UserId, feed: &mut SnapshotFeed
         return Ok(());
     }
     for part in SnapshotPart::IN_ORDER {
+        let mut pending = match part {
+            SnapshotPart::Entities => pending_lines(&tx, user)?,
+            SnapshotPart::Appends => PendingLines::default(),
+        };
         let mut stmt = tx.prepare(&part.query("?1")).map_err(map_err)?;
         let mut found = stmt.query([user.as_str()]).map_err(map_err)?;
         while let Some(r) = found.next().map_err(map_err)? {
+            if part == SnapshotPart::Entities {
+                let (newer, replaced) = pending.take_through(r.text(0)?, r.text(1)?);
+                for line in newer {
+                    if !feed.blocking_line(part, &line)? {
+                        return Ok(());
+                    }
+                }
+                if replaced {
+                    continue;
+                }
+            }
             if !feed.blocking_line(part, r)? {
+                return Ok(());
+            }
+        }
+        while let Some(line) = pending.pop() {
+            if !feed.blocking_line(part, &line)? {
                 return Ok(());
             }
         }
     }
     feed.blocking_finish();
     Ok(())
+}
+
+/// `user`'s entity states not folded into `entities` yet (see
+/// [`crate::store::core::pending`]), newest per key. The pending table is
+/// small (the writer folds it every few tens of thousands of rows) and is
+/// read whole: an index on it would cost the random page writes that
+/// folding saves.
+fn pending_lines(conn: &Connection, user: &UserId) -> Result<PendingLines, StoreError> {
+    let mut lines = PendingLines::default();
+    let mut stmt = conn
+        .prepare_cached(
+            "SELECT collection, entity_id, data, version, deleted, meta FROM pending_entities WHERE user_id = ?1 ORDER BY id",
+        )
+        .map_err(map_err)?;
+    let mut found = stmt.query([user.as_str()]).map_err(map_err)?;
+    while let Some(r) = found.next().map_err(map_err)? {
+        let entity = StoredEntity {
+            data: r.text(2)?.to_owned(),
+            version: r.int(3)? as u64,
+            deleted: r.flag(4)?,
+            meta: r.text(5)?.to_owned(),
+            entity_hash: None,
+        };
+        lines.insert(r.text(0)?.to_owned(), r.text(1)?.to_owned(), entity);
+    }
+    Ok(lines)
 }
 
 /// Every `(collection, policy)` pair the database holds.
