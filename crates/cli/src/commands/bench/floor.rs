@@ -6,8 +6,11 @@
 //!
 //! Each batch is one transaction, committed as the server's group commit
 //! commits (WAL, `synchronous = FULL`): a row in `changes`, one in
-//! `entities` and one in `receipts` per change, and the dataset's row. The
-//! ids are those of `--ids`, the data that of the push workload.
+//! `pending_entities` and one in `pending_receipts` per change, and the
+//! dataset's row; and, as the server's writer does, a fold of the pending
+//! rows into `entities` and `receipts` in a transaction of its own every
+//! [`FOLD_ROWS`] of them (the server's own [`fold_pending`]). The ids are
+//! those of `--ids`, the data that of the push workload.
 
 use std::path::Path;
 use std::time::Instant;
@@ -15,6 +18,9 @@ use std::time::Instant;
 use anyhow::Context;
 use rusqlite::params;
 use serde_json::json;
+
+use deltasync_server::store::core::pending::FOLD_ROWS;
+use deltasync_server::store::sqlite::fold_pending;
 
 use super::Figure;
 use super::workloads::{Ids, bar, entity_data};
@@ -35,12 +41,15 @@ pub fn sqlite_floor(dir: &Path, count: usize, batch: usize, ids: Ids) -> anyhow:
     let mut conn = rusqlite::Connection::open(&path).context("opening the floor database")?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "temp_store", "MEMORY")?;
     let (user, device, run) = ("bench-floor", "bench-floor-device", 0);
     let hash = [7u8; 32];
     let progress = bar(count as u64, &format!("SQLite floor, {} ids", ids.as_str()));
     let written = written_bytes();
     let started = Instant::now();
     let mut seq = 0u64;
+    // Pending rows since the last fold, and the seq they were counted to.
+    let (mut pending, mut pending_from) = (0usize, 0usize);
     for start in (0..count).step_by(batch.max(1)) {
         let tx = conn.transaction()?;
         {
@@ -50,11 +59,11 @@ pub fn sqlite_floor(dir: &Path, count: usize, batch: usize, ids: Ids) -> anyhow:
                  VALUES (?1, ?2, ?3, ?4, 'tasks', ?5, 'upsert', ?6, ?7, 0, ?8, ?9, ?9)",
             )?;
             let mut entity = tx.prepare_cached(
-                "INSERT INTO entities (user_id, collection, entity_id, data, version, deleted, meta, entity_hash) \
+                "INSERT INTO pending_entities (user_id, collection, entity_id, data, version, deleted, meta, entity_hash) \
                  VALUES (?1, 'tasks', ?2, ?3, ?4, 0, ?5, ?6)",
             )?;
             let mut receipt =
-                tx.prepare_cached("INSERT INTO receipts (user_id, change_id, seq) VALUES (?1, ?2, ?3)")?;
+                tx.prepare_cached("INSERT INTO pending_receipts (user_id, change_id, seq) VALUES (?1, ?2, ?3)")?;
             for i in start..(start + batch).min(count) {
                 seq += 1;
                 let (change_id, entity_id, data) = (ids.change(device, run, i), ids.entity(run, i), entity_data(i));
@@ -81,6 +90,14 @@ pub fn sqlite_floor(dir: &Path, count: usize, batch: usize, ids: Ids) -> anyhow:
             )?;
         }
         tx.commit()?;
+        pending += 2 * (seq as usize - pending_from);
+        pending_from = seq as usize;
+        if pending >= FOLD_ROWS {
+            let tx = conn.transaction()?;
+            fold_pending(&tx).map_err(|e| anyhow::anyhow!("folding the pending rows: {e}"))?;
+            tx.commit()?;
+            pending = 0;
+        }
         progress.set_position(seq);
     }
     let seconds = started.elapsed().as_secs_f64();
