@@ -115,7 +115,7 @@ struct Space {
     by_name: Vec<(String, u64)>,
     /// Bytes in free pages (the freelist).
     free: u64,
-    /// Rows in `receipts`.
+    /// Rows in `receipts` and `pending_receipts` (not folded yet).
     receipts: u64,
     /// Rows in `changes` (the log).
     changes: u64,
@@ -136,7 +136,8 @@ impl Space {
         let count = |table: &str| -> anyhow::Result<u64> {
             Ok(conn.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get::<_, i64>(0))? as u64)
         };
-        Ok(Space { free: (page * free) as u64, receipts: count("receipts")?, changes: count("changes")?, by_name })
+        let receipts = count("receipts")? + count("pending_receipts")?;
+        Ok(Space { free: (page * free) as u64, receipts, changes: count("changes")?, by_name })
     }
 
     /// The bytes of `name` (0 when absent).
@@ -227,7 +228,7 @@ pub async fn compaction(updates: usize, rate: u32, interval: &str) -> anyhow::Re
         figures.push(Figure::new(format!("database file at the end, {what}"), mib(end), "MiB", None, details.clone()));
         figures.push(Figure::new(
             format!("receipts at the end, {what}"),
-            space.bytes("receipts") as f64 / space.receipts.max(1) as f64,
+            (space.bytes("receipts") + space.bytes("pending_receipts")) as f64 / space.receipts.max(1) as f64,
             "bytes per change",
             None,
             details,
