@@ -9,8 +9,10 @@
 //! `pending_entities` and one in `pending_receipts` per change, and the
 //! dataset's row; and, as the server's writer does, a fold of the pending
 //! rows into `entities` and `receipts` in a transaction of its own every
-//! [`FOLD_ROWS`] of them (the server's own [`fold_pending`]). The ids are
-//! those of `--ids`, the data that of the push workload.
+//! [`FOLD_ROWS`] of them, in key order. The server's writer sorts the rows
+//! in its index in memory; here SQLite sorts them ([`fold`]): the same rows
+//! in the same order. The ids are those of `--ids`, the data that of the
+//! push workload.
 
 use std::path::Path;
 use std::time::Instant;
@@ -20,7 +22,6 @@ use rusqlite::params;
 use serde_json::json;
 
 use deltasync_server::store::core::pending::FOLD_ROWS;
-use deltasync_server::store::sqlite::fold_pending;
 
 use super::Figure;
 use super::workloads::{Ids, bar, entity_data};
@@ -30,6 +31,19 @@ use super::workloads::{Ids, bar, entity_data};
 fn written_bytes() -> Option<u64> {
     let io = std::fs::read_to_string("/proc/self/io").ok()?;
     io.lines().find_map(|l| l.strip_prefix("write_bytes: ")).and_then(|v| v.trim().parse().ok())
+}
+
+/// Writes every pending row into `entities` and `receipts` in key order
+/// (newest state last, so that it wins) and empties the pending tables.
+fn fold(conn: &rusqlite::Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "INSERT OR REPLACE INTO entities (user_id, collection, entity_id, data, version, deleted, meta, entity_hash)
+           SELECT user_id, collection, entity_id, data, version, deleted, meta, entity_hash FROM pending_entities
+           ORDER BY user_id, collection, entity_id, id;
+         INSERT INTO receipts (user_id, change_id, seq)
+           SELECT user_id, change_id, seq FROM pending_receipts ORDER BY user_id, change_id;
+         DELETE FROM pending_entities; DELETE FROM pending_receipts;",
+    )
 }
 
 /// Inserts `count` changes to new entities in batches of `batch` into a
@@ -94,7 +108,7 @@ pub fn sqlite_floor(dir: &Path, count: usize, batch: usize, ids: Ids) -> anyhow:
         pending_from = seq as usize;
         if pending >= FOLD_ROWS {
             let tx = conn.transaction()?;
-            fold_pending(&tx).map_err(|e| anyhow::anyhow!("folding the pending rows: {e}"))?;
+            fold(&tx)?;
             tx.commit()?;
             pending = 0;
         }

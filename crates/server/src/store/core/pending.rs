@@ -143,6 +143,22 @@ impl Pending {
     pub fn clear(&mut self) {
         *self = Pending::default();
     }
+
+    /// Every pending entity state once (the newest), in key order: user, collection, entity id.
+    pub fn entities_in_key_order(&self) -> Vec<(&UserId, &EntityKey, &StoredEntity)> {
+        let mut all: Vec<_> =
+            self.users.iter().flat_map(|(u, p)| p.entities.iter().map(move |(k, e)| (u, k, e))).collect();
+        all.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        all
+    }
+
+    /// Every pending receipt, in key order: user, change id.
+    pub fn receipts_in_key_order(&self) -> Vec<(&UserId, &ChangeId, u64)> {
+        let mut all: Vec<_> =
+            self.users.iter().flat_map(|(u, p)| p.receipts.iter().map(move |(id, seq)| (u, id, *seq))).collect();
+        all.sort_unstable_by(|a, b| (a.0, a.1).cmp(&(b.0, b.1)));
+        all
+    }
 }
 
 /// One user's pending entity states, newest per key, in key order: what a
@@ -234,6 +250,22 @@ mod tests {
         assert_eq!(p.receipt(&user("a"), &ChangeId::parse("c1").unwrap()), Some(1));
         assert_eq!(p.receipt(&user("b"), &ChangeId::parse("c1").unwrap()), None);
         assert_eq!(p.rows(), 3, "a replaced state is still a row of the table until the fold");
+    }
+
+    #[test]
+    fn folding_order_is_key_order_across_users() {
+        let mut p = Pending::default();
+        p.add_entity(&user("b"), key("notes", "a"), stored(1, "{}"));
+        p.add_entity(&user("a"), key("tasks", "a"), stored(1, "{}"));
+        p.add_entity(&user("a"), key("notes", "z"), stored(2, "{}"));
+        let order: Vec<_> =
+            p.entities_in_key_order().iter().map(|(u, k, _)| format!("{}/{}/{}", u.as_str(), k.0, k.1)).collect();
+        assert_eq!(order, ["a/notes/z", "a/tasks/a", "b/notes/a"]);
+        p.add_receipt(&user("b"), ChangeId::parse("x").unwrap(), 1);
+        p.add_receipt(&user("a"), ChangeId::parse("y").unwrap(), 2);
+        p.add_receipt(&user("a"), ChangeId::parse("b").unwrap(), 3);
+        let order: Vec<_> = p.receipts_in_key_order().iter().map(|(u, id, _)| format!("{}/{id}", u.as_str())).collect();
+        assert_eq!(order, ["a/b", "a/y", "b/x"]);
     }
 
     #[test]

@@ -22,11 +22,8 @@
 
 mod checkpoint;
 mod compact;
-mod fold;
 mod reads;
 mod writer;
-
-pub use self::fold::fold_pending;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -115,8 +112,6 @@ impl SqliteStore {
     pub fn open_folding_every(path: &Path, fold_rows: usize) -> Result<SqliteStore, StoreError> {
         let conn = open_wal(path)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(map_err)?;
-        // A fold sorts what is pending (bounded by the fold threshold) in memory, not in temporary files.
-        conn.pragma_update(None, "temp_store", "MEMORY").map_err(map_err)?;
         // Checkpoints run on their own thread (see `checkpoint`); the writer
         // only checkpoints itself if the WAL grows past about 80 MiB.
         conn.pragma_update(None, "wal_autocheckpoint", WRITER_AUTOCHECKPOINT_PAGES).map_err(map_err)?;

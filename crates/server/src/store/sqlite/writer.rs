@@ -11,7 +11,6 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
 
 use super::checkpoint::{Checkpointer, WriteFailure};
-use super::fold::fold_pending;
 use super::reads::read_head;
 use super::{MAX_GROUP_CHANGES, MAX_GROUP_JOBS, map_err};
 use crate::batch::{EntityKey, PushPlan, Snapshot, batch_keys};
@@ -159,7 +158,7 @@ fn load_pending(conn: &Connection) -> Result<Pending, StoreError> {
 fn fold(conn: &Connection, state: &mut WriterState) -> Result<(), String> {
     let started = std::time::Instant::now();
     conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| e.to_string())?;
-    let folded = state.sync(conn).and_then(|()| fold_pending(conn));
+    let folded = state.sync(conn).and_then(|()| write_fold(conn, &state.pending));
     let outcome = folded.map_err(|e| e.to_string()).and_then(|rows| {
         conn.execute_batch("COMMIT").map_err(|e| e.to_string())?;
         Ok(rows)
@@ -177,6 +176,36 @@ fn fold(conn: &Connection, state: &mut WriterState) -> Result<(), String> {
             Err(e)
         }
     }
+}
+
+/// The SQL of a fold; answers how many rows it moved.
+fn write_fold(conn: &Connection, pending: &Pending) -> Result<usize, StoreError> {
+    let mut stmt = conn
+        .prepare_cached(
+            "INSERT OR REPLACE INTO entities (user_id, collection, entity_id, data, version, deleted, meta, entity_hash)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        )
+        .map_err(map_err)?;
+    for (user, key, e) in pending.entities_in_key_order() {
+        stmt.execute(params![
+            user.as_str(),
+            key.0.as_str(),
+            key.1.as_str(),
+            e.data,
+            e.version as i64,
+            e.deleted,
+            e.meta,
+            e.entity_hash.as_ref().map(|h| &h[..]),
+        ])
+        .map_err(map_err)?;
+    }
+    let mut stmt =
+        conn.prepare_cached("INSERT INTO receipts (user_id, change_id, seq) VALUES (?1, ?2, ?3)").map_err(map_err)?;
+    for (user, id, seq) in pending.receipts_in_key_order() {
+        stmt.execute(params![user.as_str(), id.as_str(), seq as i64]).map_err(map_err)?;
+    }
+    conn.execute_batch("DELETE FROM pending_entities; DELETE FROM pending_receipts;").map_err(map_err)?;
+    Ok(pending.rows())
 }
 
 /// A job that ran in the group, with its answer held until the commit.
