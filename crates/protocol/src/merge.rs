@@ -63,8 +63,9 @@ impl FromStr for Policy {
     }
 }
 
-/// The metadata a policy keeps per entity to merge later changes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The metadata a policy keeps per entity to merge later changes. As JSON,
+/// the variant's fields without a tag: the keys present tell them apart.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Meta {
     /// `fields` policy: the HLC of every visible field, the tombstone and the latest upsert.
@@ -81,6 +82,30 @@ pub enum Meta {
         /// The HLC of the last change applied.
         hlc: Hlc,
     },
+}
+
+/// Read in one pass: serde's untagged enums buffer the whole value first and
+/// then try each variant, which made reading `meta` most of the cost of
+/// reading a bootstrap line.
+impl<'de> Deserialize<'de> for Meta {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        /// Every variant's keys; `fields` makes it [`Meta::Fields`], `hlc` alone [`Meta::Last`].
+        #[derive(Deserialize)]
+        struct Keys {
+            fields: Option<BTreeMap<String, Hlc>>,
+            #[serde(default)]
+            t: Option<Hlc>,
+            #[serde(default)]
+            u: Option<Hlc>,
+            hlc: Option<Hlc>,
+        }
+        let keys = Keys::deserialize(deserializer)?;
+        match (keys.fields, keys.hlc) {
+            (Some(fields), _) => Ok(Meta::Fields { fields, t: keys.t, u: keys.u }),
+            (None, Some(hlc)) => Ok(Meta::Last { hlc }),
+            (None, None) => Err(serde::de::Error::custom("meta has neither `fields` nor `hlc`")),
+        }
+    }
 }
 
 /// An entity's state: its visible data, version, deletion flag and merge metadata.

@@ -751,3 +751,24 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn meta_reads_back_as_written_and_names_what_it_lacks() {
+    let fields = Meta::Fields {
+        fields: BTreeMap::from([("title".to_owned(), hlc(1, "a")), ("done".to_owned(), hlc(2, "b"))]),
+        t: None,
+        u: Some(hlc(2, "b")),
+    };
+    let deleted = Meta::Fields { fields: BTreeMap::new(), t: Some(hlc(3, "a")), u: None };
+    let last = Meta::Last { hlc: hlc(4, "c") };
+    for meta in [fields, deleted, last] {
+        let text = serde_json::to_string(&meta).unwrap();
+        assert_eq!(serde_json::from_str::<Meta>(&text).unwrap(), meta, "{text}");
+    }
+    // `t` and `u` may be left out; a `fields` object decides the variant.
+    let short: Meta = serde_json::from_value(json!({"fields": {}})).unwrap();
+    assert_eq!(short, Meta::Fields { fields: BTreeMap::new(), t: None, u: None });
+    let err = serde_json::from_value::<Meta>(json!({"version": 3})).unwrap_err();
+    assert!(err.to_string().contains("neither `fields` nor `hlc`"), "{err}");
+    assert!(serde_json::from_value::<Meta>(json!({"hlc": "not an hlc"})).is_err());
+}
