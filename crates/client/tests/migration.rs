@@ -46,8 +46,9 @@ async fn a_version_1_database_is_migrated_keeping_its_device_and_its_changes() {
     {
         let conn = rusqlite::Connection::open(&path).unwrap();
         let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
-        assert_eq!(version, 2);
+        assert_eq!(version, 3);
         assert!(tables(&conn).contains(&"journal".to_owned()));
+        assert!(tables(&conn).contains(&"staged_entities".to_owned()));
     }
     // Opening again changes nothing.
     let client = open_client(&path, ClientOptions::default());

@@ -3,8 +3,10 @@
 //! change. The snapshot is staged as it arrives and adopted in one
 //! transaction once it is whole and verified.
 
-use deltasync_protocol::wire::{BootstrapEnd, BootstrapHeader, BootstrapLine};
-use deltasync_protocol::{EntityState, Meta, StateDigest};
+use deltasync_protocol::wire::{BootstrapEnd, BootstrapHeader};
+use deltasync_protocol::{EntityState, Meta, StateDigest, StoredChange};
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::clock::Clock;
 use crate::engine::{Engine, Origin, Progress};
@@ -15,6 +17,12 @@ use crate::transport::{self, ByteStream, Transport};
 
 /// Progress is reported every this many entities.
 const PROGRESS_EVERY: u64 = 10_000;
+
+/// The snapshot is staged once this many bytes of it have arrived (or at its
+/// end), in one transaction: few enough commits that their cost (the B-tree's
+/// edge pages written again, a sync) stays small beside the rows', and no
+/// more held in memory than this and one chunk.
+const STAGE_BYTES: usize = 1 << 20;
 
 /// An unreadable bootstrap answer.
 fn bootstrap_error(message: String) -> Error {
@@ -33,16 +41,27 @@ struct Snapshot {
 }
 
 /// What one line of the snapshot is.
-enum Line {
+enum Line<'a> {
     Blank,
     Header(BootstrapHeader),
-    Body(BootstrapLine),
+    /// An entity, with its JSON text as it came (stores may keep it as is).
+    Entity(EntityState, &'a str),
+    Change(StoredChange),
     End(BootstrapEnd),
+}
+
+/// A body line as read first: [`deltasync_protocol::wire::BootstrapLine`]'s shape, the entity left as
+/// its text.
+#[derive(Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum RawBody<'a> {
+    Entity(#[serde(borrow)] &'a RawValue),
+    Change(StoredChange),
 }
 
 impl Snapshot {
     /// Reads one NDJSON line in its place: the header first, the end line last.
-    fn read(&mut self, line: &[u8]) -> Result<Line> {
+    fn read<'a>(&mut self, line: &'a [u8]) -> Result<Line<'a>> {
         if line.iter().all(|b| b.is_ascii_whitespace()) {
             return Ok(Line::Blank);
         }
@@ -58,7 +77,21 @@ impl Snapshot {
             return Ok(Line::End(serde_json::from_slice(line).map_err(bad)?));
         }
         self.lines += 1;
-        Ok(Line::Body(serde_json::from_slice(line).map_err(bad)?))
+        // The server writes `{"entity":STATE}`: read STATE alone, and fall
+        // back to reading the whole line when that is not what came.
+        if let Some(text) = line.strip_prefix(br#"{"entity":"#).and_then(|l| l.strip_suffix(b"}"))
+            && let Ok(text) = std::str::from_utf8(text)
+            && let Ok(state) = serde_json::from_str(text)
+        {
+            return Ok(Line::Entity(state, text));
+        }
+        match serde_json::from_slice(line).map_err(bad)? {
+            RawBody::Change(change) => Ok(Line::Change(change)),
+            RawBody::Entity(text) => {
+                let text = text.get();
+                Ok(Line::Entity(serde_json::from_str(text).map_err(bad)?, text))
+            }
+        }
     }
 
     /// The header and the checks of a whole snapshot: an end line counting
@@ -101,23 +134,24 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
         tx.clear_staged().await?;
         tx.commit().await?;
         let mut snapshot = Snapshot::default();
-        let mut buf: Vec<u8> = Vec::new();
-        // Each chunk's whole lines are staged in a transaction of their own:
-        // none stays open while the next chunk is awaited.
+        let mut buf: Vec<u8> = Vec::with_capacity(2 * STAGE_BYTES);
+        // Whole lines are staged a megabyte at a time, each batch in a
+        // transaction of its own: none stays open while the network is awaited.
         while let Some(chunk) = stream.next_chunk().await {
             buf.extend_from_slice(&chunk?);
+            if buf.len() < STAGE_BYTES {
+                continue;
+            }
             // Staged rows are the server's snapshot, fetched again if lost.
             let mut tx = self.store.begin(Access::Refetchable).await?;
-            let mut start = 0;
-            while let Some(nl) = buf[start..].iter().position(|b| *b == b'\n') {
-                self.load_line(&mut tx, &mut snapshot, &buf[start..start + nl]).await?;
-                start += nl + 1;
-            }
+            let start = self.load_lines(&mut tx, &mut snapshot, &buf).await?;
             tx.commit().await?;
             buf.drain(..start);
         }
+        // The rest, and a last line without its newline, with the adoption.
         let mut tx = self.store.begin(Access::Write).await?;
-        self.load_line(&mut tx, &mut snapshot, &buf).await?;
+        let start = self.load_lines(&mut tx, &mut snapshot, &buf).await?;
+        self.load_line(&mut tx, &mut snapshot, &buf[start..]).await?;
         let (header, digest, entities) = snapshot.finish(transport.base())?;
         tx.adopt_staged().await?;
         replica::set_position(&mut tx, header.cursor, &header.state_hash, &digest).await?;
@@ -133,20 +167,30 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
         Ok(entities)
     }
 
+    /// Reads and writes every whole line of `buf`; returns the length read.
+    async fn load_lines(&self, tx: &mut S::Tx<'_>, snapshot: &mut Snapshot, buf: &[u8]) -> Result<usize> {
+        let mut start = 0;
+        while let Some(nl) = buf[start..].iter().position(|b| *b == b'\n') {
+            self.load_line(tx, snapshot, &buf[start..start + nl]).await?;
+            start += nl + 1;
+        }
+        Ok(start)
+    }
+
     /// Reads one line of the snapshot and writes what it holds.
     async fn load_line(&self, tx: &mut S::Tx<'_>, snapshot: &mut Snapshot, line: &[u8]) -> Result<()> {
         match snapshot.read(line)? {
             Line::Blank => {}
             Line::Header(h) => snapshot.header = Some(h),
             Line::End(e) => snapshot.end = Some(e),
-            Line::Body(BootstrapLine::Change(c)) => tx.stage_append(c.seq, &c.to_wire_json()).await?,
-            Line::Body(BootstrapLine::Entity(state)) => {
+            Line::Change(c) => tx.stage_append(c.seq, &c.to_wire_json()).await?,
+            Line::Entity(state, text) => {
                 self.device_clock().observe_stamps(newest_stamp(&state));
                 let h = state.entity_hash();
                 if let Some(h) = &h {
                     snapshot.digest.add(h);
                 }
-                tx.stage_entity(&state, h.as_ref()).await?;
+                tx.stage_entity(&state, text, h.as_ref()).await?;
                 snapshot.entities += 1;
                 if snapshot.entities.is_multiple_of(PROGRESS_EVERY) {
                     self.progress(Progress::Bootstrap { entities: snapshot.entities });

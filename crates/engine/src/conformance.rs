@@ -85,6 +85,11 @@ fn change(n: u32, entity: &str, base_version: u64) -> Change {
     }
 }
 
+/// A state as a snapshot carries it.
+fn text_of(state: &EntityState) -> String {
+    serde_json::to_string(state).expect("entity state serialises")
+}
+
 fn entity(id: &str, version: u64) -> EntityState {
     let mut data = Map::new();
     data.insert("v".into(), json!(version));
@@ -216,7 +221,7 @@ async fn many_confirmed_entities_read_back_as_few_do<S: LocalStore>(store: &S) {
     // Replaced wholesale by an adopted snapshot, and by clear_all.
     let mut tx = write(store).await;
     tx.clear_staged().await.unwrap();
-    tx.stage_entity(&entity("s", 1), None).await.unwrap();
+    tx.stage_entity(&entity("s", 1), &text_of(&entity("s", 1)), None).await.unwrap();
     tx.adopt_staged().await.unwrap();
     assert_eq!(tx.confirmed("tasks", "e001").await.unwrap(), None, "adopted: the old entities are gone");
     assert_eq!(tx.confirmed_in("tasks").await.unwrap(), vec![entity("s", 1)]);
@@ -239,20 +244,20 @@ async fn a_staged_snapshot_replaces_the_confirmed_state_only_when_adopted<S: Loc
     tx.put_confirmed(&entity("old", 1), Some(&[1; 32])).await.unwrap();
     tx.put_append(3, r#"{"seq":3}"#).await.unwrap();
     tx.clear_staged().await.unwrap();
-    tx.stage_entity(&entity("gone", 9), None).await.unwrap();
+    tx.stage_entity(&entity("gone", 9), &text_of(&entity("gone", 9)), None).await.unwrap();
     tx.commit().await.unwrap();
     // A new bootstrap starts over: what an unfinished one staged is dropped.
     let mut tx = write(store).await;
     tx.clear_staged().await.unwrap();
-    tx.stage_entity(&entity("a", 5), Some(&[5; 32])).await.unwrap();
+    tx.stage_entity(&entity("a", 5), &text_of(&entity("a", 5)), Some(&[5; 32])).await.unwrap();
     tx.commit().await.unwrap();
     let mut tx = write(store).await;
-    tx.stage_entity(&entity("b", 6), None).await.unwrap();
+    tx.stage_entity(&entity("b", 6), &text_of(&entity("b", 6)), None).await.unwrap();
     tx.stage_append(6, r#"{"seq":6}"#).await.unwrap();
     assert_eq!(tx.confirmed_in("tasks").await.unwrap(), vec![entity("old", 1)], "staged entities are not confirmed");
     tx.commit().await.unwrap();
     let mut tx = write(store).await;
-    tx.stage_entity(&entity("c", 7), None).await.unwrap();
+    tx.stage_entity(&entity("c", 7), &text_of(&entity("c", 7)), None).await.unwrap();
     drop(tx);
     let mut tx = write(store).await;
     tx.adopt_staged().await.unwrap();

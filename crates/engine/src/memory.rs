@@ -253,7 +253,7 @@ impl StoreTx for MemoryTx<'_> {
         Ok(())
     }
 
-    async fn stage_entity(&mut self, state: &EntityState, hash: Option<&[u8; 32]>) -> Result<()> {
+    async fn stage_entity(&mut self, state: &EntityState, _json: &str, hash: Option<&[u8; 32]>) -> Result<()> {
         let key = (state.collection.as_str().to_owned(), state.entity_id.as_str().to_owned());
         let value = Confirmed { state: state.clone(), hash: hash.copied() };
         let old = self.data_mut().staged.0.insert(key.clone(), value);

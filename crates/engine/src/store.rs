@@ -190,7 +190,9 @@ pub trait StoreTx {
     /// survive a restart (a bootstrap that did not finish starts over).
     async fn clear_staged(&mut self) -> Result<()>;
     /// Stages one entity of a snapshot (replacing one staged with the same key).
-    async fn stage_entity(&mut self, state: &EntityState, hash: Option<&[u8; 32]>) -> Result<()>;
+    /// `json` is `state` as the snapshot carried it (JSON that reads back as
+    /// `state`), for a store that keeps text: it need not serialise it again.
+    async fn stage_entity(&mut self, state: &EntityState, json: &str, hash: Option<&[u8; 32]>) -> Result<()>;
     /// Stages one logged `append` of a snapshot at its seq.
     async fn stage_append(&mut self, seq: u64, change_json: &str) -> Result<()>;
     /// Makes the staged snapshot the confirmed state (every confirmed entity

@@ -622,7 +622,7 @@ impl StoreTx for IdbTx<'_> {
         self.clear(STAGED_APPENDS).await
     }
 
-    async fn stage_entity(&mut self, state: &EntityState, hash: Option<&[u8; 32]>) -> Result<()> {
+    async fn stage_entity(&mut self, state: &EntityState, _json: &str, hash: Option<&[u8; 32]>) -> Result<()> {
         let key = entity_key(state.collection.as_str(), state.entity_id.as_str());
         self.put(STAGED_ENTITIES, &encode_confirmed(state, hash)?.into(), &key).await
     }

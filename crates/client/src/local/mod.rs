@@ -100,57 +100,51 @@ pub fn put_append(conn: &Connection, seq: u64, change_json: &str) -> Result<()> 
     Ok(())
 }
 
-/// Empties the staging area of a bootstrap: two tables of the connection's
-/// temporary database (shaped as `entities` and `appends`), made on first
-/// use. They need not survive the connection: a bootstrap that did not finish
-/// starts over.
+/// Empties the staging area of a bootstrap (`staged_entities` and
+/// `staged_appends`, shaped as `entities` and `appends`). A bootstrap that did
+/// not finish leaves rows there; the next one starts by clearing them.
 pub fn clear_staged(conn: &Connection) -> Result<()> {
-    conn.execute_batch(
-        "CREATE TEMP TABLE IF NOT EXISTS staged_entities (
-             collection TEXT NOT NULL, entity_id TEXT NOT NULL, state TEXT NOT NULL, entity_hash BLOB,
-             PRIMARY KEY (collection, entity_id)) WITHOUT ROWID;
-         CREATE TEMP TABLE IF NOT EXISTS staged_appends (seq INTEGER PRIMARY KEY, change TEXT NOT NULL);
-         DELETE FROM temp.staged_entities; DELETE FROM temp.staged_appends;",
-    )?;
+    conn.execute_batch("DELETE FROM staged_entities; DELETE FROM staged_appends;")?;
     Ok(())
 }
 
-/// Stages one entity of a bootstrap's snapshot.
-pub fn stage_entity(conn: &Connection, state: &EntityState, hash: Option<&[u8; 32]>) -> Result<()> {
+/// Stages one entity of a bootstrap's snapshot, keeping `json` (the state as
+/// the snapshot carried it) as its text.
+pub fn stage_entity(conn: &Connection, state: &EntityState, json: &str, hash: Option<&[u8; 32]>) -> Result<()> {
     conn.prepare_cached(
-        "INSERT OR REPLACE INTO temp.staged_entities (collection, entity_id, state, entity_hash) VALUES (?1, ?2, ?3, ?4)",
+        "INSERT OR REPLACE INTO staged_entities (collection, entity_id, state, entity_hash) VALUES (?1, ?2, ?3, ?4)",
     )?
-    .execute(params![
-        state.collection.as_str(),
-        state.entity_id.as_str(),
-        serde_json::to_string(state).expect("entity state serialises"),
-        hash.map(|h| h.as_slice()),
-    ])?;
+    .execute(params![state.collection.as_str(), state.entity_id.as_str(), json, hash.map(|h| h.as_slice()),])?;
     Ok(())
 }
 
 /// Stages one logged `append` of a bootstrap's snapshot.
 pub fn stage_append(conn: &Connection, seq: u64, change_json: &str) -> Result<()> {
-    conn.prepare_cached("INSERT OR REPLACE INTO temp.staged_appends (seq, change) VALUES (?1, ?2)")?
+    conn.prepare_cached("INSERT OR REPLACE INTO staged_appends (seq, change) VALUES (?1, ?2)")?
         .execute(params![seq, change_json])?;
     Ok(())
 }
 
-/// Makes the staged snapshot the confirmed state and empties the staging area.
+/// Makes the staged snapshot the confirmed state and empties the staging
+/// area: the staged tables take the confirmed tables' names, and empty
+/// staged tables are made. Nothing is copied, so adopting a snapshot of a
+/// million entities costs what adopting ten does (the old confirmed tables'
+/// pages go to the free list, and SQLite reuses them).
 pub fn adopt_staged(conn: &Connection) -> Result<()> {
-    conn.execute_batch(
-        "DELETE FROM entities; DELETE FROM appends;
-         INSERT INTO entities (collection, entity_id, state, entity_hash)
-             SELECT collection, entity_id, state, entity_hash FROM temp.staged_entities;
-         INSERT INTO appends (seq, change) SELECT seq, change FROM temp.staged_appends;
-         DELETE FROM temp.staged_entities; DELETE FROM temp.staged_appends;",
-    )?;
+    conn.execute_batch(&format!(
+        "DROP TABLE entities; ALTER TABLE staged_entities RENAME TO entities;
+         DROP TABLE appends; ALTER TABLE staged_appends RENAME TO appends;
+         {}",
+        schema::STAGED_TABLES
+    ))?;
     Ok(())
 }
 
 /// Forgets the whole replica but the meta values named in `keep`.
 pub fn clear_all(conn: &Connection, keep: &[&str]) -> Result<()> {
-    conn.execute_batch("DELETE FROM entities; DELETE FROM appends; DELETE FROM outbox; DELETE FROM journal;")?;
+    conn.execute_batch(
+        "DELETE FROM entities; DELETE FROM appends; DELETE FROM outbox; DELETE FROM journal;\n         DELETE FROM staged_entities; DELETE FROM staged_appends;",
+    )?;
     let keys: Vec<String> =
         conn.prepare("SELECT key FROM meta")?.query_map([], |r| r.get(0))?.collect::<rusqlite::Result<_>>()?;
     for key in keys.iter().filter(|k| !keep.contains(&k.as_str())) {

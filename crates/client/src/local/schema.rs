@@ -16,7 +16,7 @@ use rusqlite::{Connection, OpenFlags};
 use crate::error::{ClientError, Result};
 
 /// The newest local schema this build knows.
-pub const SCHEMA_VERSION: i64 = 2;
+pub const SCHEMA_VERSION: i64 = 3;
 
 /// Version 1: sync state, confirmed state, outbox.
 const SCHEMA_V1: &str = "
@@ -78,8 +78,29 @@ CREATE INDEX journal_by_seq ON journal (seq);
 ALTER TABLE outbox ADD COLUMN requeued INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 3: a bootstrap's staging area moves from the connection's
+/// temporary database into this one, shaped exactly as the confirmed state,
+/// so that adopting a snapshot swaps the tables instead of copying every row
+/// (see [`super::adopt_staged`]), which makes them again with this text.
+const SCHEMA_V3: &str = STAGED_TABLES;
+
+/// The staging area's tables, empty.
+pub(crate) const STAGED_TABLES: &str = "
+CREATE TABLE staged_entities (
+    collection  TEXT NOT NULL,
+    entity_id   TEXT NOT NULL,
+    state       TEXT NOT NULL,
+    entity_hash BLOB,
+    PRIMARY KEY (collection, entity_id)
+) WITHOUT ROWID;
+CREATE TABLE staged_appends (
+    seq    INTEGER PRIMARY KEY,
+    change TEXT NOT NULL
+);
+";
+
 /// Every migration, in order: `MIGRATIONS[i]` takes a database from version `i` to `i + 1`.
-const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2];
+const MIGRATIONS: [&str; SCHEMA_VERSION as usize] = [SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 
 /// Opens the local database at `path`, creating it (atomically) if no file is
 /// there, and brings its schema up to date.

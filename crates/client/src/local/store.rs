@@ -40,7 +40,16 @@ pub fn run_now<F: Future>(f: F) -> F::Output {
 pub struct SqliteTx<'a> {
     store: &'a SqliteStore,
     conn: Option<Connection>,
+    /// Committed without waiting for the disk ([`Access::Refetchable`]).
+    relaxed: bool,
 }
+
+/// A refetchable transaction commits with `synchronous = NORMAL`: in WAL mode
+/// its commit is not synced, so a crash of the machine may undo it, whole
+/// (WAL frames are checksummed), and the next synced commit makes it durable
+/// with everything before it. Every other transaction syncs.
+const RELAXED_BEGIN: &str = "PRAGMA synchronous = NORMAL; BEGIN IMMEDIATE";
+const SYNCED_AGAIN: &str = "PRAGMA synchronous = FULL";
 
 fn engine_error(e: ClientError) -> deltasync_engine::Error {
     match e {
@@ -56,13 +65,18 @@ impl LocalStore for SqliteStore {
         let conn = self.conn.take();
         let begin = match access {
             Access::Read => "BEGIN",
-            Access::Write | Access::Refetchable => "BEGIN IMMEDIATE",
+            Access::Write => "BEGIN IMMEDIATE",
+            Access::Refetchable => RELAXED_BEGIN,
         };
+        let relaxed = access == Access::Refetchable;
         if let Err(e) = conn.execute_batch(begin) {
+            if relaxed {
+                let _ = conn.execute_batch(SYNCED_AGAIN);
+            }
             self.conn.give_back(conn);
             return Err(engine_error(e.into()));
         }
-        Ok(SqliteTx { store: self, conn: Some(conn) })
+        Ok(SqliteTx { store: self, conn: Some(conn), relaxed })
     }
 }
 
@@ -71,6 +85,9 @@ impl Drop for SqliteTx<'_> {
         if let Some(conn) = self.conn.take() {
             if !conn.is_autocommit() {
                 let _ = conn.execute_batch("ROLLBACK");
+            }
+            if self.relaxed {
+                let _ = conn.execute_batch(SYNCED_AGAIN);
             }
             self.store.conn.give_back(conn);
         }
@@ -86,6 +103,7 @@ impl SqliteTx<'_> {
 
 impl StoreTx for SqliteTx<'_> {
     async fn commit(self) -> EngineResult<()> {
+        // Dropping the transaction then syncs again the commits that follow.
         self.with(|c| Ok(c.execute_batch("COMMIT")?))
     }
 
@@ -121,8 +139,8 @@ impl StoreTx for SqliteTx<'_> {
         self.with(super::clear_staged)
     }
 
-    async fn stage_entity(&mut self, state: &EntityState, hash: Option<&[u8; 32]>) -> EngineResult<()> {
-        self.with(|c| super::stage_entity(c, state, hash))
+    async fn stage_entity(&mut self, state: &EntityState, json: &str, hash: Option<&[u8; 32]>) -> EngineResult<()> {
+        self.with(|c| super::stage_entity(c, state, json, hash))
     }
 
     async fn stage_append(&mut self, seq: u64, change_json: &str) -> EngineResult<()> {
