@@ -9,7 +9,7 @@ mod common;
 use std::path::Path;
 
 use common::binary;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 /// Runs `deltasync bench` at a small size with `extra` flags; returns its JSON report and its stderr.
 fn run_bench(dir: &Path, extra: &[&str]) -> (Value, String) {
@@ -180,6 +180,11 @@ fn bench_measures_the_client_sdk_first_sync_and_outbox() {
     assert_eq!(received, 1500, "{first}");
     assert_eq!(first["details"]["verified"], true, "{first}");
     assert!(first["value"].as_f64().unwrap() > 0.0);
+    // Measured in a `deltasync client sync` process of its own.
+    let rss = figure("client, peak RSS of that first sync");
+    assert!(rss["value"].as_f64().unwrap() > 1.0, "{rss}");
+    let pulling = figure("client, first sync pulling the log (comparison)");
+    assert_eq!((pulling["details"]["pulled"].as_u64(), &pulling["details"]["verified"]), (Some(1500), &json!(true)));
     let writes = figure("client, 300 local writes, write_batch of 10000");
     assert_eq!(writes["details"]["writes"], 300, "{writes}");
     assert!(writes["value"].as_f64().unwrap() > 0.0);

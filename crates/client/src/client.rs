@@ -56,6 +56,11 @@ pub struct ClientOptions {
     /// (default 10,000), to be re-pushed if the server is restored from a
     /// backup that lacks them. 0 keeps none.
     pub journal_limit: u64,
+    /// A first sync fetches a snapshot of the server's state instead of its
+    /// log when the log holds more changes than this (default 10,000: a
+    /// snapshot holds each entity once, and arrives sorted). `u64::MAX`
+    /// always pulls the log.
+    pub first_sync_snapshot_after: u64,
     /// The wall clock in ms since the epoch; replaceable for tests.
     pub wall_clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Called as long work advances (each page of a sync, every 10,000
@@ -75,6 +80,7 @@ impl Default for ClientOptions {
             stall_timeout: DEFAULT_STALL_TIMEOUT,
             sync_timeout: None,
             journal_limit: DEFAULT_JOURNAL_LIMIT,
+            first_sync_snapshot_after: deltasync_engine::FIRST_SYNC_SNAPSHOT_AFTER,
             wall_clock: Arc::new(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)),
             progress: None,
         }
@@ -92,6 +98,7 @@ impl std::fmt::Debug for ClientOptions {
             .field("stall_timeout", &self.stall_timeout)
             .field("sync_timeout", &self.sync_timeout)
             .field("journal_limit", &self.journal_limit)
+            .field("first_sync_snapshot_after", &self.first_sync_snapshot_after)
             .finish_non_exhaustive()
     }
 }
@@ -176,6 +183,7 @@ impl Client {
             batch_size: options.batch_size,
             page_limit: options.page_limit,
             journal_limit: options.journal_limit,
+            first_sync_snapshot_after: options.first_sync_snapshot_after,
             listener: Some(listener(events.clone(), local_writes.clone(), options.progress.clone())),
         };
         let clock = SystemClock { wall: options.wall_clock.clone(), start: Instant::now() };

@@ -79,6 +79,10 @@ pub struct EngineOptions {
     pub page_limit: u64,
     /// How many acknowledged changes the journal keeps.
     pub journal_limit: u64,
+    /// A replica's first sync fetches a snapshot instead of the log when the
+    /// log holds more changes than this (see [`crate::FIRST_SYNC_SNAPSHOT_AFTER`]);
+    /// `u64::MAX` always pulls the log.
+    pub first_sync_snapshot_after: u64,
     /// Receives change events, local-write notices and progress.
     pub listener: Option<Listener>,
 }
@@ -89,6 +93,7 @@ impl Default for EngineOptions {
             batch_size: 500,
             page_limit: deltasync_protocol::wire::MAX_PULL_LIMIT,
             journal_limit: DEFAULT_JOURNAL_LIMIT,
+            first_sync_snapshot_after: crate::FIRST_SYNC_SNAPSHOT_AFTER,
             listener: None,
         }
     }
@@ -100,6 +105,7 @@ impl std::fmt::Debug for EngineOptions {
             .field("batch_size", &self.batch_size)
             .field("page_limit", &self.page_limit)
             .field("journal_limit", &self.journal_limit)
+            .field("first_sync_snapshot_after", &self.first_sync_snapshot_after)
             .finish_non_exhaustive()
     }
 }

@@ -59,6 +59,6 @@ pub use error::{Error, Result, TimeoutKind};
 pub use local::{LastError, LocalWrite, MAX_DATA_BYTES, Stats, WriteKind};
 pub use memory::MemoryStore;
 pub use store::{Access, Confirmed, Journaled, LocalStore, OutboxEntry, OutboxStatus, StoreTx};
-pub use sync::{LostChange, SyncReport};
+pub use sync::{FIRST_SYNC_SNAPSHOT_AFTER, LostChange, SyncReport};
 pub use transport::{ByteStream, SyncBody, Transport};
 pub use view::Entity;

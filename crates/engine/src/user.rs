@@ -81,10 +81,11 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
 
     /// Before the first sync (or the first since the replica learned to keep
     /// its user): the server's policies, horizon and the replica's user.
-    pub(crate) async fn learn_server(&self, transport: &T) -> Result<()> {
+    /// Returns the server's head when it asked for it.
+    pub(crate) async fn learn_server(&self, transport: &T) -> Result<Option<u64>> {
         let state = replica::sync_state(&mut self.store.begin(Access::Read).await?).await?;
         if state.policies.is_some() && state.user_id.is_some() {
-            return Ok(());
+            return Ok(None);
         }
         let status = transport.status(Some(self.device.as_str())).await?;
         self.observe_server_time(status.server_time).await?;
@@ -92,7 +93,8 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
         let mut tx = self.store.begin(Access::Write).await?;
         replica::set_policies(&mut tx, &status.policies).await?;
         tx.set_meta(keys::HORIZON, &status.horizon.to_string()).await?;
-        tx.commit().await
+        tx.commit().await?;
+        Ok(Some(status.head))
     }
 
     /// The server's conflict records (this user's), a page from `since`.

@@ -143,8 +143,14 @@ impl Core {
             id
         });
         LISTENERS.with(|l| l.borrow_mut().insert(listener, on_event));
-        let options =
-            EngineOptions { listener: Some(Arc::new(move |notice| dispatch(listener, notice))), ..Default::default() };
+        let options = EngineOptions {
+            listener: Some(Arc::new(move |notice| dispatch(listener, notice))),
+            // IndexedDB pays per record: a page of the log is confirmed in
+            // segments of many entities, a snapshot staged and adopted one
+            // record per entity, twice. Pulling is the faster first sync here.
+            first_sync_snapshot_after: u64::MAX,
+            ..Default::default()
+        };
         match Engine::open(IdbStore::new(&name), transport, BrowserClock, options).await {
             Ok(engine) => Ok(Core { engine: Rc::new(engine), listener }),
             Err(e) => {

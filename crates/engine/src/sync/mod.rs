@@ -26,6 +26,13 @@ use crate::transport::{SyncBody, Transport};
 
 pub use page::Page;
 
+/// By default, a replica's first sync fetches the server's state as a
+/// snapshot (a bootstrap) instead of page by page when the log holds more
+/// changes than this. A snapshot carries each entity once, in key order, and the log every
+/// change in the order it was made, so past a page or so the snapshot is
+/// never more to receive and is cheaper to store: its rows arrive sorted.
+pub const FIRST_SYNC_SNAPSHOT_AFTER: u64 = 10_000;
+
 /// A change of this device that lost or was refused, as reported by a sync.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct LostChange {
@@ -163,7 +170,7 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
             tx.reset_retries().await?;
             tx.commit().await?;
         }
-        self.learn_server(transport).await?;
+        let head = self.learn_server(transport).await?;
         // A heal interrupted before it checked the journal finishes that first.
         self.restore_journal(transport).await?;
         let mut run = SyncRun {
@@ -176,8 +183,33 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
             more_to_pull: true,
             prefetched: None,
         };
+        run.report.bootstrapped += self.start_from_snapshot(transport, head).await?;
         while self.sync_step(transport, &mut run).await? {}
         self.finish_sync(run.report).await
+    }
+
+    /// A replica that has never pulled fetches a long log's state as a
+    /// snapshot (more changes than
+    /// [`crate::EngineOptions::first_sync_snapshot_after`]); the sync then pulls what
+    /// follows it. Returns the entities loaded. `head` is the server's head
+    /// when this sync already asked for it.
+    async fn start_from_snapshot(&self, transport: &T, head: Option<u64>) -> Result<u64> {
+        let state = replica::sync_state(&mut self.store.begin(Access::Read).await?).await?;
+        if state.cursor != 0 {
+            return Ok(0);
+        }
+        let head = match head {
+            Some(head) => head,
+            None => transport.status(Some(self.device.as_str())).await?.head,
+        };
+        if head <= self.options.first_sync_snapshot_after {
+            return Ok(0);
+        }
+        let entities = self.bootstrap(transport).await?;
+        // A bootstrap leaves the journal to check: it is empty, or holds
+        // changes the server acknowledged before this replica forgot them.
+        self.restore_journal(transport).await?;
+        Ok(entities)
     }
 
     /// Keeps a sync's outcome in the store: the failure until a sync succeeds

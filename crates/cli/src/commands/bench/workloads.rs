@@ -530,27 +530,39 @@ impl Bench {
         Ok(())
     }
 
-    /// client: the SDK's first sync into a fresh replica of a log of at least
-    /// `changes` changes (pull, verify, apply), then the same replica's sync of
-    /// an outbox of `outbox` new entities with random UUID ids.
+    /// client: the first sync of a fresh replica (a `deltasync client sync`
+    /// process, its RSS sampled) of a log of at least `changes` changes, the
+    /// same with the log pulled page by page for comparison, then the
+    /// replica's sync of an outbox of `outbox` new entities with random UUID ids.
     pub async fn client(&mut self, changes: usize, outbox: usize, batch: usize) -> anyhow::Result<()> {
         if self.entities < changes {
             self.push_new("seeding the log", changes - self.entities, batch, 1).await?;
         }
         let dir = tempfile::tempdir()?;
-        let options = ClientOptions { server: Some(self.url().to_owned()), ..Default::default() };
-        let client = Client::open(dir.path().join("client.db"), options)?;
+        let db = dir.path().join("client.db");
+        self.client_first_sync_process(&db).await?;
+
+        // The same first sync, pulling the log page by page (what the client
+        // did before it learned to start from a snapshot).
+        let options = ClientOptions {
+            server: Some(self.url().to_owned()),
+            first_sync_snapshot_after: u64::MAX,
+            ..Default::default()
+        };
+        let pulling = Client::open(dir.path().join("pulling.db"), options)?;
         let t = Instant::now();
-        let first = client.sync().await?;
+        let first = pulling.sync().await?;
         let s = t.elapsed().as_secs_f64();
-        let received = first.pulled + first.bootstrapped;
+        drop(pulling);
         self.figures.push(Figure::new(
-            "client, first sync into a fresh replica",
-            received as f64 / s,
+            "client, first sync pulling the log (comparison)",
+            first.pulled as f64 / s,
             "changes/s",
-            Some(Target::AtLeast(150_000.0)),
-            json!({"seconds": s, "pulled": first.pulled, "bootstrapped": first.bootstrapped, "cursor": first.cursor, "verified": first.verified}),
+            None,
+            json!({"seconds": s, "pulled": first.pulled, "cursor": first.cursor, "verified": first.verified}),
         ));
+
+        let client = Client::open(&db, ClientOptions::default())?;
         let progress = bar(outbox as u64, "client, local writes");
         let t = Instant::now();
         for start in (0..outbox).step_by(CLIENT_WRITE_BATCH) {
@@ -591,6 +603,53 @@ impl Bench {
             "changes/s",
             Some(Target::AtLeast(50_000.0)),
             json!({"seconds": s, "verified": pushed.verified}),
+        ));
+        Ok(())
+    }
+
+    /// The first sync of a fresh replica at `db`, as `deltasync client sync`
+    /// runs it in a process of its own, whose RSS is sampled every 5 ms.
+    async fn client_first_sync_process(&mut self, db: &std::path::Path) -> anyhow::Result<()> {
+        let t = Instant::now();
+        let child = std::process::Command::new(std::env::current_exe()?)
+            .arg("client")
+            .arg("--db")
+            .arg(db)
+            .args(["--server", self.url(), "sync"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("starting `deltasync client sync`")?;
+        let sampler = RssSampler::start(child.id());
+        let out = tokio::task::spawn_blocking(move || child.wait_with_output()).await??;
+        let s = t.elapsed().as_secs_f64();
+        let peak_mib = sampler.finish() as f64 / 1024.0;
+        if !out.status.success() {
+            bail!("`deltasync client sync` failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let report: Value = serde_json::from_slice(&out.stdout).context("reading the sync report")?;
+        let count = |k: &str| report[k].as_u64().unwrap_or(0);
+        if report["verified"] != json!(true) {
+            bail!("the first sync was not verified: {report}");
+        }
+        let received = count("pulled") + count("bootstrapped");
+        let details = json!({
+            "seconds": s, "pulled": count("pulled"), "bootstrapped": count("bootstrapped"),
+            "cursor": count("cursor"), "verified": report["verified"], "peak_rss_mib": peak_mib,
+        });
+        self.figures.push(Figure::new(
+            "client, first sync into a fresh replica",
+            received as f64 / s,
+            "changes/s",
+            Some(Target::AtLeast(150_000.0)),
+            details.clone(),
+        ));
+        self.figures.push(Figure::new(
+            "client, peak RSS of that first sync",
+            peak_mib,
+            "MiB",
+            Some(Target::AtMost(150.0)),
+            details,
         ));
         Ok(())
     }
