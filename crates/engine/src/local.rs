@@ -481,10 +481,12 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
 
 /// The change as the server would take it: validated by the server's own
 /// rules, and its data in canonical form, as the server serves it, so that the
-/// writing device reads the same text as every other device.
-fn canonical(change: Change) -> Result<Change> {
-    let mut change = Change::from_json(&serde_json::to_value(&change).expect("change serialises"), &LOCAL_LIMITS)?;
-    change.data = change.data.map(|d| serde_json::from_str(&json::to_jcs(&d)).expect("JCS text is JSON"));
+/// writing device reads the same text as every other device. Its ids and
+/// stamp were checked when they were made; its data is checked here.
+fn canonical(mut change: Change) -> Result<Change> {
+    if let Some(text) = Change::check_data(change.op, change.data.as_ref(), &LOCAL_LIMITS)? {
+        change.data = Some(serde_json::from_str(&text).expect("JCS text is JSON"));
+    }
     Ok(change)
 }
 
@@ -510,6 +512,39 @@ fn export_entry(entry: &OutboxEntry) -> Value {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_local_write_is_kept_canonical_and_refused_past_the_servers_limits() {
+        use crate::conformance::TestClock;
+        use crate::memory::MemoryStore;
+        use crate::transport::NoServer;
+        futures_executor::block_on(async {
+            let engine: Engine<MemoryStore, NoServer, TestClock> =
+                Engine::open(MemoryStore::new(), None, TestClock::at(1_763_800_000_000), Default::default())
+                    .await
+                    .unwrap();
+            let data = serde_json::from_str::<Value>(r#"{"n": 1.50, "big": 1e2, "s": "\u00e9"}"#).unwrap();
+            engine.put("tasks", "t", data.as_object().cloned().unwrap()).await.unwrap();
+            let written = engine.outbox().await.unwrap().remove(0).change.data.unwrap();
+            assert_eq!(json::to_jcs(&written), r#"{"big":100,"n":1.5,"s":"é"}"#);
+            assert_eq!(
+                serde_json::to_string(&written).unwrap(),
+                json::to_jcs(&written),
+                "stored as the server serves it"
+            );
+
+            let mut deep = Value::from(1);
+            for _ in 0..100 {
+                deep = serde_json::json!({ "d": deep });
+            }
+            let err = engine.put("tasks", "deep", deep.as_object().cloned().unwrap()).await.unwrap_err();
+            assert!(err.to_string().contains("deep"), "{err}");
+            let big = serde_json::json!({ "body": "x".repeat(MAX_DATA_BYTES) });
+            let err = engine.put("tasks", "big", big.as_object().cloned().unwrap()).await.unwrap_err();
+            assert!(err.to_string().contains("bytes"), "{err}");
+            assert_eq!(engine.outbox().await.unwrap().len(), 1, "a refused write leaves nothing behind");
+        });
+    }
 
     #[test]
     fn change_ids_are_26_characters_and_sort_by_creation() {

@@ -180,25 +180,33 @@ impl Change {
                 return Err(ChangeError::WrongType { field: "base_version", expected: "a non-negative integer" });
             }
         };
-        let data = member(obj, "data").cloned();
-        match (op, &data) {
+        let data = member(obj, "data");
+        Change::check_data(op, data, limits)?;
+        Ok(Change { change_id, collection, entity_id, op, data: data.cloned(), hlc, base_version })
+    }
+
+    /// Checks a change's `data` as [`Change::from_json`] does: present, and
+    /// an object, exactly for an upsert (any JSON for an append, none for a
+    /// delete), within the limits' depth and canonical size, with no number
+    /// or string JSON cannot carry. Returns its canonical (JCS) text.
+    pub fn check_data(op: Op, data: Option<&Value>, limits: &ChangeLimits) -> Result<Option<String>, ChangeError> {
+        match (op, data) {
             (Op::Upsert, None) => return Err(ChangeError::Missing("data")),
             (Op::Upsert, Some(d)) if !d.is_object() => return Err(ChangeError::UpsertDataNotObject),
             (Op::Delete, Some(_)) => return Err(ChangeError::DeleteWithData),
             _ => {}
         }
-        if let Some(d) = &data {
-            let depth = json::depth(d);
-            if depth > limits.max_depth {
-                return Err(ChangeError::TooDeep { depth, limit: limits.max_depth });
-            }
-            json::check_value(d)?;
-            let size = json::to_jcs(d).len();
-            if size > limits.max_data_bytes {
-                return Err(ChangeError::DataTooLarge { size, limit: limits.max_data_bytes });
-            }
+        let Some(d) = data else { return Ok(None) };
+        let depth = json::depth(d);
+        if depth > limits.max_depth {
+            return Err(ChangeError::TooDeep { depth, limit: limits.max_depth });
         }
-        Ok(Change { change_id, collection, entity_id, op, data, hlc, base_version })
+        json::check_value(d)?;
+        let text = json::to_jcs(d);
+        if text.len() > limits.max_data_bytes {
+            return Err(ChangeError::DataTooLarge { size: text.len(), limit: limits.max_data_bytes });
+        }
+        Ok(Some(text))
     }
 
     /// The upsert's fields, or an empty map for other operations.
