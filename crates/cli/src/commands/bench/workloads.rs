@@ -540,6 +540,10 @@ impl Bench {
         }
         let dir = tempfile::tempdir()?;
         let db = dir.path().join("client.db");
+        // The seeding's writes go to disk first: a server that has been
+        // running has long written its pages back, and otherwise the kernel
+        // writes them during the measurement, on the disk the replica uses.
+        let _ = std::process::Command::new("sync").status();
         self.client_first_sync_process(&db).await?;
 
         // The same first sync, pulling the log page by page (what the client
