@@ -15,6 +15,15 @@ fn options(url: &str, snapshot_after: u64) -> ClientOptions {
     ClientOptions { server: Some(url.to_owned()), first_sync_snapshot_after: snapshot_after, ..Default::default() }
 }
 
+/// A server whose log holds [`write_history`], the devices' directory, and the writer.
+async fn server_with_history() -> (TestServer, Devices, Client) {
+    let server = TestServer::start().await;
+    let devices = Devices::new();
+    let writer = devices.open("W", &server.url);
+    write_history(&writer).await;
+    (server, devices, writer)
+}
+
 /// Upserts, updates, deletes and appends in two collections from one device.
 async fn write_history(writer: &Client) {
     for i in 0..12 {
@@ -37,10 +46,7 @@ fn state(client: &Client) -> (Listing, Listing) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_log_is_fetched_as_a_snapshot_and_ends_where_pulling_it_would() {
-    let server = TestServer::start().await;
-    let devices = Devices::new();
-    let writer = devices.open("W", &server.url);
-    write_history(&writer).await;
+    let (server, devices, writer) = server_with_history().await;
     let head = server.head().await;
     assert!(head > 5, "the history is longer than the threshold used below");
 
@@ -70,10 +76,7 @@ async fn a_long_log_is_fetched_as_a_snapshot_and_ends_where_pulling_it_would() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn writes_made_before_a_first_sync_from_a_snapshot_are_kept_and_pushed() {
-    let server = TestServer::start().await;
-    let devices = Devices::new();
-    let writer = devices.open("W", &server.url);
-    write_history(&writer).await;
+    let (server, devices, writer) = server_with_history().await;
 
     let fresh = devices.open_with("N", options(&server.url, 5));
     fresh.patch("tasks", "t02", obj(json!({"owner": "n"}))).unwrap();
@@ -89,10 +92,7 @@ async fn writes_made_before_a_first_sync_from_a_snapshot_are_kept_and_pushed() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_no_longer_than_the_threshold_is_pulled() {
-    let server = TestServer::start().await;
-    let devices = Devices::new();
-    let writer = devices.open("W", &server.url);
-    write_history(&writer).await;
+    let (server, devices, writer) = server_with_history().await;
     let head = server.head().await;
 
     let at = devices.open_with("A", options(&server.url, head));
