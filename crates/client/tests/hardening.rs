@@ -104,6 +104,46 @@ async fn a_bootstrap_that_stalls_fails_after_the_stall_timeout() {
     assert_eq!(client.stats().unwrap().pending, 1);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_line_without_end_is_refused_not_held_in_memory() {
+    // The bootstrap sends its header, then one line longer than the client
+    // reads (MAX_LINE_BYTES, 64 MiB) and never its newline.
+    let server = ScriptedServer::start(|req| async move {
+        match req.path() {
+            "/v1/status" => Reply::Now(json_answer(&empty_status())),
+            "/v1/sync" => Reply::Now(http_answer(
+                410,
+                "application/json",
+                br#"{"error":"reset_required","message":"bootstrap again"}"#,
+            )),
+            _ => {
+                let header = json!({"cursor": 0, "state_hash": "0".repeat(64), "state_digest": "0".repeat(64),
+                    "server_time": common::system_ms(), "policies": {"default": "fields", "collections": {}}});
+                let mut body =
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+                        .to_vec();
+                let line = format!("{header}\n");
+                body.extend_from_slice(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes());
+                let endless = vec![b'x'; (65 << 20) + 1];
+                body.extend_from_slice(format!("{:x}\r\n", endless.len()).as_bytes());
+                body.extend_from_slice(&endless);
+                body.extend_from_slice(b"\r\n");
+                Reply::Stall(body)
+            }
+        }
+    })
+    .await;
+    let devices = Devices::new();
+    let client = devices.open_with("A", options(&server.url));
+    client.patch("tasks", "t1", obj(json!({"v": 1}))).unwrap();
+    let started = Instant::now();
+    let err = client.sync().await.unwrap_err();
+    assert!(started.elapsed() < LIVENESS, "the sync took {:?}", started.elapsed());
+    assert!(err.to_string().contains("line 2 is longer than 64 MiB"), "{err}");
+    assert!(err.to_string().contains("GET /v1/bootstrap"), "{err}");
+    assert_eq!(client.stats().unwrap().pending, 1, "nothing local is lost");
+}
+
 /// A sync answer whose one pulled change holds data nested `depth` levels
 /// deep: more than serde_json parses (128) when `depth` is larger.
 fn deep_sync_answer(depth: usize) -> String {

@@ -24,6 +24,12 @@ const PROGRESS_EVERY: u64 = 10_000;
 /// more held in memory than this and one chunk.
 const STAGE_BYTES: usize = 1 << 20;
 
+/// The longest snapshot line read (one entity's state). A server that sends
+/// a longer one is refused rather than held in memory: a change's data is at
+/// most a few megabytes (the server's `max_body_bytes`), and a state merges
+/// few of them.
+pub const MAX_LINE_BYTES: usize = 64 << 20;
+
 /// An unreadable bootstrap answer.
 fn bootstrap_error(message: String) -> Error {
     Error::Protocol { request: transport::BOOTSTRAP, message }
@@ -137,16 +143,27 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
         let mut buf: Vec<u8> = Vec::with_capacity(2 * STAGE_BYTES);
         // Whole lines are staged a megabyte at a time, each batch in a
         // transaction of its own: none stays open while the network is awaited.
+        // `scanned` bytes of `buf` are known to hold no newline.
+        let mut scanned = 0;
         while let Some(chunk) = stream.next_chunk().await {
             buf.extend_from_slice(&chunk?);
             if buf.len() < STAGE_BYTES {
                 continue;
             }
+            let Some(last) = buf[scanned..].iter().rposition(|b| *b == b'\n') else {
+                scanned = buf.len();
+                if scanned > MAX_LINE_BYTES {
+                    let (line, mib) = (snapshot.lines + 2, MAX_LINE_BYTES >> 20);
+                    return Err(bootstrap_error(format!("line {line} is longer than {mib} MiB")));
+                }
+                continue;
+            };
             // Staged rows are the server's snapshot, fetched again if lost.
             let mut tx = self.store.begin(Access::Refetchable).await?;
-            let start = self.load_lines(&mut tx, &mut snapshot, &buf).await?;
+            let start = self.load_lines(&mut tx, &mut snapshot, &buf[..=scanned + last]).await?;
             tx.commit().await?;
             buf.drain(..start);
+            scanned = buf.len();
         }
         // The rest, and a last line without its newline, with the adoption.
         let mut tx = self.store.begin(Access::Write).await?;
