@@ -702,6 +702,10 @@ fn a_device_far_behind_syncs_across_several_verified_pages(backend: &Backend) {
     let a = Device::new(dir.path(), "a");
     a.put("bulk", "mine", json!({"v": 0}));
     a.sync(&server.url);
+    // B has synced once: far behind afterwards, but not new (a new replica
+    // would start from a snapshot; see the end of this test).
+    let b = Device::new(dir.path(), "b");
+    b.sync(&server.url);
     a.patch("bulk", "mine", json!({"v": 1})); // pending while the log grows past one page
 
     // 10 500 changes from another device, straight over HTTP (the page limit is 10 000).
@@ -744,11 +748,17 @@ fn a_device_far_behind_syncs_across_several_verified_pages(backend: &Backend) {
         (json!(true), json!(false), json!(0))
     );
     assert_eq!(a.get("bulk", "mine"), Some(json!({"v": 1})));
-    let b = Device::new(dir.path(), "b");
     let r = b.sync(&server.url);
-    assert_eq!(r["pulled"], total + 2, "{r}");
+    assert_eq!((r["pulled"].as_u64(), r["bootstrapped"].as_u64()), (Some(total as u64 + 1), Some(0)), "{r}");
     assert_eq!(r["verified"], true, "{r}");
-    assert_converged(&[&a, &b], &server.url, None, &[("bulk", None)]);
+
+    // A new device finds a log longer than 10,000 changes: it starts from
+    // the snapshot (300 bulk entities and A's), pulling nothing after it.
+    let c = Device::new(dir.path(), "c");
+    let r = c.sync(&server.url);
+    assert_eq!((r["bootstrapped"].as_u64(), r["pulled"].as_u64()), (Some(301), Some(0)), "{r}");
+    assert_eq!((r["verified"].clone(), r["healed"].clone()), (json!(true), json!(false)), "{r}");
+    assert_converged(&[&a, &b, &c], &server.url, None, &[("bulk", None)]);
 }
 
 store_test!(#[test] fn numbers_read_the_same_on_every_device_after_sync);
