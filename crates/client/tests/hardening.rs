@@ -67,31 +67,47 @@ async fn a_whole_sync_stops_at_its_own_deadline() {
     assert_eq!(stats.last_error.map(|e| e.code), Some("timeout".to_owned()));
 }
 
+/// A server whose status is fine and whose every sync is told to reset; its
+/// bootstrap sends its head, its header line and then `after_header` as one
+/// more chunk (none when empty), then nothing while the connection stays open.
+async fn bootstrap_then_stall(after_header: Vec<u8>) -> ScriptedServer {
+    let after_header = Arc::new(after_header);
+    ScriptedServer::start(move |req| {
+        let after_header = after_header.clone();
+        async move {
+            match req.path() {
+                "/v1/status" => Reply::Now(json_answer(&empty_status())),
+                "/v1/sync" => Reply::Now(http_answer(
+                    410,
+                    "application/json",
+                    br#"{"error":"reset_required","message":"bootstrap again"}"#,
+                )),
+                _ => {
+                    let header = json!({"cursor": 0, "state_hash": "0".repeat(64), "state_digest": "0".repeat(64),
+                        "server_time": common::system_ms(), "policies": {"default": "fields", "collections": {}}});
+                    let mut head =
+                        b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            .to_vec();
+                    let line = format!("{header}\n");
+                    head.extend_from_slice(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes());
+                    if !after_header.is_empty() {
+                        head.extend_from_slice(format!("{:x}\r\n", after_header.len()).as_bytes());
+                        head.extend_from_slice(&after_header);
+                        head.extend_from_slice(b"\r\n");
+                    }
+                    Reply::Stall(head)
+                }
+            }
+        }
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bootstrap_that_stalls_fails_after_the_stall_timeout() {
     // Status is fine, every sync is told to reset, and the bootstrap sends its
     // head and header line, then nothing.
-    let server = ScriptedServer::start(|req| async move {
-        match req.path() {
-            "/v1/status" => Reply::Now(json_answer(&empty_status())),
-            "/v1/sync" => Reply::Now(http_answer(
-                410,
-                "application/json",
-                br#"{"error":"reset_required","message":"bootstrap again"}"#,
-            )),
-            _ => {
-                let header = json!({"cursor": 0, "state_hash": "0".repeat(64), "state_digest": "0".repeat(64),
-                    "server_time": common::system_ms(), "policies": {"default": "fields", "collections": {}}});
-                let mut head =
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
-                        .to_vec();
-                let line = format!("{header}\n");
-                head.extend_from_slice(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes());
-                Reply::Stall(head)
-            }
-        }
-    })
-    .await;
+    let server = bootstrap_then_stall(Vec::new()).await;
     let devices = Devices::new();
     let client =
         devices.open_with("A", ClientOptions { stall_timeout: Duration::from_secs(2), ..options(&server.url) });
@@ -108,31 +124,7 @@ async fn a_bootstrap_that_stalls_fails_after_the_stall_timeout() {
 async fn a_bootstrap_line_without_end_is_refused_not_held_in_memory() {
     // The bootstrap sends its header, then one line longer than the client
     // reads (MAX_LINE_BYTES, 64 MiB) and never its newline.
-    let server = ScriptedServer::start(|req| async move {
-        match req.path() {
-            "/v1/status" => Reply::Now(json_answer(&empty_status())),
-            "/v1/sync" => Reply::Now(http_answer(
-                410,
-                "application/json",
-                br#"{"error":"reset_required","message":"bootstrap again"}"#,
-            )),
-            _ => {
-                let header = json!({"cursor": 0, "state_hash": "0".repeat(64), "state_digest": "0".repeat(64),
-                    "server_time": common::system_ms(), "policies": {"default": "fields", "collections": {}}});
-                let mut body =
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n"
-                        .to_vec();
-                let line = format!("{header}\n");
-                body.extend_from_slice(format!("{:x}\r\n{line}\r\n", line.len()).as_bytes());
-                let endless = vec![b'x'; (65 << 20) + 1];
-                body.extend_from_slice(format!("{:x}\r\n", endless.len()).as_bytes());
-                body.extend_from_slice(&endless);
-                body.extend_from_slice(b"\r\n");
-                Reply::Stall(body)
-            }
-        }
-    })
-    .await;
+    let server = bootstrap_then_stall(vec![b'x'; (65 << 20) + 1]).await;
     let devices = Devices::new();
     let client = devices.open_with("A", options(&server.url));
     client.patch("tasks", "t1", obj(json!({"v": 1}))).unwrap();
