@@ -92,6 +92,8 @@ export interface DeltasyncError extends Error {
   code: string;
   /** The offending changes, when the server named them. */
   details?: unknown[];
+  /** Seconds the server asked to wait before trying again (`Retry-After` of a 429 or 503); the runner waits at least this long. */
+  retryAfter?: number;
 }
 
 /** A replica in IndexedDB. */

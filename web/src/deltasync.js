@@ -270,15 +270,17 @@ class Db {
     let watching = false;
     try {
       while (!runner.stopped) {
+        let retryAfter; // seconds the server asked to wait (Retry-After), if it did
         try {
           await this.#sync(false);
           failures = 0;
           runner.noLive = false; // a socket that failed may open now
-        } catch {
+        } catch (e) {
           failures += 1;
+          retryAfter = e?.retryAfter;
         }
         const syncedAt = Date.now();
-        let deadline = syncedAt + (failures === 0 ? interval : retryDelayMs(failures - 1, interval));
+        let deadline = syncedAt + (failures === 0 ? interval : retryDelayMs(failures - 1, interval, retryAfter));
         while (!runner.stopped) {
           if (live && failures === 0 && !watching && visible()) {
             watching = true;
@@ -292,7 +294,7 @@ class Db {
             if (failures === 0) deadline = Math.min(deadline, Math.max(syncedAt + debounce, Date.now()));
           } else if (reason === "poll-failed") {
             failures += 1;
-            deadline = Date.now() + retryDelayMs(failures - 1, interval);
+            deadline = Date.now() + retryDelayMs(failures - 1, interval, undefined);
           } else if (reason !== "polled") {
             break; // the deadline, behind, visible, online, stop
           }

@@ -359,8 +359,8 @@ impl Client {
     }
 
     /// How long the background runner waits after a network failure, doubling from 1 s up to `cap`.
-    pub(crate) fn network_backoff(&self, failures: u32, cap: Duration) -> Duration {
+    pub(crate) fn network_backoff(&self, failures: u32, cap: Duration, told: Option<Duration>) -> Duration {
         let unit = deltasync_engine::clock::unit_random(self.engine().clock());
-        deltasync_engine::schedule::retry_delay(failures, cap, unit)
+        deltasync_engine::schedule::failure_delay(failures, cap, unit, told)
     }
 }

@@ -122,6 +122,14 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// How long the server asked the client to wait (`Retry-After`), when it did.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            ClientError::Server { retry_after: Some(secs), .. } => Some(std::time::Duration::from_secs(*secs)),
+            _ => None,
+        }
+    }
+
     /// The short code printed by the command line (`{"error": code, …}`).
     pub fn code(&self) -> &str {
         match self {

@@ -124,10 +124,11 @@ async fn run(
             Ok(_) => streak.succeeded(),
             Err(e) => streak.log(client.device_id(), "sync", e.code(), e),
         }
+        let told = outcome.as_ref().err().and_then(ClientError::retry_after);
         let _ = last.send(Some(Arc::new(outcome)));
         failures = if ok { 0 } else { failures + 1 };
-        let mut deadline =
-            synced_at + if ok { options.interval } else { client.network_backoff(failures - 1, options.interval) };
+        let mut deadline = synced_at
+            + if ok { options.interval } else { client.network_backoff(failures - 1, options.interval, told) };
         loop {
             let watch = async {
                 if options.live && failures == 0 {
@@ -158,7 +159,7 @@ async fn run(
                     Err(e) => {
                         streak.log(client.device_id(), "live", e.code(), &e);
                         failures += 1;
-                        deadline = Instant::now() + client.network_backoff(failures - 1, options.interval);
+                        deadline = Instant::now() + client.network_backoff(failures - 1, options.interval, e.retry_after());
                     }
                 },
             }

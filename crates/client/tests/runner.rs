@@ -378,3 +378,70 @@ async fn live_runners_on_three_devices_converge_on_their_own() {
     }
     server.stop().await;
 }
+
+/// A real server whose first answer is `429 rate_limited` with
+/// `Retry-After: 3`; the arrival time of every request is recorded.
+async fn start_refusing_once() -> (String, Arc<std::sync::Mutex<Vec<Instant>>>, watch::Sender<bool>, tempfile::TempDir)
+{
+    use axum::response::IntoResponse;
+    let dir = tempfile::tempdir().unwrap();
+    let store = deltasync_server::store::sqlite::SqliteStore::open(&dir.path().join("server.db")).unwrap();
+    let (shutdown, rx) = watch::channel(false);
+    let state = deltasync_server::api::AppState::new(
+        Arc::new(store),
+        deltasync_server::Config::default(),
+        deltasync_server::Auth::None,
+        deltasync_server::Clock::system(),
+        rx,
+    );
+    let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = arrivals.clone();
+    let app = deltasync_server::api::router(Arc::new(state)).layer(axum::middleware::from_fn(
+        move |request: axum::extract::Request, next: axum::middleware::Next| {
+            let seen = seen.clone();
+            async move {
+                let first = {
+                    let mut seen = seen.lock().unwrap();
+                    seen.push(Instant::now());
+                    seen.len() == 1
+                };
+                if first {
+                    let body = json!({"error": "rate_limited", "message": "too many requests; retry after 3 s"});
+                    let mut response = (axum::http::StatusCode::TOO_MANY_REQUESTS, axum::Json(body)).into_response();
+                    response.headers_mut().insert("retry-after", axum::http::HeaderValue::from_static("3"));
+                    return response;
+                }
+                next.run(request).await
+            }
+        },
+    ));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    (url, arrivals, shutdown, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_sync_is_retried_no_sooner_than_retry_after_says() {
+    let (url, arrivals, _running, _dir) = start_refusing_once().await;
+    let devices = Devices::new();
+    let client = devices.open("A", &url);
+    client.patch("tasks", "t1", obj(json!({"title": "waits its turn"}))).unwrap();
+    // Without Retry-After the first retry would come after 0.5-1 s.
+    let runner = SyncRunner::start(client.clone(), options(LONG, Duration::from_millis(100), false));
+    let mut outcomes = runner.outcomes();
+    let refused = next_outcome(&mut outcomes, TIMEOUT).await;
+    match &*refused {
+        Err(e) => {
+            assert_eq!(e.code(), "rate_limited", "{e}");
+            assert_eq!(e.retry_after(), Some(Duration::from_secs(3)));
+        }
+        Ok(r) => panic!("the first sync was refused, yet reported {r:?}"),
+    }
+    let retried = next_outcome(&mut outcomes, TIMEOUT).await;
+    assert_eq!(ok_report(&retried).pushed, 1);
+    let arrivals = arrivals.lock().unwrap().clone();
+    let waited = arrivals[1] - arrivals[0];
+    assert!(waited >= Duration::from_millis(2_950), "the retry came {waited:?} after the 429 that said 3 s");
+    timeout(TIMEOUT, runner.stop()).await.expect("stop ends the task");
+}

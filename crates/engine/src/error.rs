@@ -119,6 +119,14 @@ impl TimeoutKind {
 }
 
 impl Error {
+    /// How long the server asked the client to wait (`Retry-After`), when it did.
+    pub fn retry_after(&self) -> Option<std::time::Duration> {
+        match self {
+            Error::Server { retry_after: Some(secs), .. } => Some(std::time::Duration::from_secs(*secs)),
+            _ => None,
+        }
+    }
+
     /// The short code printed by the command line (`{"error": code, …}`).
     pub fn code(&self) -> &str {
         match self {

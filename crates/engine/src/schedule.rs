@@ -23,6 +23,13 @@ pub fn retry_delay(failures: u32, cap: Duration, unit: f64) -> Duration {
     backoff::delay(failures, Duration::from_secs(1), cap, unit)
 }
 
+/// The wait after a failed sync: [`retry_delay`], but never shorter than
+/// what the server asked for (`Retry-After` on a 429 or 503, `told`), even
+/// past `cap`: a client waits as told.
+pub fn failure_delay(failures: u32, cap: Duration, unit: f64, told: Option<Duration>) -> Duration {
+    retry_delay(failures, cap, unit).max(told.unwrap_or_default())
+}
+
 /// How many failures in a row with the same error code make the runner log at error level.
 pub const PERSISTENT_FAILURES: u32 = 3;
 
@@ -89,6 +96,16 @@ impl FailureStreak {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_failure_waits_at_least_as_long_as_the_server_asked() {
+        let cap = Duration::from_secs(30);
+        assert_eq!(failure_delay(0, cap, 0.0, None), retry_delay(0, cap, 0.0));
+        assert_eq!(failure_delay(0, cap, 0.0, Some(Duration::from_secs(7))), Duration::from_secs(7));
+        assert_eq!(failure_delay(0, cap, 0.0, Some(Duration::from_secs(120))), Duration::from_secs(120));
+        let long = retry_delay(6, cap, 0.9);
+        assert_eq!(failure_delay(6, cap, 0.9, Some(Duration::from_secs(1))), long);
+    }
 
     #[test]
     fn the_same_failure_turns_from_warnings_to_an_error_and_then_quiets_down() {

@@ -192,6 +192,8 @@ pub struct Config {
     pub limits: Limits,
     /// Limits on connections.
     pub network: Network,
+    /// Request rates and waiting polls per user (the `[limits]` section).
+    pub rate: crate::rate::RateLimits,
     /// The merge policies.
     pub policies: Policies,
     /// When the log is compacted.
@@ -206,7 +208,17 @@ struct FileConfig {
     #[serde(default)]
     server: ServerSection,
     #[serde(default)]
+    limits: LimitsSection,
+    #[serde(default)]
     collections: BTreeMap<String, CollectionSection>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LimitsSection {
+    requests_per_second: Option<u32>,
+    burst: Option<u32>,
+    max_waiting_polls: Option<usize>,
 }
 
 #[derive(Deserialize, Default)]
@@ -281,7 +293,16 @@ impl Config {
             shutdown_grace: secs(s.shutdown_grace_secs, n.shutdown_grace),
             live_ping_interval: secs(s.live_ping_secs, n.live_ping_interval),
         };
+        let r = crate::rate::RateLimits::default();
+        let rate = crate::rate::RateLimits {
+            requests_per_second: file.limits.requests_per_second.unwrap_or(r.requests_per_second),
+            burst: file.limits.burst.unwrap_or(r.burst),
+            max_waiting_polls: file.limits.max_waiting_polls.unwrap_or(r.max_waiting_polls),
+        };
         for (name, v) in [
+            ("requests_per_second", u64::from(rate.requests_per_second)),
+            ("burst", u64::from(rate.burst)),
+            ("max_waiting_polls", rate.max_waiting_polls as u64),
             ("max_batch", limits.max_batch as u64),
             ("max_body_bytes", limits.max_body_bytes as u64),
             ("max_data_bytes", limits.max_data_bytes as u64),
@@ -329,6 +350,7 @@ impl Config {
         Ok(Config {
             limits,
             network,
+            rate,
             policies: Policies { default: s.default_policy.unwrap_or_default(), collections },
             compaction,
             web: Default::default(),
@@ -391,6 +413,15 @@ mod tests {
         assert!(Config::parse("[collections.\"bad name\"]\npolicy = \"entity\"\n").is_err());
         assert!(Config::parse("[server]\nmax_batch = 0\n").is_err());
         assert!(Config::parse("[server]\nheader_read_timeout_secs = 0\n").is_err());
+        assert!(Config::parse("[limits]\nburst = 0\n").is_err());
+        assert!(Config::parse("[limits]\nrequests_per_secnd = 5\n").is_err());
+    }
+
+    #[test]
+    fn reads_the_limits_section() {
+        let c = Config::parse("[limits]\nrequests_per_second = 5\nburst = 7\nmax_waiting_polls = 2\n").unwrap();
+        assert_eq!(c.rate, crate::rate::RateLimits { requests_per_second: 5, burst: 7, max_waiting_polls: 2 });
+        assert_eq!(Config::parse("").unwrap().rate, crate::rate::RateLimits::default());
     }
 
     #[test]

@@ -21,6 +21,7 @@ pub mod clock;
 pub mod compactor;
 pub mod config;
 pub mod net;
+pub mod rate;
 pub mod refusals;
 pub mod store;
 pub mod web;

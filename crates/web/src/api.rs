@@ -61,6 +61,9 @@ fn object(value: &JsValue, what: &str) -> Result<Map<String, Value>, Error> {
 fn js_error(e: &Error) -> JsValue {
     let error = js_sys::Error::new(&e.to_string());
     let _ = Reflect::set(&error, &"code".into(), &e.code().into());
+    if let Some(wait) = e.retry_after() {
+        let _ = Reflect::set(&error, &"retryAfter".into(), &wait.as_secs_f64().into());
+    }
     if let Error::Server { details, .. } = e
         && !details.is_empty()
         && let Ok(details) = to_js(details)
@@ -317,9 +320,11 @@ pub fn runner_defaults() -> Result<JsValue, JsValue> {
     }))
 }
 
-/// The wait before the next try after `failures` failed syncs in a row (from 0), capped at `cap_ms`.
+/// The wait before the next try after `failures` failed syncs in a row (from 0), capped at `cap_ms`,
+/// but never shorter than the `Retry-After` the last failure carried (`retry_after_secs`, the error's `retryAfter`).
 #[wasm_bindgen(js_name = retryDelayMs)]
-pub fn retry_delay_ms(failures: u32, cap_ms: f64) -> f64 {
+pub fn retry_delay_ms(failures: u32, cap_ms: f64, retry_after_secs: Option<f64>) -> f64 {
     let cap = Duration::from_millis(cap_ms.max(1_000.0) as u64);
-    schedule::retry_delay(failures, cap, js_sys::Math::random()).as_millis() as f64
+    let told = retry_after_secs.filter(|s| s.is_finite() && *s > 0.0).map(Duration::from_secs_f64);
+    schedule::failure_delay(failures, cap, js_sys::Math::random(), told).as_millis() as f64
 }

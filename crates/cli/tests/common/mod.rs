@@ -207,6 +207,10 @@ pub struct Server {
     schema: Option<PgSchema>,
 }
 
+/// A `[limits]` section no test outside the rate-limit tests reaches.
+pub const UNSPENDABLE_LIMITS: &str =
+    "[limits]\nrequests_per_second = 1000000\nburst = 1000000\nmax_waiting_polls = 100000\n";
+
 /// Options for starting a server.
 #[derive(Default, Clone)]
 pub struct Options {
@@ -244,12 +248,18 @@ impl Server {
             "--database".to_owned(),
             database.clone(),
         ];
-        if let Some(config) = &opts.config {
-            let path = dir.path().join("config.toml");
-            std::fs::write(&path, config).unwrap();
-            args.push("--config".into());
-            args.push(path.display().to_string());
-        }
+        // Tests that are not about request rates send as fast as they can
+        // from one address: they get budgets they cannot spend, unless
+        // their config has a `[limits]` section of its own.
+        let config = match &opts.config {
+            Some(config) if config.contains("[limits]") => config.clone(),
+            Some(config) => format!("{config}\n{UNSPENDABLE_LIMITS}"),
+            None => UNSPENDABLE_LIMITS.to_owned(),
+        };
+        let path = dir.path().join("config.toml");
+        std::fs::write(&path, config).unwrap();
+        args.push("--config".into());
+        args.push(path.display().to_string());
         if let Some(secret) = &opts.jwt_secret {
             let path = dir.path().join("secret.txt");
             std::fs::write(&path, format!("{secret}\n")).unwrap();

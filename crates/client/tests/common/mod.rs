@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use deltasync_client::{Client, ClientOptions};
 use deltasync_protocol::EntityState;
 use deltasync_protocol::wire::{BootstrapHeader, StatusResponse};
+use deltasync_server::rate::RateLimits;
 use deltasync_server::store::sqlite::SqliteStore;
 use deltasync_server::{Auth, Clock, Config, ServeError, Store};
 use serde_json::{Map, Value};
@@ -111,7 +112,12 @@ impl TestServer {
         TestServer::start_on(listener, Config::default(), None).await
     }
 
-    async fn start_on(listener: TcpListener, config: Config, clock: Option<Clock>) -> TestServer {
+    async fn start_on(listener: TcpListener, mut config: Config, clock: Option<Clock>) -> TestServer {
+        // Tests send as fast as the server answers, from one address: unless
+        // a test sets `[limits]` itself, its server's budgets cannot be spent.
+        if config.rate == RateLimits::default() {
+            config.rate = RateLimits { requests_per_second: 1_000_000, burst: 1_000_000, max_waiting_polls: 100_000 };
+        }
         let dir = tempfile::tempdir().expect("tempdir");
         let addr = listener.local_addr().expect("local addr");
         let mut server = TestServer {

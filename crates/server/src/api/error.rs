@@ -103,6 +103,15 @@ impl From<StoreError> for ApiError {
     }
 }
 
+/// What an error answer said, kept on the response for the request log.
+#[derive(Debug, Clone)]
+pub struct Refusal {
+    /// The error code (`rate_limited`).
+    pub code: &'static str,
+    /// The message sent.
+    pub message: String,
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
@@ -125,7 +134,9 @@ impl IntoResponse for ApiError {
             }
             other => (other.to_string(), None),
         };
+        let reason = Refusal { code, message: message.clone() };
         let mut response = (status, Json(ErrorBody { error: code.to_owned(), message, details })).into_response();
+        response.extensions_mut().insert(reason);
         if status == StatusCode::UNAUTHORIZED {
             response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Request};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, Uri, header};
 use axum::middleware::{self, Next};
@@ -30,6 +30,8 @@ use tokio::sync::watch;
 use crate::auth::Auth;
 use crate::clock::Clock;
 use crate::config::Config;
+use crate::net::PeerAddr;
+use crate::rate::{RateKey, RateLimiter, retry_after_secs};
 use crate::store::Store;
 pub use error::ApiError;
 
@@ -53,6 +55,10 @@ pub struct AppState {
     pub live_heads: Arc<live::LiveHeads>,
     /// The last verdict on whether writes work.
     pub health: health::WriteProbe,
+    /// Every user's and client address's request budget (`[limits]`).
+    pub rate: RateLimiter,
+    /// The long polls waiting now, per user.
+    pub waiting_polls: Arc<slots::UserSlots>,
 }
 
 impl AppState {
@@ -66,7 +72,6 @@ impl AppState {
     ) -> AppState {
         AppState {
             store,
-            config,
             auth,
             clock,
             shutdown,
@@ -74,6 +79,9 @@ impl AppState {
             live: Default::default(),
             live_heads: Default::default(),
             health: health::WriteProbe::default(),
+            rate: RateLimiter::new(config.rate),
+            waiting_polls: Default::default(),
+            config,
         }
     }
 }
@@ -85,9 +93,29 @@ impl FromRequestParts<Arc<AppState>> for AuthUser {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
-        let header = parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes);
-        state.auth.authenticate(header).map(AuthUser).map_err(|e| ApiError::Unauthorized(e.to_string()))
+        let outcome = match parts.extensions.get::<Authenticated>() {
+            Some(Authenticated(outcome)) => outcome.clone(),
+            None => authenticate(&state.auth, &parts.headers),
+        };
+        outcome.map(AuthUser).map_err(ApiError::Unauthorized)
     }
+}
+
+/// The outcome of reading a request's token, made once by [`limit_rate`]
+/// and taken by [`AuthUser`]: the user, or why the token is refused.
+#[derive(Clone)]
+struct Authenticated(Result<UserId, String>);
+
+fn authenticate(auth: &Auth, headers: &header::HeaderMap) -> Result<UserId, String> {
+    auth.authenticate(headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes)).map_err(|e| e.to_string())
+}
+
+/// Who sent a request, for the request log: the user of a valid token
+/// (empty without one) and the client address.
+#[derive(Debug, Clone)]
+struct Requester {
+    user: String,
+    address: String,
 }
 
 /// Parses a `device_id`, answering 400 with the rule when it is malformed.
@@ -112,6 +140,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::disable())
         .layer(middleware::from_fn(refuse_long_uris))
+        .layer(middleware::from_fn_with_state(state.clone(), limit_rate))
         .layer(middleware::from_fn(log_request))
         .with_state(state);
     web.with_cors(router)
@@ -134,6 +163,46 @@ async fn refuse_long_uris(request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
+/// Takes the request from its user's budget (or its client address's, for
+/// a request without a valid token, and under `--auth none`), answering
+/// `429 rate_limited` when it is spent (see [`crate::rate`]). Authenticates
+/// once for the handler ([`AuthUser`]) on the way.
+async fn limit_rate(State(app): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
+    let outcome = authenticate(&app.auth, request.headers());
+    let address = request.extensions().get::<PeerAddr>().map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |peer| peer.0);
+    let key = match (&app.auth, &outcome) {
+        (Auth::Jwt(_), Ok(user)) => RateKey::User(user.clone()),
+        _ => RateKey::Address(address),
+    };
+    let requester = Requester {
+        user: outcome.as_ref().map_or_else(|_| String::new(), ToString::to_string),
+        address: address.to_string(),
+    };
+    let mut response = match app.rate.check(&key) {
+        Ok(()) => {
+            request.extensions_mut().insert(Authenticated(outcome));
+            next.run(request).await
+        }
+        Err(wait) => {
+            let limits = app.rate.limits();
+            let secs = retry_after_secs(wait);
+            ApiError::RateLimited {
+                message: format!(
+                    "too many requests from {key}: the server takes {} a second with bursts of {} \
+                     ([limits] requests_per_second and burst); retry after {secs} s",
+                    limits.requests_per_second, limits.burst
+                ),
+                retry_after_secs: secs,
+            }
+            .into_response()
+        }
+    };
+    response.extensions_mut().insert(requester);
+    response
+}
+
+/// Logs every request at debug level, every refusal (4xx) at info with who
+/// sent it and why, and every failure (5xx) as a warning.
 async fn log_request(request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
@@ -141,10 +210,16 @@ async fn log_request(request: Request, next: Next) -> Response {
     let response = next.run(request).await;
     let status = response.status().as_u16();
     let micros = started.elapsed().as_micros() as u64;
+    let (user, address) =
+        response.extensions().get::<Requester>().map_or(("", ""), |r| (r.user.as_str(), r.address.as_str()));
+    let (code, reason) =
+        response.extensions().get::<error::Refusal>().map_or(("", ""), |r| (r.code, r.message.as_str()));
     if status >= 500 {
-        tracing::warn!(%method, %path, status, micros, "request failed");
+        tracing::warn!(%method, %path, status, user = %user, address = %address, code = %code, reason, micros, "request failed");
+    } else if status >= 400 {
+        tracing::info!(%method, %path, status, user = %user, address = %address, code = %code, reason, micros, "request refused");
     } else {
-        tracing::debug!(%method, %path, status, micros, "request");
+        tracing::debug!(%method, %path, status, user = %user, address = %address, micros, "request");
     }
     response
 }

@@ -10,6 +10,7 @@ use deltasync_protocol::wire::{DEFAULT_PULL_LIMIT, MAX_PULL_LIMIT, MAX_WAIT_SECS
 
 use super::changes::{json_response, write_changes, write_page_tail};
 use super::query::Query;
+use super::slots::{Caps, Slot};
 use super::{ApiError, AppState, AuthUser, parse_device};
 use crate::store::{ChangePage, DatasetHead, DeviceTouch, PageLimit, PageOutcome};
 
@@ -19,6 +20,23 @@ pub fn reset_required(cursor: u64, head: &DatasetHead) -> ApiError {
         "cursor {cursor} is outside this dataset's log (horizon {}, head {}); bootstrap again with GET /v1/bootstrap",
         head.horizon, head.seq
     ))
+}
+
+/// When a user's waiting polls are at `max_waiting_polls`, how long to wait before another.
+const WAITING_POLL_RETRY_SECS: u64 = 5;
+
+/// Takes a place for one more waiting poll of `user`, or refuses it with
+/// `429 rate_limited` past `max_waiting_polls`.
+fn take_waiting_poll(app: &AppState, user: &UserId) -> Result<Slot, ApiError> {
+    let cap = app.config.rate.max_waiting_polls;
+    let caps = Caps { what: "waiting polls", per_user: (cap, "max_waiting_polls"), total: None };
+    app.waiting_polls.take(user, caps).map_err(|_| ApiError::RateLimited {
+        message: format!(
+            "this user already has {cap} long polls waiting ([limits] max_waiting_polls); \
+             one poll per device is enough, or pull without wait"
+        ),
+        retry_after_secs: WAITING_POLL_RETRY_SECS,
+    })
 }
 
 /// A page of at most `rows` changes within the configured `max_page_bytes`.
@@ -66,6 +84,7 @@ pub async fn pull(
     let cursor = q.u64("cursor", 0)?;
     let limit = q.limit("limit", DEFAULT_PULL_LIMIT, MAX_PULL_LIMIT)?;
     let wait = Duration::from_secs(q.u64("wait", 0)?.min(MAX_WAIT_SECS));
+    let _waiting = if wait.is_zero() { None } else { Some(take_waiting_poll(&app, &user)?) };
     let page = page_or_wait(&app, &user, cursor, limit, wait).await;
     let now = app.clock.now_ms();
     let given = page.as_ref().ok().map(|p| p.cursor);

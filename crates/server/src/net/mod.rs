@@ -136,7 +136,7 @@ pub async fn serve(
                     let (app, builder, closing) = (app.clone(), builder.clone(), closing.clone());
                     let hold = ConnectionHold { _permit: Arc::new(permit) };
                     connections.spawn(async move {
-                        serve_connection(stream, app, &builder, settings, closing, hold).await;
+                        serve_connection(stream, PeerAddr(peer.ip()), app, &builder, settings, closing, hold).await;
                     });
                 }
                 Err(e) => {
@@ -197,6 +197,7 @@ fn http_builder() -> auto::Builder<TokioExecutor> {
 /// asked for (then it finishes its requests first).
 async fn serve_connection(
     stream: TcpStream,
+    peer: PeerAddr,
     app: Router,
     builder: &auto::Builder<TokioExecutor>,
     settings: ConnectionSettings,
@@ -206,7 +207,7 @@ async fn serve_connection(
     let _ = stream.set_nodelay(true);
     let activity = Arc::new(Activity::new());
     let socket = WatchedSocket::new(stream, activity.clone(), settings.write_timeout);
-    let service = TrackedService { app, activity: activity.clone(), hold };
+    let service = TrackedService { app, activity: activity.clone(), hold, peer };
     let connection = builder.serve_connection_with_upgrades(TokioIo::new(socket), service);
     tokio::pin!(connection);
     let mut asked_to_close = *closing.borrow();
@@ -235,12 +236,18 @@ async fn serve_connection(
     }
 }
 
+/// The client address of the connection a request came on (a request
+/// extension, for limits kept per address).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAddr(pub std::net::IpAddr);
+
 /// The app as hyper calls it, counting each request in flight until its answer is sent.
 #[derive(Clone)]
 struct TrackedService {
     app: Router,
     activity: Arc<Activity>,
     hold: ConnectionHold,
+    peer: PeerAddr,
 }
 
 impl hyper::service::Service<hyper::Request<Incoming>> for TrackedService {
@@ -251,6 +258,7 @@ impl hyper::service::Service<hyper::Request<Incoming>> for TrackedService {
     fn call(&self, mut request: hyper::Request<Incoming>) -> Self::Future {
         let in_flight = InFlight::start(self.activity.clone());
         request.extensions_mut().insert(self.hold.clone());
+        request.extensions_mut().insert(self.peer);
         let mut app = self.app.clone();
         Box::pin(async move {
             let response = app.call(request.map(Body::new)).await?;

@@ -61,6 +61,10 @@ pub struct Servers {
     _config: tempfile::TempDir,
 }
 
+/// The request rates of the servers the bench starts: more than it sends.
+pub const BENCH_LIMITS: &str =
+    "[limits]\nrequests_per_second = 10000000\nburst = 10000000\nmax_waiting_polls = 100000\n";
+
 /// The configuration the bench's servers run with: the defaults, but room
 /// for the live-idle workload's sockets, which all belong to one user
 /// (`--auth none`). `max_connections` is lowered to the open-file limit.
@@ -84,7 +88,11 @@ impl Servers {
         extra: &[String],
     ) -> anyhow::Result<Servers> {
         let config_dir = tempfile::tempdir()?;
-        let config_text = config;
+        // The bench measures throughput: its devices send as fast as the
+        // server answers, from one address, so it lifts the request rates
+        // unless told otherwise.
+        let config_text =
+            if config.contains("[limits]") { config.to_owned() } else { format!("{config}\n{BENCH_LIMITS}") };
         let config = config_dir.path().join("bench.toml");
         std::fs::write(&config, config_text)?;
         let mut servers = Servers { instances: Vec::with_capacity(count), _dir: dir, _config: config_dir };
