@@ -13,6 +13,7 @@
 //! decoded, how a bootstrap streams) is made once, in [`core`], [`page`],
 //! [`rows`] and [`chunks`].
 
+pub mod admin;
 pub mod chunks;
 pub mod core;
 pub mod notify;
