@@ -12,7 +12,12 @@
 //! when a cursor calls for a bootstrap, how a push is planned, how rows are
 //! decoded, how a bootstrap streams) is made once, in [`core`], [`page`],
 //! [`rows`] and [`chunks`].
+//!
+//! [`admin`] reads reports for operators (`deltasync admin`) over a
+//! read-only connection of its own, outside [`Store`]: it never writes or
+//! migrates.
 
+pub mod admin;
 pub mod chunks;
 pub mod core;
 pub mod notify;

@@ -31,10 +31,12 @@
 //!
 //! The store is split by concept: [`writer`] (the SQL of a push), [`reads`]
 //! (every read, bootstrap included), [`listen`] (notifications across
-//! instances), [`compact`] (the SQL of compaction). What the rows mean and
+//! instances), [`compact`] (the SQL of compaction), [`admin`] (the read-only
+//! connection of admin reports). What the rows mean and
 //! every decision that does not depend on PostgreSQL are shared with SQLite
 //! (see [`crate::store::core`]).
 
+mod admin;
 mod compact;
 mod listen;
 mod reads;
@@ -51,6 +53,8 @@ use tokio::sync::watch;
 use tokio_postgres::NoTls;
 use tokio_postgres::types::Type;
 
+pub use self::admin::PostgresAdminSource;
+pub(crate) use self::admin::admin_source;
 use self::listen::{channel_name, listen};
 use self::reads::{read_collection_policies, read_conflicts, read_head, read_page, read_status};
 use self::writer::TOUCH_DEVICE_ASYNC;

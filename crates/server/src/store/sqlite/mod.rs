@@ -17,9 +17,10 @@
 //! The store is split by concept: [`writer`] (the writer thread and the SQL
 //! of a push), [`reads`] (the read pool and every read), [`checkpoint`] (the
 //! checkpointer thread), [`compact`] (the SQL of compaction, as reads and
-//! writer jobs). What the rows mean and every decision that does not
+//! writer jobs), [`admin`] (the read-only connection of admin reports). What the rows mean and every decision that does not
 //! depend on SQLite are shared with PostgreSQL (see [`crate::store::core`]).
 
+mod admin;
 mod checkpoint;
 mod compact;
 mod reads;
@@ -36,6 +37,8 @@ use rusqlite::Connection;
 use rusqlite::types::ValueRef;
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use self::admin::SqliteAdminSource;
+pub(crate) use self::admin::admin_source;
 use self::checkpoint::{Checkpointer, WRITER_AUTOCHECKPOINT_PAGES, WriteFailure};
 use self::reads::{ReadPool, read_collection_policies, read_conflicts, read_head, read_page, read_status};
 use self::writer::{Job, writer_loop};
