@@ -24,6 +24,7 @@ pub mod net;
 pub mod rate;
 pub mod refusals;
 pub mod store;
+pub mod telemetry;
 pub mod web;
 
 use std::future::Future;
@@ -60,12 +61,41 @@ pub async fn run(
     clock: Clock,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServeError> {
+    run_with_metrics_port(listener, None, store, config, auth, clock, shutdown).await
+}
+
+/// As [`run`], and when `metrics` is given, serves `GET /metrics` there too,
+/// without authentication (`deltasync serve --metrics-listen`): a port for
+/// a private network, where Prometheus scrapes without a token.
+pub async fn run_with_metrics_port(
+    listener: TcpListener,
+    metrics: Option<TcpListener>,
+    store: Arc<dyn Store>,
+    config: Config,
+    auth: Auth,
+    clock: Clock,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
     store.check_policies(&config.policies).await?;
+    telemetry::recorder();
+    let upkeep = tokio::spawn(telemetry::upkeep());
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let network = config.network.clone();
     let compactor =
         tokio::spawn(compactor::run_compactor(store.clone(), config.compaction, clock.clone(), shutdown_rx.clone()));
-    let state = Arc::new(api::AppState::new(store.clone(), config, auth, clock, shutdown_rx));
+    let state = Arc::new(api::AppState::new(store.clone(), config, auth, clock, shutdown_rx.clone()));
+    let metrics_port = metrics.map(|listener| {
+        let app = api::metrics_router(state.clone());
+        let (network, mut closing) = (network.clone(), shutdown_rx.clone());
+        tokio::spawn(async move {
+            let closed = async move {
+                let _ = closing.wait_for(|closing| *closing).await;
+            };
+            if let Err(e) = net::serve(listener, app, &network, closed).await {
+                tracing::error!(error = %e, "the metrics port failed");
+            }
+        })
+    });
     let app = api::router(state);
     let result = net::serve(listener, app, &network, async move {
         shutdown.await;
@@ -73,6 +103,10 @@ pub async fn run(
         let _ = shutdown_tx.send(true);
     })
     .await;
+    if let Some(port) = metrics_port {
+        let _ = port.await;
+    }
+    upkeep.abort();
     if let Err(e) = compactor.await {
         tracing::error!(error = %e, "the compactor task failed");
     }

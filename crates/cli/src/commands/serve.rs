@@ -59,16 +59,36 @@ pub struct ServeArgs {
     /// so a web app and its server run with one command.
     #[arg(long = "static", value_name = "DIR")]
     static_dir: Option<PathBuf>,
+    /// Also serve `GET /metrics` (Prometheus text) on ADDR, without a token: for a
+    /// private network where Prometheus scrapes. On the main port /metrics needs a
+    /// token unless --auth none.
+    #[arg(long, value_name = "ADDR")]
+    metrics_listen: Option<String>,
+    /// How log lines are written to stderr: `text` for people, `json` (one object
+    /// per line) for log collectors.
+    #[arg(long, value_enum, default_value = "text")]
+    log_format: LogFormat,
+}
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line: `timestamp`, `level`, `target`, `fields`.
+    Json,
 }
 
 /// Runs the server.
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
+        .with_writer(std::io::stderr);
+    match args.log_format {
         // Colour codes only for a person at a terminal, not in a log file or a journal.
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
@@ -92,9 +112,23 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("cannot listen on {}", args.listen))?;
         let addr = listener.local_addr()?;
+        let metrics = match &args.metrics_listen {
+            Some(at) => Some(
+                tokio::net::TcpListener::bind(at)
+                    .await
+                    .with_context(|| format!("cannot listen on {at} (--metrics-listen)"))?,
+            ),
+            None => None,
+        };
         println!("deltasync listening on http://{addr}");
+        if let Some(metrics) = &metrics {
+            let at = metrics.local_addr()?;
+            tracing::info!(%at, "metrics without a token at http://{at}/metrics");
+        }
         tracing::info!(%addr, database = %database.describe(), auth = ?args.auth, "serving");
-        deltasync_server::run(listener, store, config, auth, Clock::system(), shutdown_signal()).await?;
+        let clock = Clock::system();
+        deltasync_server::run_with_metrics_port(listener, metrics, store, config, auth, clock, shutdown_signal())
+            .await?;
         Ok(())
     })
 }

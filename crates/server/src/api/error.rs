@@ -116,7 +116,10 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code) = self.status_and_code();
         let retry_after = match &self {
-            ApiError::RateLimited { retry_after_secs, .. } => Some(*retry_after_secs),
+            ApiError::RateLimited { retry_after_secs, .. } => {
+                metrics::counter!(crate::telemetry::RATE_LIMITED).increment(1);
+                Some(*retry_after_secs)
+            }
             ApiError::Unavailable(_) => Some(1),
             _ => None,
         };

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, FromRequestParts, Request, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderValue, Method, Uri, header};
 use axum::middleware::{self, Next};
@@ -134,7 +134,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/status", get(status::status))
         .route("/v1/conflicts", get(conflicts::conflicts))
         .route("/v1/live", get(live::live))
-        .route("/healthz", get(health::healthz));
+        .route("/healthz", get(health::healthz))
+        .route("/metrics", get(metrics));
     let router = web
         .with_static(routes, Router::new().fallback(not_found))
         .method_not_allowed_fallback(method_not_allowed)
@@ -144,6 +145,33 @@ pub fn router(state: Arc<AppState>) -> Router {
         .layer(middleware::from_fn(log_request))
         .with_state(state);
     web.with_cors(router)
+}
+
+/// The router of the `--metrics-listen` port: `GET /metrics` without a token, nothing else.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(|State(app): State<Arc<AppState>>| async move { metrics_text(&app) }))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(refuse_long_uris))
+        .with_state(state)
+}
+
+/// `GET /metrics`: the metrics in Prometheus text; needs a token unless `--auth none`.
+async fn metrics(State(app): State<Arc<AppState>>, AuthUser(_): AuthUser) -> Response {
+    metrics_text(&app)
+}
+
+/// The metrics now, as `GET /metrics` answers them (also on the port of `--metrics-listen`).
+pub fn metrics_text(app: &AppState) -> Response {
+    use crate::telemetry;
+    ::metrics::gauge!(telemetry::LIVE_CONNECTIONS).set(app.live.total() as f64);
+    ::metrics::gauge!(telemetry::WAITING_POLLS).set(app.waiting_polls.total() as f64);
+    let mut response = telemetry::render().into_response();
+    response
+        .headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"));
+    response
 }
 
 async fn not_found(uri: Uri) -> ApiError {
@@ -201,15 +229,37 @@ async fn limit_rate(State(app): State<Arc<AppState>>, mut request: Request, next
     response
 }
 
+/// The metrics label of a route.
+fn endpoint_label(route: &str) -> &'static str {
+    const ROUTES: [&str; 9] = [
+        "/v1/push",
+        "/v1/pull",
+        "/v1/sync",
+        "/v1/bootstrap",
+        "/v1/status",
+        "/v1/conflicts",
+        "/v1/live",
+        "/healthz",
+        "/metrics",
+    ];
+    ROUTES.into_iter().find(|r| *r == route).unwrap_or("other")
+}
+
 /// Logs every request at debug level, every refusal (4xx) at info with who
 /// sent it and why, and every failure (5xx) as a warning.
 async fn log_request(request: Request, next: Next) -> Response {
     let method = request.method().clone();
     let path = request.uri().path().to_owned();
+    // The route, not the path, so that the labels stay few whatever clients ask for.
+    let endpoint = request.extensions().get::<MatchedPath>().map_or("other", |m| endpoint_label(m.as_str()));
     let started = Instant::now();
     let response = next.run(request).await;
     let status = response.status().as_u16();
-    let micros = started.elapsed().as_micros() as u64;
+    let took = started.elapsed();
+    let micros = took.as_micros() as u64;
+    ::metrics::counter!(crate::telemetry::HTTP_REQUESTS, "endpoint" => endpoint, "status" => status.to_string())
+        .increment(1);
+    ::metrics::histogram!(crate::telemetry::HTTP_DURATION, "endpoint" => endpoint).record(took.as_secs_f64());
     let (user, address) =
         response.extensions().get::<Requester>().map_or(("", ""), |r| (r.user.as_str(), r.address.as_str()));
     let (code, reason) =

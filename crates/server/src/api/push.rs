@@ -30,7 +30,7 @@ pub async fn push(
         PushBatch { user, device, changes, now, max_clock_drift_ms: limits.max_clock_drift_ms, require_cursor: None };
     match app.store.push(batch, app.config.policies.clone()).await? {
         PushOutcome::Committed { results, head } => Ok(Json(PushResponse {
-            results,
+            results: counted(results),
             cursor: head.seq,
             state_hash: head.state_hash,
             state_digest: head.state_digest,
@@ -38,4 +38,10 @@ pub async fn push(
         })),
         PushOutcome::ResetRequired { .. } => Err(ApiError::Internal("push without a cursor asked for a reset".into())),
     }
+}
+
+/// Counts the results in the metrics, and gives them back.
+fn counted(results: Vec<deltasync_protocol::wire::PushResult>) -> Vec<deltasync_protocol::wire::PushResult> {
+    crate::telemetry::count_results(&results);
+    results
 }

@@ -76,6 +76,11 @@ impl UserSlots {
         Ok(Slot { slots: self.clone(), user: user.clone() })
     }
 
+    /// How many places all users hold now.
+    pub fn total(&self) -> usize {
+        self.taken.lock().expect("slots lock").total
+    }
+
     /// How many places `user` holds now.
     pub fn held_by(&self, user: &UserId) -> usize {
         self.taken.lock().expect("slots lock").per_user.get(user).copied().unwrap_or(0)

@@ -56,7 +56,10 @@ pub async fn sync(
             require_cursor: Some(cursor),
         };
         match app.store.push(batch, app.config.policies.clone()).await? {
-            PushOutcome::Committed { results: r, .. } => results = r,
+            PushOutcome::Committed { results: r, .. } => {
+                crate::telemetry::count_results(&r);
+                results = r;
+            }
             PushOutcome::ResetRequired { head } => {
                 app.store.touch_device(DeviceTouch::new(&user, &device, None, now)).await?;
                 return Err(reset_required(cursor, &head));

@@ -81,7 +81,10 @@ impl PostgresStore {
         let plan = push::plan(&batch, &policies, snapshot);
         let moved = plan.head.seq != head.seq;
         write_plan(&tx, &batch.user, &batch.device, batch.now, &plan, moved.then_some(self.channel.as_str())).await?;
-        tx.commit().await.map_err(map_err)?;
+        let committing = std::time::Instant::now();
+        let committed = tx.commit().await;
+        crate::telemetry::commit_took(committing.elapsed());
+        committed.map_err(map_err)?;
         if moved {
             self.notifier.publish(&batch.user, plan.head.seq);
         }

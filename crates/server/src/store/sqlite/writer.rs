@@ -286,7 +286,10 @@ fn run_group_in_transaction(
             }
         }
     }
-    if let Err(e) = conn.execute_batch("COMMIT") {
+    let committing = std::time::Instant::now();
+    let committed = conn.execute_batch("COMMIT");
+    crate::telemetry::commit_took(committing.elapsed());
+    if let Err(e) = committed {
         tracing::error!(error = %e, "group commit failed; every write in it is refused");
         let _ = conn.execute_batch("ROLLBACK");
         // The index took the group's rows; the tables did not keep them.
