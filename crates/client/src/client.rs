@@ -33,6 +33,11 @@ pub struct ClientOptions {
     pub server: Option<String>,
     /// A bearer token for servers running with `--auth jwt`.
     pub token: Option<String>,
+    /// Where a fresh token comes from when the server answers 401 (an expired
+    /// token, or none given): asked once per refused request, which is then
+    /// sent again once. Nothing is lost meanwhile: a sync that still fails
+    /// `unauthorized` keeps every change in the outbox.
+    pub token_provider: Option<crate::http::TokenProvider>,
     /// The most changes sent in one request (the server's `max_batch` is 1000 by default).
     pub batch_size: usize,
     /// Speak HTTP/2 to an `http://` server without negotiating it first (h2c
@@ -73,6 +78,7 @@ impl Default for ClientOptions {
         Self {
             server: None,
             token: None,
+            token_provider: None,
             batch_size: 500,
             http2_prior_knowledge: false,
             page_limit: deltasync_protocol::wire::MAX_PULL_LIMIT,
@@ -92,6 +98,7 @@ impl std::fmt::Debug for ClientOptions {
         f.debug_struct("ClientOptions")
             .field("server", &self.server)
             .field("token", &self.token.as_ref().map(|_| "…"))
+            .field("token_provider", &self.token_provider.is_some())
             .field("batch_size", &self.batch_size)
             .field("page_limit", &self.page_limit)
             .field("request_timeout", &self.request_timeout)
@@ -176,7 +183,13 @@ impl Client {
             request_timeout: options.request_timeout,
             stall_timeout: options.stall_timeout,
         };
-        let api = server.as_deref().map(|url| ServerApi::new(url, options.token.clone(), http)).transpose()?;
+        let api = server
+            .as_deref()
+            .map(|url| {
+                ServerApi::new(url, options.token.clone(), http)
+                    .map(|api| api.with_token_provider(options.token_provider.clone()))
+            })
+            .transpose()?;
         let (events, _) = broadcast::channel(1024);
         let local_writes = Arc::new(Notify::new());
         let engine_options = EngineOptions {

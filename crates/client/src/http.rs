@@ -6,6 +6,7 @@
 //! and a streamed answer (bootstrap) may go silent for at most
 //! [`HttpOptions::stall_timeout`].
 
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -42,13 +43,31 @@ pub struct HttpOptions {
     pub stall_timeout: Duration,
 }
 
+/// Where a client gets a fresh bearer token: called when the server refuses
+/// the one it has (401), or has none. Ok is the token; Err says why there is
+/// none (the sync then fails `unauthorized` with that reason).
+pub type TokenProvider =
+    Arc<dyn Fn() -> futures_util::future::BoxFuture<'static, std::result::Result<String, String>> + Send + Sync>;
+
 /// A connection to one deltasync server.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct ServerApi {
     http: reqwest::Client,
     base: String,
-    token: Option<String>,
+    /// The token requests carry now: the one given, or the provider's latest.
+    token: Arc<RwLock<Option<String>>>,
+    provider: Option<TokenProvider>,
     options: HttpOptions,
+}
+
+impl std::fmt::Debug for ServerApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ServerApi")
+            .field("base", &self.base)
+            .field("token_provider", &self.provider.is_some())
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
 }
 
 impl ServerApi {
@@ -64,7 +83,16 @@ impl ServerApi {
             builder = builder.http2_prior_knowledge();
         }
         let http = builder.build().map_err(|e| Error::Invalid(format!("cannot build the HTTP client: {e}")))?;
-        Ok(Self { http, base, token, options })
+        Ok(Self { http, base, token: Arc::new(RwLock::new(token)), provider: None, options })
+    }
+
+    /// The same, asking `provider` for a fresh token whenever the server
+    /// answers 401: once per request, which is then sent again once with the
+    /// new token (never more, so a provider that hands out bad tokens cannot
+    /// make a loop).
+    pub fn with_token_provider(mut self, provider: Option<TokenProvider>) -> Self {
+        self.provider = provider;
+        self
     }
 
     /// The server's base URL.
@@ -77,7 +105,7 @@ impl ServerApi {
     fn build(&self, r: Request) -> (reqwest::RequestBuilder, &'static str, Duration) {
         let method = if r.method == "POST" { reqwest::Method::POST } else { reqwest::Method::GET };
         let mut req = self.http.request(method, format!("{}{}", self.base, r.path));
-        if let Some(t) = &self.token {
+        if let Some(t) = self.token.read().expect("token lock").as_deref() {
             req = req.bearer_auth(t);
         }
         if let Some(body) = r.body {
@@ -99,6 +127,39 @@ impl ServerApi {
             source = s.source();
         }
         Error::Unreachable { url: self.base.clone(), message }
+    }
+
+    /// Builds and sends `r` (with `timeout`, the whole exchange's deadline
+    /// on the request), asking the token provider once for a fresh token and
+    /// sending it again once when the server answers 401.
+    async fn exchange(&self, r: Request, timeout: bool) -> Result<(reqwest::Response, &'static str, Duration)> {
+        let again = self.provider.is_some().then(|| r.clone());
+        let attempt = |r: Request| {
+            let (req, request, limit) = self.build(r);
+            let req = if timeout { req.timeout(limit) } else { req };
+            async move { self.send(request, req, limit).await.map(|resp| (resp, request, limit)) }
+        };
+        match (attempt(r).await, again) {
+            (Err(Error::Server { status: 401, .. }), Some(r)) => {
+                self.renew_token().await?;
+                attempt(r).await
+            }
+            (outcome, _) => outcome,
+        }
+    }
+
+    /// Asks the token provider for a fresh token and uses it from now on.
+    async fn renew_token(&self) -> Result<()> {
+        let Some(provider) = &self.provider else { return Ok(()) };
+        let fresh = provider().await.map_err(|why| Error::Server {
+            status: 401,
+            code: "unauthorized".into(),
+            message: format!("the server refused the token, and the token provider gave no new one: {why}"),
+            retry_after: None,
+            details: Vec::new(),
+        })?;
+        *self.token.write().expect("token lock") = Some(fresh.trim().to_owned());
+        Ok(())
     }
 
     /// Sends `req` (named `request` in errors) and turns an answer that is not
@@ -148,25 +209,35 @@ impl ServerApi {
     /// HTTP/1.1 upgrade on this client's connections. A server without the
     /// endpoint answers [`Error::Server`] with status 404.
     pub async fn open_live(&self, device_id: &str) -> Result<crate::live::LiveSocket> {
-        let (req, request, limit) = self.build(requests::live(device_id));
         let (headers, key) = crate::live::LiveSocket::upgrade_headers();
-        let mut req = req.version(reqwest::Version::HTTP_11);
-        for (name, value) in headers {
-            req = req.header(name, value);
-        }
-        let resp = match tokio::time::timeout(limit, self.send(request, req, limit)).await {
-            Ok(result) => result?,
-            Err(_) => {
-                return Err(Error::Timeout { kind: TimeoutKind::Request, operation: request.to_owned(), after: limit });
+        let open = || {
+            let (req, request, limit) = self.build(requests::live(device_id));
+            let mut req = req.version(reqwest::Version::HTTP_11);
+            for (name, value) in &headers {
+                req = req.header(*name, value.as_str());
             }
+            async move {
+                match tokio::time::timeout(limit, self.send(request, req, limit)).await {
+                    Ok(result) => result,
+                    Err(_) => {
+                        Err(Error::Timeout { kind: TimeoutKind::Request, operation: request.to_owned(), after: limit })
+                    }
+                }
+            }
+        };
+        let resp = match open().await {
+            Err(Error::Server { status: 401, .. }) if self.provider.is_some() => {
+                self.renew_token().await?;
+                open().await?
+            }
+            outcome => outcome?,
         };
         crate::live::LiveSocket::accept(resp, &key, format!("{}/v1/live", self.base)).await
     }
 
     /// Sends a request whose whole answer is one JSON value, within its deadline.
     async fn json<T: DeserializeOwned>(&self, r: Request) -> Result<T> {
-        let (req, request, limit) = self.build(r);
-        let resp = self.send(request, req.timeout(limit), limit).await?;
+        let (resp, request, limit) = self.exchange(r, true).await?;
         let bytes = resp.bytes().await.map_err(|e| self.network_error(request, limit, e))?;
         serde_json::from_slice(&bytes).map_err(|e| Error::Protocol {
             request,
@@ -182,8 +253,8 @@ impl Transport for ServerApi {
         &self.base
     }
 
-    fn token(&self) -> Option<&str> {
-        self.token.as_deref()
+    fn token(&self) -> Option<String> {
+        self.token.read().expect("token lock").clone()
     }
 
     async fn sync(&self, body: &SyncBody<'_>) -> Result<SyncResponse> {
@@ -201,9 +272,10 @@ impl Transport for ServerApi {
     /// The answer's head within the request timeout; its body may then go
     /// silent for at most the stall timeout at a time.
     async fn bootstrap(&self, device_id: &str) -> Result<BodyStream> {
-        let (req, request, limit) = self.build(requests::bootstrap(device_id));
-        let resp = match tokio::time::timeout(limit, self.send(request, req, limit)).await {
-            Ok(result) => result?,
+        let r = requests::bootstrap(device_id);
+        let (request, limit) = (r.name, self.options.request_timeout + r.held_for);
+        let resp = match tokio::time::timeout(limit, self.exchange(r, false)).await {
+            Ok(result) => result?.0,
             Err(_) => {
                 return Err(Error::Timeout { kind: TimeoutKind::Request, operation: request.to_owned(), after: limit });
             }

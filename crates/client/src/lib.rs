@@ -78,6 +78,7 @@ pub use client::{
 };
 pub use deltasync_engine::{LocalWrite, WriteKind};
 pub use error::{ClientError, Result, TimeoutKind};
+pub use http::TokenProvider;
 pub use local::{OutboxEntry, OutboxStatus};
 pub use runner::{RunnerOptions, SyncRunner};
 pub use sync::{LostChange, SyncReport};

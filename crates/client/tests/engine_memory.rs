@@ -31,7 +31,7 @@ impl Transport for LossyTransport {
         Transport::base(&self.api)
     }
 
-    fn token(&self) -> Option<&str> {
+    fn token(&self) -> Option<String> {
         self.api.token()
     }
 

@@ -48,8 +48,8 @@ pub trait Transport {
 
     /// The server's base URL, for messages.
     fn base(&self) -> &str;
-    /// The bearer token requests carry, if any.
-    fn token(&self) -> Option<&str>;
+    /// The bearer token requests carry now, if any (a transport may renew it).
+    fn token(&self) -> Option<String>;
 
     /// `GET /v1/status`.
     /// (`device_id` absent: the server records no device, as when asking whose a token is.)
@@ -90,7 +90,7 @@ impl Transport for NoServer {
         match *self {}
     }
 
-    fn token(&self) -> Option<&str> {
+    fn token(&self) -> Option<String> {
         match *self {}
     }
 

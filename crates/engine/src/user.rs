@@ -60,7 +60,7 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
         let mut tx = self.store.begin(Access::Read).await?;
         let (user, seen) = (tx.meta(keys::USER_ID).await?, tx.meta(USER_TOKEN).await?);
         drop(tx);
-        if user.is_some() && seen.as_deref() != Some(token_key(transport.token()).as_str()) {
+        if user.is_some() && seen.as_deref() != Some(token_key(transport.token().as_deref()).as_str()) {
             let status = transport.status(None).await?;
             self.bind_user(&status.user_id, transport).await?;
         }
@@ -75,7 +75,7 @@ impl<S: LocalStore, T: Transport, C: Clock> Engine<S, T, C> {
             return Err(Error::WrongUser { replica_user: bound, token_user: user.to_owned() });
         }
         tx.set_meta(keys::USER_ID, user).await?;
-        tx.set_meta(USER_TOKEN, &token_key(transport.token())).await?;
+        tx.set_meta(USER_TOKEN, &token_key(transport.token().as_deref())).await?;
         tx.commit().await
     }
 

@@ -176,8 +176,8 @@ impl Transport for FetchTransport {
         &self.base
     }
 
-    fn token(&self) -> Option<&str> {
-        self.token.as_deref()
+    fn token(&self) -> Option<String> {
+        self.token.clone()
     }
 
     async fn status(&self, device_id: Option<&str>) -> Result<StatusResponse> {

@@ -44,6 +44,11 @@ pub struct ClientArgs {
     /// Bearer token for a server running with --auth jwt (see `deltasync token`).
     #[arg(long, env = "DELTASYNC_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A shell command that prints a fresh bearer token on stdout (e.g. `gcloud auth
+    /// print-identity-token`), run whenever the server refuses the token (401): the request
+    /// is then sent once more with the new one. Without --token, the first request asks it.
+    #[arg(long, env = "DELTASYNC_TOKEN_COMMAND", value_name = "CMD")]
+    token_command: Option<String>,
     /// Speak HTTP/2 to an http:// server directly (h2c with prior knowledge; smaller requests).
     #[arg(long, env = "DELTASYNC_HTTP2")]
     http2: bool,
@@ -280,6 +285,7 @@ fn execute(args: ClientArgs) -> Result<Output, ClientError> {
     let options = ClientOptions {
         server: args.server,
         token: args.token,
+        token_provider: args.token_command.map(token_command),
         http2_prior_knowledge: args.http2,
         sync_timeout: deadline,
         progress,
@@ -287,6 +293,30 @@ fn execute(args: ClientArgs) -> Result<Output, ClientError> {
     };
     let client = Client::open(&args.db, options)?;
     dispatch(&client, args.command, &bar, deadline)
+}
+
+/// A token provider that runs `command` with `sh -c` and takes what it prints.
+fn token_command(command: String) -> deltasync_client::TokenProvider {
+    Arc::new(move || {
+        let command = command.clone();
+        Box::pin(async move {
+            let run = command.clone();
+            let out = tokio::task::spawn_blocking(move || std::process::Command::new("sh").arg("-c").arg(run).output())
+                .await
+                .map_err(|e| format!("--token-command {command:?} did not finish: {e}"))?
+                .map_err(|e| format!("cannot run --token-command {command:?}: {e}"))?;
+            if !out.status.success() {
+                let said = String::from_utf8_lossy(&out.stderr);
+                return Err(format!("--token-command {command:?} failed ({}): {}", out.status, said.trim()));
+            }
+            let token = String::from_utf8(out.stdout)
+                .map_err(|_| format!("--token-command {command:?} printed something that is not text"))?;
+            match token.trim() {
+                "" => Err(format!("--token-command {command:?} printed no token")),
+                token => Ok(token.to_owned()),
+            }
+        })
+    })
 }
 
 /// Shows each step of a sync on `bar`.
