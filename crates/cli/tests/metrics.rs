@@ -66,10 +66,10 @@ async fn get(url: &str, token: Option<&str>) -> (u16, String) {
     (response.status().as_u16(), response.text().await.unwrap())
 }
 
-#[tokio::test]
-async fn metrics_follow_what_the_server_did_and_promtool_accepts_them() {
+store_test!(#[tokio::test] async fn metrics_follow_what_the_server_did_and_promtool_accepts_them);
+async fn metrics_follow_what_the_server_did_and_promtool_accepts_them(backend: &Backend) {
     let server = Server::start_with(
-        &Backend::Sqlite,
+        backend,
         Options {
             jwt_secret: Some(SECRET.into()),
             config: Some("[limits]\nrequests_per_second = 1\nburst = 30\n".into()),
