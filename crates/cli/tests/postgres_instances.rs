@@ -283,7 +283,7 @@ async fn instances_started_together_migrate_once() {
     let others: Vec<Server> = others.into_iter().map(|t| t.join().expect("an instance failed to start")).collect();
     let (st, out, err) = run_cli(&["migrate", "--database", &first.database]);
     assert!(st.success(), "migrate failed: {err}");
-    assert!(out.contains("already at version 3"), "{out}");
+    assert!(out.contains("already at version 4"), "{out}");
     let c = client();
     for s in others.iter().chain([&first]) {
         let (code, body) = get(&c, &s.url, "/v1/status").await;
@@ -298,10 +298,10 @@ fn migrate_creates_the_schema_and_explains_bad_urls() {
     let (database, _schema) = backend.fresh_database(dir.path());
     let (st, out, err) = run_cli(&["migrate", "--database", &database]);
     assert!(st.success(), "migrate failed: {err}");
-    assert!(out.contains("from version 0 to 3"), "{out}");
+    assert!(out.contains("from version 0 to 4"), "{out}");
     let (st, out, _) = run_cli(&["migrate", "--database", &database]);
     assert!(st.success());
-    assert!(out.contains("already at version 3"), "{out}");
+    assert!(out.contains("already at version 4"), "{out}");
 
     let (st, _, err) = run_cli(&["migrate", "--database", "postgres://postgres@127.0.0.1:notaport/test"]);
     assert!(!st.success());

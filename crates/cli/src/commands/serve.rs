@@ -19,6 +19,9 @@ pub enum AuthMode {
     None,
     /// HS256 JWTs signed with the secret in --jwt-secret-file; the token's `sub` is the user.
     Jwt,
+    /// OpenID Connect ID tokens (Google sign-in and other providers) of --oidc-issuer for
+    /// --oidc-audience; each (issuer, subject) pair gets a user, a random UUID, on first sign-in.
+    Oidc,
 }
 
 /// Flags of `deltasync serve`.
@@ -46,6 +49,14 @@ pub struct ServeArgs {
     /// File holding the HS256 secret for --auth jwt (trailing CR/LF bytes are ignored).
     #[arg(long, value_name = "FILE", required_if_eq("auth", "jwt"))]
     jwt_secret_file: Option<PathBuf>,
+    /// An OpenID Connect issuer whose ID tokens --auth oidc accepts, e.g. https://accounts.google.com
+    /// (its keys are found through ISSUER/.well-known/openid-configuration). Repeat for several.
+    #[arg(long = "oidc-issuer", value_name = "URL", required_if_eq("auth", "oidc"))]
+    oidc_issuers: Vec<String>,
+    /// An audience (the app's OAuth client id) whose ID tokens --auth oidc accepts: the token's
+    /// `aud` must hold one. Repeat for several apps (web, Android, iOS).
+    #[arg(long = "oidc-audience", value_name = "CLIENT_ID", required_if_eq("auth", "oidc"))]
+    oidc_audiences: Vec<String>,
     /// TOML configuration file: limits, compaction and per-collection merge policies (see config.example.toml).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
@@ -101,6 +112,14 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
             let path = args.jwt_secret_file.as_ref().context("--auth jwt needs --jwt-secret-file")?;
             Auth::Jwt(Box::new(JwtVerifier::new(&auth::read_secret(path)?)))
         }
+        AuthMode::Oidc => {
+            let verifier = deltasync_server::auth::oidc::OidcVerifier::new(&args.oidc_issuers, &args.oidc_audiences)
+                .map_err(anyhow::Error::msg)?;
+            Auth::Oidc(std::sync::Arc::new(match oidc_refetch_after()? {
+                Some(every) => verifier.with_refetch_after(every),
+                None => verifier,
+            }))
+        }
     };
     let database = Database::parse(&args.database)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
@@ -146,4 +165,16 @@ async fn shutdown_signal() {
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
+}
+
+/// `DELTASYNC_OIDC_REFETCH_SECS` (1 to 3600): how often an issuer's keys may
+/// be fetched, instead of once a minute (for tests of key rotation).
+fn oidc_refetch_after() -> anyhow::Result<Option<std::time::Duration>> {
+    let Ok(value) = std::env::var("DELTASYNC_OIDC_REFETCH_SECS") else { return Ok(None) };
+    match value.parse::<u64>() {
+        Ok(secs @ 1..=3600) => Ok(Some(std::time::Duration::from_secs(secs))),
+        _ => {
+            anyhow::bail!("DELTASYNC_OIDC_REFETCH_SECS must be a whole number of seconds from 1 to 3600, got {value:?}")
+        }
+    }
 }

@@ -207,6 +207,10 @@ pub struct Server {
     schema: Option<PgSchema>,
 }
 
+/// How often test servers with `--auth oidc` may fetch an issuer's keys.
+pub const OIDC_REFETCH_SECS: u64 = 2;
+const OIDC_REFETCH_VAR: &str = "DELTASYNC_OIDC_REFETCH_SECS";
+
 /// A `[limits]` section no test outside the rate-limit tests reaches.
 pub const UNSPENDABLE_LIMITS: &str =
     "[limits]\nrequests_per_second = 1000000\nburst = 1000000\nmax_waiting_polls = 100000\n";
@@ -348,6 +352,9 @@ fn spawn(args: &[String], log: Option<&Path>) -> (Child, String) {
         // every 50,000, so that every test runs on a mix of folded and
         // pending entity states, and crashes land between folds and in them.
         .env(FOLD_ROWS_VAR, "5")
+        // `--auth oidc` servers may fetch an issuer's keys every 2 s instead
+        // of every minute, so that key rotation is tested in seconds.
+        .env(OIDC_REFETCH_VAR, OIDC_REFETCH_SECS.to_string())
         .stdout(Stdio::piped())
         .stderr(stderr)
         .spawn()

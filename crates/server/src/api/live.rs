@@ -136,12 +136,12 @@ fn offered_protocols(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// The user, from `Authorization` or else from a `bearer.<token>` subprotocol.
-fn authenticate(app: &AppState, headers: &HeaderMap, offered: &[String]) -> Result<UserId, ApiError> {
+async fn authenticate(app: &AppState, headers: &HeaderMap, offered: &[String]) -> Result<UserId, ApiError> {
     let from_protocol =
         offered.iter().find_map(|p| p.strip_prefix(BEARER_PROTOCOL_PREFIX)).map(|token| format!("Bearer {token}"));
     let authorization =
         headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()).or(from_protocol.as_deref().map(str::as_bytes));
-    app.auth.authenticate(authorization).map_err(|e| ApiError::Unauthorized(e.to_string()))
+    Ok(super::authenticate(app, authorization).await?)
 }
 
 /// Handles the upgrade to a live socket.
@@ -153,7 +153,7 @@ pub async fn live(
     upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let offered = offered_protocols(&headers);
-    let user = authenticate(&app, &headers, &offered)?;
+    let user = authenticate(&app, &headers, &offered).await?;
     let q = Query::parse(raw.as_deref())?;
     let device =
         parse_device(q.str("device_id").ok_or_else(|| ApiError::invalid("query parameter device_id is required"))?)?;

@@ -95,19 +95,61 @@ impl FromRequestParts<Arc<AppState>> for AuthUser {
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, ApiError> {
         let outcome = match parts.extensions.get::<Authenticated>() {
             Some(Authenticated(outcome)) => outcome.clone(),
-            None => authenticate(&state.auth, &parts.headers),
+            None => authenticate(state, parts.headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes)).await,
         };
-        outcome.map(AuthUser).map_err(ApiError::Unauthorized)
+        outcome.map(AuthUser).map_err(ApiError::from)
+    }
+}
+
+/// Why a request's token gives no user.
+#[derive(Debug, Clone)]
+pub(crate) enum Refused {
+    /// The token is missing or refused (401).
+    Unauthorized(String),
+    /// The server cannot tell now: an issuer's keys or the store are out of reach (503).
+    Unavailable(String),
+}
+
+impl From<Refused> for ApiError {
+    fn from(refused: Refused) -> ApiError {
+        match refused {
+            Refused::Unauthorized(message) => ApiError::Unauthorized(message),
+            Refused::Unavailable(message) => ApiError::Unavailable(message),
+        }
     }
 }
 
 /// The outcome of reading a request's token, made once by [`limit_rate`]
-/// and taken by [`AuthUser`]: the user, or why the token is refused.
+/// and taken by [`AuthUser`]: the user, or why there is none.
 #[derive(Clone)]
-struct Authenticated(Result<UserId, String>);
+struct Authenticated(Result<UserId, Refused>);
 
-fn authenticate(auth: &Auth, headers: &header::HeaderMap) -> Result<UserId, String> {
-    auth.authenticate(headers.get(header::AUTHORIZATION).map(HeaderValue::as_bytes)).map_err(|e| e.to_string())
+/// The user of a request with this `Authorization` header value: the one
+/// its token names, or for `--auth oidc` the one its identity maps to (made
+/// on the identity's first sign-in).
+pub(crate) async fn authenticate(app: &AppState, authorization: Option<&[u8]>) -> Result<UserId, Refused> {
+    use crate::auth::{AuthError, Caller};
+    match app.auth.caller(authorization).await {
+        Ok(Caller::User(user)) => Ok(user),
+        Ok(Caller::Identity(identity)) => {
+            let Auth::Oidc(verifier) = &app.auth else {
+                return Err(Refused::Unauthorized("this server does not take OpenID Connect tokens".into()));
+            };
+            if let Some(user) = verifier.known_user(&identity) {
+                return Ok(user);
+            }
+            let user = app
+                .store
+                .user_for_identity(&identity.issuer, &identity.subject, app.clock.now_ms())
+                .await
+                .map_err(|e| Refused::Unavailable(format!("cannot look up the user of this sign-in: {e}")))?;
+            tracing::debug!(issuer = %identity.issuer, subject = %identity.subject, %user, "identity mapped to its user");
+            verifier.remember_user(identity, user.clone());
+            Ok(user)
+        }
+        Err(AuthError::Oidc(e)) if e.is_transient() => Err(Refused::Unavailable(e.to_string())),
+        Err(e) => Err(Refused::Unauthorized(e.to_string())),
+    }
 }
 
 /// Who sent a request, for the request log: the user of a valid token
@@ -196,11 +238,11 @@ async fn refuse_long_uris(request: Request, next: Next) -> Response {
 /// `429 rate_limited` when it is spent (see [`crate::rate`]). Authenticates
 /// once for the handler ([`AuthUser`]) on the way.
 async fn limit_rate(State(app): State<Arc<AppState>>, mut request: Request, next: Next) -> Response {
-    let outcome = authenticate(&app.auth, request.headers());
+    let outcome = authenticate(&app, request.headers().get(header::AUTHORIZATION).map(HeaderValue::as_bytes)).await;
     let address = request.extensions().get::<PeerAddr>().map_or(std::net::Ipv4Addr::UNSPECIFIED.into(), |peer| peer.0);
     let key = match (&app.auth, &outcome) {
-        (Auth::Jwt(_), Ok(user)) => RateKey::User(user.clone()),
-        _ => RateKey::Address(address),
+        (Auth::None, _) | (_, Err(_)) => RateKey::Address(address),
+        (_, Ok(user)) => RateKey::User(user.clone()),
     };
     let requester = Requester {
         user: outcome.as_ref().map_or_else(|_| String::new(), ToString::to_string),

@@ -14,6 +14,7 @@
 //! - `jwt`: verifying and minting HS256 tokens.
 
 mod jwt;
+pub mod oidc;
 
 use std::fmt;
 use std::path::Path;
@@ -32,6 +33,17 @@ pub enum Auth {
     None,
     /// HS256 JWTs signed with a shared secret.
     Jwt(Box<JwtVerifier>),
+    /// OpenID Connect ID tokens (RS256, ES256) of configured issuers and audiences.
+    Oidc(std::sync::Arc<oidc::OidcVerifier>),
+}
+
+/// What a request's token proves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Caller {
+    /// The user itself (`--auth none`, `--auth jwt`).
+    User(UserId),
+    /// An OpenID Connect identity, which the store maps to a user.
+    Identity(oidc::Identity),
 }
 
 impl fmt::Debug for Auth {
@@ -39,6 +51,7 @@ impl fmt::Debug for Auth {
         match self {
             Auth::None => f.write_str("Auth::None"),
             Auth::Jwt(_) => f.write_str("Auth::Jwt"),
+            Auth::Oidc(_) => f.write_str("Auth::Oidc"),
         }
     }
 }
@@ -149,6 +162,9 @@ pub enum AuthError {
     /// The token was refused for a reason none of the above names.
     #[error("the token cannot be verified; {MINT_NEW}")]
     Unverifiable,
+    /// An OpenID Connect ID token was refused.
+    #[error(transparent)]
+    Oidc(#[from] oidc::OidcError),
     /// The secret file cannot be used (operator's fault).
     #[error("cannot use JWT secret file {path}: {reason}")]
     Secret {
@@ -211,10 +227,24 @@ impl Auth {
     /// The user of a request whose `Authorization` header has this value
     /// (`None` when the request has none). With `--auth none` the header is
     /// ignored, whatever it holds.
+    /// (`--auth oidc` proves identities, not users: see [`Auth::caller`].)
     pub fn authenticate(&self, authorization: Option<&[u8]>) -> Result<UserId, AuthError> {
         match self {
             Auth::None => Ok(UserId::parse(LOCAL_USER).expect("valid")),
             Auth::Jwt(v) => v.verify(bearer_token(authorization.ok_or(AuthError::Missing)?)?),
+            Auth::Oidc(_) => Err(AuthError::Unverifiable),
+        }
+    }
+
+    /// Who the request's `Authorization` header says is calling: a user, or
+    /// for `--auth oidc` an identity (which may need the issuer's keys fetched).
+    pub async fn caller(&self, authorization: Option<&[u8]>) -> Result<Caller, AuthError> {
+        match self {
+            Auth::Oidc(v) => {
+                let token = bearer_token(authorization.ok_or(AuthError::Missing)?)?;
+                Ok(Caller::Identity(v.verify(token).await?))
+            }
+            _ => self.authenticate(authorization).map(Caller::User),
         }
     }
 }

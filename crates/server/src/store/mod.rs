@@ -243,6 +243,10 @@ pub trait Store: Send + Sync + 'static {
     /// Registers a device, raises its `last_seen`, and its cursor if given (see [`DeviceTouch`]).
     fn touch_device(&self, touch: DeviceTouch) -> StoreFuture<'_, ()>;
 
+    /// The user id of an OpenID Connect identity (`iss`, `sub`): made on its
+    /// first sign-in, a new random UUID, the same one ever after.
+    fn user_for_identity<'a>(&'a self, issuer: &'a str, subject: &'a str, now: u64) -> StoreFuture<'a, UserId>;
+
     /// The dataset head and devices.
     fn status<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, DatasetStatus>;
 

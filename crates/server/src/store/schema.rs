@@ -121,6 +121,17 @@ pub const SQLITE_MIGRATIONS: &[&str] = &[
         seq           INTEGER NOT NULL
     );
     "#,
+    // 4: the users that OpenID Connect sign-in made: one per (issuer,
+    // subject) pair, whose random UUID is the user id of its dataset.
+    r#"
+    CREATE TABLE users (
+        user_id       TEXT    NOT NULL PRIMARY KEY,
+        issuer        TEXT    NOT NULL,
+        subject       TEXT    NOT NULL,
+        created_at    INTEGER NOT NULL,
+        UNIQUE (issuer, subject)
+    ) WITHOUT ROWID;
+    "#,
 ];
 
 /// The PostgreSQL migrations, in step with [`SQLITE_MIGRATIONS`].
@@ -235,6 +246,16 @@ pub const POSTGRES_MIGRATIONS: &[&str] = &[
         user_id       TEXT COLLATE "C" NOT NULL,
         change_id     TEXT COLLATE "C" NOT NULL,
         seq           BIGINT  NOT NULL
+    );
+    "#,
+    // 4: the users of OpenID Connect sign-in (see the SQLite list).
+    r#"
+    CREATE TABLE users (
+        user_id       TEXT COLLATE "C" NOT NULL PRIMARY KEY,
+        issuer        TEXT COLLATE "C" NOT NULL,
+        subject       TEXT COLLATE "C" NOT NULL,
+        created_at    BIGINT NOT NULL,
+        UNIQUE (issuer, subject)
     );
     "#,
 ];

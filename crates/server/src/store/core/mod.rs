@@ -16,3 +16,4 @@ pub mod migrations;
 pub mod pending;
 pub mod push;
 pub mod reset;
+pub mod users;

@@ -265,6 +265,21 @@ impl Store for PostgresStore {
         Box::pin(async move { read_status(&self.client().await?, user).await })
     }
 
+    fn user_for_identity<'a>(&'a self, issuer: &'a str, subject: &'a str, now: u64) -> StoreFuture<'a, UserId> {
+        use super::core::users::{CREATE_USER, FIND_USER, new_user_id, user_id};
+        Box::pin(async move {
+            let client = self.client().await?;
+            let find = client.prepare_cached(FIND_USER).await.map_err(map_err)?;
+            if let Some(row) = client.query_opt(&find, &[&issuer, &subject]).await.map_err(map_err)? {
+                return user_id(row.get(0));
+            }
+            let create = client.prepare_cached(CREATE_USER).await.map_err(map_err)?;
+            client.execute(&create, &[&new_user_id(), &issuer, &subject, &(now as i64)]).await.map_err(map_err)?;
+            let row = client.query_one(&find, &[&issuer, &subject]).await.map_err(map_err)?;
+            user_id(row.get(0))
+        })
+    }
+
     fn head<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, crate::batch::DatasetHead> {
         Box::pin(async move { read_head(&self.client().await?, user).await })
     }

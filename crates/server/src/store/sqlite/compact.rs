@@ -20,7 +20,7 @@ const VACUUM_MAX_STEPS: u32 = 1024;
 
 impl SqliteStore {
     /// Runs a maintenance write as a job of the writer and waits for its commit.
-    async fn maintain(
+    pub(super) async fn maintain(
         &self,
         work: impl FnOnce(&Connection) -> Result<u64, StoreError> + Send + 'static,
     ) -> Result<u64, StoreError> {

@@ -262,6 +262,37 @@ impl Store for SqliteStore {
         Box::pin(self.readers.run(move |conn| read_status(conn, &user)))
     }
 
+    fn user_for_identity<'a>(&'a self, issuer: &'a str, subject: &'a str, now: u64) -> StoreFuture<'a, UserId> {
+        use super::core::users::{CREATE_USER, FIND_USER, new_user_id, user_id};
+        fn find(conn: &Connection, issuer: &str, subject: &str) -> Result<Option<UserId>, StoreError> {
+            use rusqlite::OptionalExtension;
+            let found: Option<String> = conn
+                .prepare_cached(FIND_USER)
+                .and_then(|mut s| s.query_row(rusqlite::params![issuer, subject], |r| r.get(0)).optional())
+                .map_err(map_err)?;
+            found.as_deref().map(user_id).transpose()
+        }
+        Box::pin(async move {
+            let (i, s) = (issuer.to_owned(), subject.to_owned());
+            if let Some(user) = self.readers.run(move |conn| find(conn, &i, &s)).await? {
+                return Ok(user);
+            }
+            let (i, s) = (issuer.to_owned(), subject.to_owned());
+            self.maintain(move |conn| {
+                conn.execute(CREATE_USER, rusqlite::params![new_user_id(), i, s, now as i64])
+                    .map(|n| n as u64)
+                    .map_err(map_err)
+            })
+            .await?;
+            let (i, s) = (issuer.to_owned(), subject.to_owned());
+            self.readers.run(move |conn| find(conn, &i, &s)).await?.ok_or_else(|| {
+                StoreError::Corrupt(format!(
+                    "the user of issuer {issuer:?} and subject {subject:?} was made and is gone"
+                ))
+            })
+        })
+    }
+
     fn head<'a>(&'a self, user: &'a UserId) -> StoreFuture<'a, crate::batch::DatasetHead> {
         let user = user.clone();
         Box::pin(self.readers.run(move |conn| read_head(conn, &user)))
