@@ -176,14 +176,10 @@ async fn live_mode_syncs_when_the_live_channel_says_the_head_moved() {
     server.stop().await;
 }
 
-/// A server without the live channel (as before it had one): the real
-/// router, with `GET /v1/live` answered 404. Returns its URL, and what keeps
-/// it running.
-async fn start_without_live() -> (String, tokio::sync::watch::Sender<bool>, tempfile::TempDir) {
-    use axum::response::IntoResponse;
-    let dir = tempfile::tempdir().unwrap();
-    let store = deltasync_server::store::sqlite::SqliteStore::open(&dir.path().join("server.db")).unwrap();
-    let (shutdown, rx) = tokio::sync::watch::channel(false);
+/// A real server's router on a fresh SQLite file in `dir`, and what keeps it running.
+fn real_router(dir: &std::path::Path) -> (axum::Router, watch::Sender<bool>) {
+    let store = deltasync_server::store::sqlite::SqliteStore::open(&dir.join("server.db")).unwrap();
+    let (shutdown, rx) = watch::channel(false);
     let state = deltasync_server::api::AppState::new(
         Arc::new(store),
         deltasync_server::Config::default(),
@@ -191,7 +187,25 @@ async fn start_without_live() -> (String, tokio::sync::watch::Sender<bool>, temp
         deltasync_server::Clock::system(),
         rx,
     );
-    let app = deltasync_server::api::router(Arc::new(state)).layer(axum::middleware::from_fn(
+    (deltasync_server::api::router(Arc::new(state)), shutdown)
+}
+
+/// Serves `app` on a free port of 127.0.0.1; returns its URL.
+async fn serve(app: axum::Router) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+/// A server without the live channel (as before it had one): the real
+/// router, with `GET /v1/live` answered 404. Returns its URL, and what keeps
+/// it running.
+async fn start_without_live() -> (String, tokio::sync::watch::Sender<bool>, tempfile::TempDir) {
+    use axum::response::IntoResponse;
+    let dir = tempfile::tempdir().unwrap();
+    let (router, shutdown) = real_router(dir.path());
+    let app = router.layer(axum::middleware::from_fn(
         |request: axum::extract::Request, next: axum::middleware::Next| async move {
             if request.uri().path() == "/v1/live" {
                 let body = json!({"error": "not_found", "message": "no such endpoint: /v1/live"});
@@ -200,10 +214,7 @@ async fn start_without_live() -> (String, tokio::sync::watch::Sender<bool>, temp
             next.run(request).await
         },
     ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, shutdown, dir)
+    (serve(app).await, shutdown, dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -385,18 +396,10 @@ async fn start_refusing_once() -> (String, Arc<std::sync::Mutex<Vec<Instant>>>, 
 {
     use axum::response::IntoResponse;
     let dir = tempfile::tempdir().unwrap();
-    let store = deltasync_server::store::sqlite::SqliteStore::open(&dir.path().join("server.db")).unwrap();
-    let (shutdown, rx) = watch::channel(false);
-    let state = deltasync_server::api::AppState::new(
-        Arc::new(store),
-        deltasync_server::Config::default(),
-        deltasync_server::Auth::None,
-        deltasync_server::Clock::system(),
-        rx,
-    );
+    let (router, shutdown) = real_router(dir.path());
     let arrivals = Arc::new(std::sync::Mutex::new(Vec::new()));
     let seen = arrivals.clone();
-    let app = deltasync_server::api::router(Arc::new(state)).layer(axum::middleware::from_fn(
+    let app = router.layer(axum::middleware::from_fn(
         move |request: axum::extract::Request, next: axum::middleware::Next| {
             let seen = seen.clone();
             async move {
@@ -415,10 +418,7 @@ async fn start_refusing_once() -> (String, Arc<std::sync::Mutex<Vec<Instant>>>, 
             }
         },
     ));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    (url, arrivals, shutdown, dir)
+    (serve(app).await, arrivals, shutdown, dir)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
