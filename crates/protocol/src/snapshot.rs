@@ -15,9 +15,12 @@
 //! `op` makes it write lines. Any other file starting with `{` must be one
 //! document. A file is checked whole before anything is imported: every name
 //! by its rule ([`crate::ids`]), every `data` an object within the limits
-//! ([`Change::check_data`]), and no entity given twice.
+//! ([`Change::check_data`]), and no entity given twice. [`check`] does that
+//! keeping only the entity keys, then [`entries`] reads the entries again as
+//! they are imported; [`parse`] does both at once for small files.
 
 use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::fmt;
 
 use serde_json::{Map, Value};
@@ -154,22 +157,72 @@ pub fn detect(text: &str) -> Result<Format, SnapshotError> {
     }
 }
 
-/// Every entry of a snapshot in either format, checked against `limits`.
-/// Write lines ([`Format::Writes`]) are refused: they are not a snapshot.
-pub fn parse(text: &str, limits: &ChangeLimits) -> Result<Vec<SnapshotEntry>, SnapshotError> {
+/// The format of `text` if it is a snapshot; write lines ([`Format::Writes`])
+/// are refused: they are not one.
+fn snapshot_format(text: &str) -> Result<Format, SnapshotError> {
     match detect(text)? {
-        Format::Document => parse_document(text, limits),
-        Format::Lines => parse_lines(text, limits),
         Format::Writes => Err(SnapshotError::new(
             Place::File,
             "holds write lines {\"op\", \"collection\", \"id\", \"data\"}, not a snapshot: write lines are \
              imported by `deltasync client import`",
         )),
+        format => Ok(format),
     }
 }
 
+/// Every entry of a snapshot in either format, checked against `limits`.
+pub fn parse(text: &str, limits: &ChangeLimits) -> Result<Vec<SnapshotEntry>, SnapshotError> {
+    match snapshot_format(text)? {
+        Format::Lines => {
+            check(text, limits)?;
+            entries(text, limits)?.collect()
+        }
+        _ => parse_document(text, limits),
+    }
+}
+
+/// Checks every entry of a snapshot in either format against `limits`, and
+/// that no entity is given twice, without keeping the entries (only their
+/// keys); returns how many there are. The first pass of an import that then
+/// reads them with [`entries`].
+pub fn check(text: &str, limits: &ChangeLimits) -> Result<u64, SnapshotError> {
+    if snapshot_format(text)? == Format::Document {
+        return Ok(parse_document(text, limits)?.len() as u64);
+    }
+    let mut first_line: HashMap<(Collection, EntityId), u64> = HashMap::new();
+    for item in lines(text, limits) {
+        let (number, entry) = item?;
+        match first_line.entry((entry.collection, entry.entity_id)) {
+            Entry::Vacant(vacant) => {
+                vacant.insert(number);
+            }
+            Entry::Occupied(earlier) => {
+                let ((collection, entity_id), earlier) = (earlier.key(), earlier.get());
+                return Err(SnapshotError::new(
+                    Place::Line(number),
+                    format!("entity {entity_id:?} of collection {collection:?} was already given on line {earlier}"),
+                ));
+            }
+        }
+    }
+    Ok(first_line.len() as u64)
+}
+
+/// The entries of a snapshot that [`check`] passed, in file order. NDJSON
+/// lines are parsed as the iterator advances, so a caller holds only the
+/// entries it keeps; a document is parsed whole first.
+pub fn entries<'a>(
+    text: &'a str,
+    limits: &'a ChangeLimits,
+) -> Result<Box<dyn Iterator<Item = Result<SnapshotEntry, SnapshotError>> + 'a>, SnapshotError> {
+    Ok(match snapshot_format(text)? {
+        Format::Lines => Box::new(lines(text, limits).map(|item| item.map(|(_, entry)| entry))),
+        _ => Box::new(parse_document(text, limits)?.into_iter().map(Ok)),
+    })
+}
+
 /// The entries of a document `{collection: {entity_id: data}}`.
-pub fn parse_document(text: &str, limits: &ChangeLimits) -> Result<Vec<SnapshotEntry>, SnapshotError> {
+fn parse_document(text: &str, limits: &ChangeLimits) -> Result<Vec<SnapshotEntry>, SnapshotError> {
     let value: Value = serde_json::from_str(text).map_err(|e| {
         SnapshotError::new(Place::Line(e.line() as u64), format!("not valid JSON (column {}): {e}", e.column()))
     })?;
@@ -196,31 +249,18 @@ pub fn parse_document(text: &str, limits: &ChangeLimits) -> Result<Vec<SnapshotE
     Ok(entries)
 }
 
-/// The entries of NDJSON snapshot lines; an entity given twice is refused.
-pub fn parse_lines(text: &str, limits: &ChangeLimits) -> Result<Vec<SnapshotEntry>, SnapshotError> {
-    let mut entries = Vec::new();
-    let mut first_line: HashMap<(Collection, EntityId), u64> = HashMap::new();
-    for (index, line) in text.lines().enumerate() {
+/// The entries of NDJSON snapshot lines with their line numbers, blank lines skipped.
+fn lines<'a>(
+    text: &'a str,
+    limits: &'a ChangeLimits,
+) -> impl Iterator<Item = Result<(u64, SnapshotEntry), SnapshotError>> + 'a {
+    text.lines().enumerate().filter(|(_, line)| !line.trim().is_empty()).map(|(index, line)| {
         let number = index as u64 + 1;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let entry = parse_line(line).and_then(|(collection, id, data)| entry(collection, &id, data, limits));
-        let entry = entry.map_err(|reason| SnapshotError::new(Place::Line(number), reason))?;
-        let key = (entry.collection.clone(), entry.entity_id.clone());
-        if let Some(earlier) = first_line.insert(key, number) {
-            return Err(SnapshotError::new(
-                Place::Line(number),
-                format!(
-                    "entity {:?} of collection {:?} was already given on line {earlier}",
-                    entry.entity_id.as_str(),
-                    entry.collection.as_str()
-                ),
-            ));
-        }
-        entries.push(entry);
-    }
-    Ok(entries)
+        parse_line(line)
+            .and_then(|(collection, id, data)| entry(collection, &id, data, limits))
+            .map(|entry| (number, entry))
+            .map_err(|reason| SnapshotError::new(Place::Line(number), reason))
+    })
 }
 
 /// The members of one snapshot line.
@@ -315,6 +355,17 @@ mod tests {
         let big = json!({"collection": "tasks", "entity_id": "b", "data": {"s": "x".repeat(300)}}).to_string();
         let tight = ChangeLimits { max_data_bytes: 100, max_depth: 64 };
         assert!(parse(&format!("{good}\n{big}\n"), &tight).unwrap_err().reason.contains("max_data_bytes"));
+    }
+
+    #[test]
+    fn check_then_entries_gives_what_parse_gives() {
+        let text = "{\"collection\": \"t\", \"entity_id\": \"a\", \"data\": {}}\n\n{\"collection\": \"t\", \"entity_id\": \"b\", \"data\": {\"x\": 1}}";
+        assert_eq!(check(text, &limits()), Ok(2));
+        let streamed: Vec<SnapshotEntry> = entries(text, &limits()).unwrap().map(Result::unwrap).collect();
+        assert_eq!(streamed, parse(text, &limits()).unwrap());
+        let document = "{\"t\": {\"a\": {}, \"b\": {}, \"c\": {}}}";
+        assert_eq!(check(document, &limits()), Ok(3));
+        assert_eq!(entries(document, &limits()).unwrap().count(), 3);
     }
 
     #[test]

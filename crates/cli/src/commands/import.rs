@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::Args;
-use deltasync_protocol::snapshot::{self, SnapshotEntry};
+use deltasync_protocol::snapshot::{self, SnapshotEntry, SnapshotError};
 use deltasync_protocol::wire::ResultStatus;
 use deltasync_protocol::{Change, DeviceId, HlcClock, Op, UserId};
 use deltasync_server::Config;
@@ -79,10 +79,13 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     let database = Database::parse(&args.database)?;
     let started = Instant::now();
     let text = read(&args.file)?;
-    let entries = snapshot::parse(&text, &config.limits.change_limits())
+    let limits = config.limits.change_limits();
+    // Two passes over the text: every entry checked first, then read again
+    // batch by batch, so only the entity keys and one batch are held.
+    let total = snapshot::check(&text, &limits)
         .map_err(|e| anyhow::anyhow!("{}: {e}; nothing was imported", args.file.display()))?;
-    drop(text);
-    let bar = progress_bar(entries.len() as u64);
+    let entries = snapshot::entries(&text, &limits)?;
+    let bar = progress_bar(total);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     let tally = runtime.block_on(async {
         let store = database.open().await?;
@@ -142,20 +145,20 @@ async fn push_all(
     config: &Config,
     user: &UserId,
     device: &DeviceId,
-    entries: Vec<SnapshotEntry>,
+    entries: impl Iterator<Item = Result<SnapshotEntry, SnapshotError>>,
     bar: &ProgressBar,
 ) -> anyhow::Result<Tally> {
     let mut tally = Tally::default();
     let mut clock = HlcClock::new(device.clone());
     let batch_size = config.limits.max_batch.max(1);
-    let mut entries = entries.into_iter().peekable();
+    let mut entries = entries.peekable();
     let mut last_head = 0;
     while entries.peek().is_some() {
         let now = now_ms()?;
-        let changes: Vec<Change> = entries
-            .by_ref()
-            .take(batch_size)
-            .map(|entry| Change {
+        let mut changes = Vec::with_capacity(batch_size);
+        for entry in entries.by_ref().take(batch_size) {
+            let entry = entry.context("the snapshot changed between its check and its import")?;
+            changes.push(Change {
                 change_id: entry.change_id(user),
                 hlc: clock.tick(now),
                 collection: entry.collection,
@@ -165,8 +168,8 @@ async fn push_all(
                 // Based on no version: under the `reject` policy an entity is
                 // created, and one that exists already is refused.
                 base_version: Some(0),
-            })
-            .collect();
+            });
+        }
         let n = changes.len() as u64;
         let batch = PushBatch {
             user: user.clone(),

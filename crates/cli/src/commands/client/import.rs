@@ -72,13 +72,15 @@ pub fn import(client: &Client, file: &Path, batch: usize, bar: &ProgressBar) -> 
 
 /// Checks the whole snapshot `text`, then imports it `batch` entities per transaction.
 fn import_snapshot(client: &Client, text: &str, batch: usize, bar: &ProgressBar) -> Result<Value, ClientError> {
-    let entries = snapshot::parse(text, &ChangeLimits::default())
-        .map_err(|e| ClientError::Invalid(format!("{e}; nothing was imported")))?;
-    let entities = entries.len() as u64;
+    let limits = ChangeLimits::default();
+    let refused = |e: snapshot::SnapshotError| ClientError::Invalid(format!("{e}; nothing was imported"));
+    let entities = snapshot::check(text, &limits).map_err(refused)?;
     let (mut written, mut unchanged) = (0, 0);
-    let mut entries = entries.into_iter().peekable();
+    let mut entries = snapshot::entries(text, &limits).map_err(refused)?.peekable();
     while entries.peek().is_some() {
-        let done = client.import(entries.by_ref().take(batch).collect())?;
+        let slice = entries.by_ref().take(batch).collect::<Result<Vec<_>, _>>();
+        let slice = slice.map_err(|e| ClientError::Invalid(format!("{e} (the file changed while importing)")))?;
+        let done = client.import(slice)?;
         written += done.written;
         unchanged += done.unchanged;
         bar.set_message(format!("import: {} of {entities} entities, {written} written", written + unchanged));
