@@ -13,7 +13,7 @@ use deltasync_protocol::wire::ResultStatus;
 use deltasync_protocol::{Change, DeviceId, HlcClock, Op, UserId};
 use deltasync_server::Config;
 use deltasync_server::store::{DeviceTouch, PushBatch, PushOutcome};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 use serde_json::{Value, json};
 
 use super::database::Database;
@@ -132,10 +132,12 @@ fn progress_bar(len: u64) -> ProgressBar {
         return ProgressBar::with_draw_target(Some(len), ProgressDrawTarget::hidden());
     }
     let bar = ProgressBar::new(len);
-    bar.set_style(
-        ProgressStyle::with_template("import {bar:40} {pos}/{len} entities, {per_sec}, eta {eta}")
-            .expect("a valid template"),
-    );
+    let style = ProgressStyle::with_template("import {bar:40} {human_pos}/{human_len} entities, {rate}, eta {eta}")
+        .expect("a valid template")
+        .with_key("rate", |state: &ProgressState, w: &mut dyn std::fmt::Write| {
+            let _ = write!(w, "{:.0}/s", state.per_sec());
+        });
+    bar.set_style(style);
     bar
 }
 
