@@ -108,13 +108,16 @@ impl SnapshotEntry {
     /// with the same data gets the same id in every run, so the server answers
     /// a re-import `duplicate`.
     pub fn change_id(&self, user: &UserId) -> ChangeId {
-        let key = Value::Array(vec![
-            Value::String(user.as_str().to_owned()),
-            Value::String(self.collection.as_str().to_owned()),
-            Value::String(self.entity_id.as_str().to_owned()),
-            Value::Object(self.data.clone()),
-        ]);
-        let hash = Sha256::digest(json::to_jcs(&key).as_bytes());
+        // The JCS form of the array, written in place rather than built as a Value.
+        let mut key = Vec::with_capacity(256);
+        key.push(b'[');
+        for name in [user.as_str(), self.collection.as_str(), self.entity_id.as_str()] {
+            json::write_str(&mut key, name);
+            key.push(b',');
+        }
+        json::write_object(&mut key, &self.data);
+        key.push(b']');
+        let hash = Sha256::digest(&key);
         ChangeId::parse(format!("{CHANGE_ID_PREFIX}{}", hex::encode(&hash[..16]))).expect("39 plain characters")
     }
 }
@@ -130,7 +133,7 @@ pub fn detect(text: &str) -> Result<Format, SnapshotError> {
         )
     };
     let mut lines = text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty());
-    let Some((_, first)) = lines.next() else {
+    let Some((first_index, first)) = lines.next() else {
         return Err(SnapshotError::new(Place::File, "is empty: there is nothing to import"));
     };
     if !first.trim_start().starts_with('{') {
@@ -149,7 +152,7 @@ pub fn detect(text: &str) -> Result<Format, SnapshotError> {
     match lines.next() {
         None => Ok(Format::Document),
         Some(_) => Err(SnapshotError::new(
-            Place::Line(1 + text.lines().position(|l| !l.trim().is_empty()).unwrap_or(0) as u64),
+            Place::Line(first_index as u64 + 1),
             "is a JSON object on a line of its own but has no string `entity_id` (a snapshot line \
              {\"collection\", \"entity_id\", \"data\"}) nor `op` (a client write line); a document \
              {collection: {entity_id: data}} must be the whole file",
@@ -393,5 +396,9 @@ mod tests {
         assert_eq!(entry(json!({"y": 2.0, "x": 1})).change_id(&alice), id);
         assert_ne!(entry(json!({"x": 1, "y": 3})).change_id(&alice), id);
         assert_ne!(entry(json!({"x": 1, "y": 2})).change_id(&bob), id);
+        // The hash is over the JCS of [user, collection, entity_id, data].
+        let jcs = json::to_jcs(&json!(["alice", "tasks", "a", {"y": 2, "x": 1}]));
+        let expected = format!("{CHANGE_ID_PREFIX}{}", hex::encode(&Sha256::digest(jcs.as_bytes())[..16]));
+        assert_eq!(id.as_str(), expected);
     }
 }

@@ -99,7 +99,6 @@ pub fn run(args: ImportArgs) -> anyhow::Result<()> {
     })?;
     bar.finish_and_clear();
     let elapsed = started.elapsed();
-    let total = tally.imported + tally.duplicates + tally.rejected;
     if tally.rejected > 0 {
         eprintln!(
             "{} entities were rejected by the `reject` merge policy of their collection (they exist already)",
