@@ -1,4 +1,4 @@
-//! `deltasync`: serve, migrate, compact, report (admin), mint dev tokens, act as a client, and benchmark.
+//! `deltasync`: serve, migrate, compact, import, report (admin), mint dev tokens, act as a client, and benchmark.
 
 mod commands;
 
@@ -20,6 +20,8 @@ enum Command {
     Migrate(commands::migrate::MigrateArgs),
     /// Run one compaction pass now: drop the history every active device has, print JSON figures.
     Compact(commands::compact::CompactArgs),
+    /// Load a full-state snapshot into a user's dataset: one upsert per entity, a re-run imports nothing.
+    Import(commands::import::ImportArgs),
     /// Read-only reports from the database: users, devices, history, conflicts, volume, stats.
     Admin(commands::admin::AdminArgs),
     /// Mint an HS256 token for a server running with `--auth jwt`.
@@ -37,6 +39,7 @@ fn main() -> std::process::ExitCode {
         Command::Serve(args) => commands::serve::run(args),
         Command::Migrate(args) => commands::migrate::run(args),
         Command::Compact(args) => commands::compact::run(args),
+        Command::Import(args) => commands::import::run(args),
         Command::Admin(args) => commands::admin::run(args),
         Command::Token(args) => commands::token::run(args),
         Command::Bench(args) => commands::bench::run(args),

@@ -7,7 +7,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use deltasync_engine::{Clock, Engine, EngineOptions, LocalWrite, Notice};
+use deltasync_engine::{Clock, Engine, EngineOptions, LocalWrite, Notice, WriteKind};
+use deltasync_protocol::snapshot::SnapshotEntry;
 use deltasync_protocol::{ChangeId, DeviceId};
 use serde_json::{Map, Value};
 use tokio::sync::{Notify, broadcast};
@@ -24,6 +25,15 @@ use crate::view::Entity;
 pub const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
 /// The default of [`ClientOptions::stall_timeout`].
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What [`Client::import`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Imported {
+    /// Entities put into the outbox (one upsert each).
+    pub written: u64,
+    /// Entities whose view already held their fields: nothing written.
+    pub unchanged: u64,
+}
 
 /// How a [`Client`] is set up. `Default` gives sensible values for an app.
 #[derive(Clone)]
@@ -250,6 +260,27 @@ impl Client {
     /// transaction costs far less than one per write.
     pub fn write_batch(&self, writes: Vec<LocalWrite>) -> Result<Vec<Option<ChangeId>>> {
         Ok(run_now(self.engine().write_batch(writes))?)
+    }
+
+    /// Puts snapshot entries into the outbox once, in one local transaction
+    /// (all or none): each entity is written as a `patch` of its fields, so it
+    /// becomes one upsert, and an entity whose view already holds those
+    /// fields is skipped. Importing the same snapshot again therefore writes
+    /// nothing. Parse a snapshot file with
+    /// [`deltasync_protocol::snapshot::parse`]; for a large one, call this per
+    /// slice of a few thousand entries.
+    pub fn import(&self, entries: Vec<SnapshotEntry>) -> Result<Imported> {
+        let writes = entries
+            .into_iter()
+            .map(|e| LocalWrite {
+                collection: e.collection.into_string(),
+                entity_id: e.entity_id.into_string(),
+                edit: WriteKind::Patch(e.data),
+            })
+            .collect();
+        let ids = self.write_batch(writes)?;
+        let written = ids.iter().filter(|id| id.is_some()).count() as u64;
+        Ok(Imported { written, unchanged: ids.len() as u64 - written })
     }
 
     /// Logs an `append`: opaque data (for example a CRDT operation) that the

@@ -74,7 +74,7 @@ pub use deltasync_engine::{self as engine, backoff, sync, view};
 
 pub use client::{
     ChangeEvent, Client, ClientOptions, DEFAULT_JOURNAL_LIMIT, DEFAULT_REQUEST_TIMEOUT, DEFAULT_STALL_TIMEOUT,
-    LastError, MAX_DATA_BYTES, Origin, Progress, Stats,
+    Imported, LastError, MAX_DATA_BYTES, Origin, Progress, Stats,
 };
 pub use deltasync_engine::{LocalWrite, WriteKind};
 pub use error::{ClientError, Result, TimeoutKind};

@@ -10,6 +10,7 @@
 //! - [`digest`]: the order-independent digest of the entity state.
 //! - [`merge`]: entity state and the four merge policies, shared by server and client.
 //! - [`wire`]: request and answer bodies of the HTTP endpoints.
+//! - [`snapshot`]: full-state snapshot files to import, and the change ids imported entities get.
 //!
 //! Server and clients call the same [`merge::merge`] and the same [`chain`] and
 //! [`digest`] functions, so they cannot disagree about state or hashes.
@@ -22,6 +23,7 @@ pub mod hlc;
 pub mod ids;
 pub mod json;
 pub mod merge;
+pub mod snapshot;
 pub mod wire;
 
 pub use chain::{ChainHasher, StateHash, change_hash};

@@ -5,6 +5,7 @@ pub mod bench;
 pub mod client;
 pub mod compact;
 pub mod database;
+pub mod import;
 pub mod migrate;
 pub mod serve;
 pub mod token;

@@ -1,17 +1,27 @@
-//! `deltasync client import`: many local writes from NDJSON, in few local
-//! transactions.
+//! `deltasync client import`: many local writes from a file, in few local
+//! transactions. The file is either of:
 //!
-//! One write per line, in the shape of the browser client's `db.write`:
-//! `{"op": "put" | "patch" | "delete", "collection", "id", "data"}`. Lines are
-//! written in batches of `--batch`, each batch one transaction of the local
-//! database, kept whole or not at all. A bad line stops the import before
-//! its batch is written; the error says which lines were imported, so the
-//! rest can be imported after fixing it.
+//! - NDJSON writes, one per line, in the shape of the browser client's
+//!   `db.write`: `{"op": "put" | "patch" | "delete", "collection", "id",
+//!   "data"}`. Lines are written in batches of `--batch`, each batch one
+//!   transaction of the local database, kept whole or not at all. A bad line
+//!   stops the import before its batch is written; the error says which lines
+//!   were imported, so the rest can be imported after fixing it.
+//! - A full-state snapshot (a document `{collection: {entity_id: data}}` or
+//!   NDJSON `{"collection", "entity_id", "data"}`, see
+//!   [`deltasync_protocol::snapshot`]): checked whole first, then put into the
+//!   outbox through [`Client::import`], `--batch` entities per transaction. An
+//!   entity whose view already holds its fields is skipped, so a second run
+//!   writes nothing.
+//!
+//! The first non-blank line decides, by the rule of [`snapshot::detect`].
 
-use std::io::BufRead;
+use std::io::{BufRead, Read};
 use std::path::Path;
 
 use deltasync_client::{Client, ClientError, LocalWrite};
+use deltasync_protocol::ChangeLimits;
+use deltasync_protocol::snapshot::{self, Format};
 use indicatif::ProgressBar;
 use serde_json::{Value, json};
 
@@ -33,16 +43,54 @@ impl Imported {
     }
 }
 
-/// Imports the NDJSON at `file` (`-`: stdin) into `client`, `batch` writes per transaction.
-pub fn import(client: &Client, file: &Path, batch: usize, bar: &ProgressBar) -> Result<Imported, ClientError> {
-    let input: Box<dyn BufRead> = if file == Path::new("-") {
+/// Imports the writes or the snapshot at `file` (`-`: stdin) into `client`,
+/// `batch` writes per transaction; returns the JSON to print.
+pub fn import(client: &Client, file: &Path, batch: usize, bar: &ProgressBar) -> Result<Value, ClientError> {
+    let cannot_read = |e: std::io::Error| ClientError::Invalid(format!("cannot read {}: {e}", file.display()));
+    let mut input: Box<dyn BufRead> = if file == Path::new("-") {
         Box::new(std::io::stdin().lock())
     } else {
-        let opened = std::fs::File::open(file)
-            .map_err(|e| ClientError::Invalid(format!("cannot read {}: {e}", file.display())))?;
-        Box::new(std::io::BufReader::new(opened))
+        Box::new(std::io::BufReader::new(std::fs::File::open(file).map_err(cannot_read)?))
     };
-    import_from(client, input, batch.max(1), bar)
+    // Blank lines, then the first line that is not: it tells the format.
+    let mut head = String::new();
+    while head.trim().is_empty() {
+        if input.read_line(&mut head).map_err(cannot_read)? == 0 {
+            break;
+        }
+    }
+    let first = head.lines().find(|l| !l.trim().is_empty()).unwrap_or_default();
+    if first.is_empty() || snapshot::detect(first) == Ok(Format::Writes) {
+        // Write lines stream: they are imported batch by batch (an empty file is none).
+        let done = import_from(client, std::io::Cursor::new(head).chain(input), batch.max(1), bar)?;
+        return Ok(done.to_json());
+    }
+    let mut text = head;
+    input.read_to_string(&mut text).map_err(cannot_read)?;
+    import_snapshot(client, &text, batch.max(1), bar)
+}
+
+/// Checks the whole snapshot `text`, then imports it `batch` entities per transaction.
+fn import_snapshot(client: &Client, text: &str, batch: usize, bar: &ProgressBar) -> Result<Value, ClientError> {
+    let limits = ChangeLimits::default();
+    let refused = |e: snapshot::SnapshotError| ClientError::Invalid(format!("{e}; nothing was imported"));
+    let entities = snapshot::check(text, &limits).map_err(refused)?;
+    let (mut written, mut unchanged) = (0, 0);
+    let mut entries = snapshot::entries(text, &limits).map_err(refused)?.peekable();
+    while entries.peek().is_some() {
+        let slice = entries.by_ref().take(batch).collect::<Result<Vec<_>, _>>();
+        let slice = slice.map_err(|e| ClientError::Invalid(format!("{e} (the file changed while importing)")))?;
+        let done = client.import(slice)?;
+        written += done.written;
+        unchanged += done.unchanged;
+        bar.set_message(format!("import: {} of {entities} entities, {written} written", written + unchanged));
+        bar.tick();
+    }
+    bar.finish_and_clear();
+    if written == 0 {
+        eprintln!("nothing imported: all {entities} entities are in the local data already");
+    }
+    Ok(json!({"entities": entities, "written": written, "unchanged": unchanged}))
 }
 
 /// Imports from `input`: see [`import`].

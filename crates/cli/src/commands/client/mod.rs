@@ -98,8 +98,9 @@ enum ClientCommand {
         /// Any JSON value.
         json: String,
     },
-    /// Make many writes from NDJSON, one per line, in few local transactions. Prints
-    /// {"lines", "written", "unchanged"}.
+    /// Make many writes from NDJSON, one per line, in few local transactions, or
+    /// put a full-state snapshot into the outbox once. Prints {"lines", "written",
+    /// "unchanged"} for writes, {"entities", "written", "unchanged"} for a snapshot.
     ///
     /// Each line is {"op": "put" | "patch" | "delete", "collection", "id", "data"}
     /// (`data`, an object, for put and patch), the shape of the browser client's
@@ -107,11 +108,22 @@ enum ClientCommand {
     /// all: a bad line stops the import before its batch is written, and the
     /// error says which lines were imported, so the rest can follow once it is
     /// fixed. The writes wait in the outbox for `sync`, as any local write.
+    ///
+    /// A snapshot is one JSON object {collection: {entity_id: data}}, or NDJSON
+    /// lines {"collection", "entity_id", "data"}. It is checked whole first (a
+    /// bad line is reported with its number and nothing is written); then each
+    /// entity becomes one upsert of its fields, --batch entities per
+    /// transaction. Entities whose local data already holds those fields are
+    /// skipped, so importing the same snapshot again writes nothing.
+    ///
+    /// The first non-blank line tells the format: an object with a string
+    /// `op` starts write lines, one with a string `entity_id` snapshot lines;
+    /// any other file starting with `{` must be one snapshot document.
     Import {
-        /// The NDJSON file; `-` reads stdin.
+        /// The NDJSON or JSON file; `-` reads stdin.
         #[arg(default_value = "-")]
         file: PathBuf,
-        /// Lines per local transaction.
+        /// Lines (or snapshot entities) per local transaction.
         #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
         batch: u32,
     },
@@ -349,9 +361,7 @@ fn dispatch(
                 serde_json::from_str(&json).map_err(|e| ClientError::Invalid(format!("not valid JSON: {e}")))?;
             json_line(&client.append(&collection, &id, value)?)
         }
-        ClientCommand::Import { file, batch } => {
-            json_line(&import::import(client, &file, batch as usize, bar)?.to_json())
-        }
+        ClientCommand::Import { file, batch } => json_line(&import::import(client, &file, batch as usize, bar)?),
         ClientCommand::Get { collection, id } => match client.get(&collection, &id)? {
             Some(entity) => json_line(&entity.data),
             None => Output::Fail("not_found", format!("{collection}/{id} is absent or deleted")),
