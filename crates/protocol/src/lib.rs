@@ -15,6 +15,7 @@
 //! Server and clients call the same [`merge::merge`] and the same [`chain`] and
 //! [`digest`] functions, so they cannot disagree about state or hashes.
 
+pub mod batch;
 pub mod chain;
 pub mod change;
 pub mod digest;

@@ -16,7 +16,6 @@
 
 pub mod api;
 pub mod auth;
-pub mod batch;
 pub mod clock;
 pub mod compactor;
 pub mod config;
@@ -36,6 +35,9 @@ use tokio::sync::watch;
 pub use auth::Auth;
 pub use clock::Clock;
 pub use config::Config;
+/// The push planner lives in the protocol crate, beside the merge rules it
+/// applies, so a device that syncs through a file store runs the same code.
+pub use deltasync_protocol::batch;
 pub use store::{Store, StoreError};
 
 /// Why the server could not run.

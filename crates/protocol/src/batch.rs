@@ -1,4 +1,5 @@
-//! Applying one push batch to a dataset, in memory.
+//! Applying one push batch to a dataset, in memory: the server's planner,
+//! also run by devices that sync through a file store.
 //!
 //! A store loads what a batch needs (the dataset head, the seqs of change ids
 //! it already holds, the current state of the entities the batch touches),
@@ -7,9 +8,9 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
-use deltasync_protocol::merge::{Merge, merge};
-use deltasync_protocol::wire::{Policies, PushResult, ResultStatus};
-use deltasync_protocol::{
+use crate::merge::{Merge, merge};
+use crate::wire::{Policies, PushResult, ResultStatus};
+use crate::{
     Change, ChangeId, Collection, Conflict, DeviceId, EntityId, EntityState, Op, Policy, StateDigest, StateHash,
     StoredChange,
 };
