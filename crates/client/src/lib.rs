@@ -65,6 +65,7 @@
 
 pub mod client;
 pub mod error;
+pub mod filestore;
 pub mod http;
 pub mod live;
 pub mod local;
