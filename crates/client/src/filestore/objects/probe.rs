@@ -19,12 +19,15 @@
 //! Then it deletes its objects (best effort).
 //!
 //! What it cannot prove: a server whose check is not atomic (it tests for
-//! the object, then writes, with no lock between) can pass the race by luck.
-//! wsgidav 4.4 with its default thread pool lets 2–4 of 4 racers win in
-//! about one trial in ten, so the 8 trials catch it often but not always;
-//! with one worker thread it serialises requests and is safe. A passed probe
-//! is evidence, not proof: docs/file-store-servers.md lists the servers that
-//! were seen to be safe.
+//! the object, then writes, with no lock between) can pass the races by
+//! luck. wsgidav 4.4 with its default thread pool let 2 of 4 racers win in
+//! about 3 races in 100, so 8 races rarely catch it (with one worker thread
+//! its creates were atomic). The other checks are deterministic: a store that
+//! overwrites on a second create, or accepts a stale `If-Match`, fails every
+//! time. wsgidav fails check 5 whatever its threads (its ETag keeps whole
+//! seconds), rclone's WebDAV server check 1, Apache mod_dav check 5 (weak
+//! ETags right after a write). A passed probe is evidence, not proof:
+//! docs/file-store-servers.md says what each server was seen to do.
 
 use futures_util::future::join_all;
 
