@@ -14,9 +14,9 @@
 //!   read (`If-Match`).
 //!
 //! Storage access goes through Apache OpenDAL where it offers what is needed.
-//! It does not everywhere, and the modules say why: [`folder`] publishes
+//! It does not everywhere, and the modules say why: `folder.rs` publishes
 //! created objects itself (OpenDAL's fs service either exposes partial files
-//! or checks existence apart from the rename), and [`webdav`] sends its own
+//! or checks existence apart from the rename), and `webdav.rs` sends its own
 //! conditional PUTs and GETs (OpenDAL's webdav service has no conditional
 //! writes and returns no ETag with a read).
 //!
@@ -329,7 +329,10 @@ impl ObjectStore {
 
     /// Replaces the object at `path` only if its version is still `expected`
     /// (`None`: only if there is no object), else [`Replaced::Changed`].
-    /// Atomic on HTTP stores; see [`folder`] for a folder's guarantee.
+    /// As atomic as the store's `If-Match`: on S3, yes; on a WebDAV server,
+    /// only if [`ObjectStore::probe`] passed (and see its limits); in a folder,
+    /// only between processes of one machine (see `folder.rs`: meant for a
+    /// hint object only).
     pub async fn replace(&self, path: &str, bytes: Vec<u8>, expected: Option<&str>) -> Result<Replaced, ObjectError> {
         check_path(path)?;
         self.deadline("replace", async {
@@ -378,7 +381,16 @@ impl ObjectStore {
     }
 
     /// Checks, before anything is synced, that the store's conditional writes
-    /// really work; see [`probe`] for the checks and what they cannot prove.
+    /// really work. Under `probe/<random uuid>/` it checks that a second
+    /// create of a path is refused and leaves the first's bytes; that reads
+    /// return a version; that a replace with a wrong version, or expecting no
+    /// object where one is, is refused and changes nothing; that a replace
+    /// with the current version is written and a second one with that (now
+    /// stale) version is refused (three times, same-length bytes: catches
+    /// ETags that keep whole seconds); and that of 4 concurrent creates of a
+    /// fresh path exactly one is written, 8 times. Then it deletes its
+    /// objects. A store whose check is not atomic can pass the races by luck:
+    /// a passed probe is evidence, not proof (docs/file-store-servers.md).
     /// Fails with [`ObjectError::NoConditionalWrites`] naming the check that
     /// failed.
     pub async fn probe(&self) -> Result<(), ObjectError> {
