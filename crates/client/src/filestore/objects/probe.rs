@@ -48,8 +48,9 @@ pub(super) async fn run(store: &ObjectStore) -> Result<(), ObjectError> {
     for path in &written {
         let _ = store.delete(path).await;
     }
+    // Not `probe/` itself: on WebDAV a DELETE of a collection is recursive, and
+    // another device may be probing under it.
     store.remove_empty_dir(&dir).await;
-    store.remove_empty_dir("probe").await;
     outcome
 }
 
