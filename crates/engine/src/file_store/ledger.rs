@@ -279,3 +279,165 @@ pub(super) fn write_line(out: &mut Vec<u8>, value: &impl serde::Serialize) {
     serde_json::to_writer(&mut *out, value).expect("a line serialises");
     out.push(b'\n');
 }
+
+#[cfg(test)]
+mod tests {
+    use deltasync_protocol::wire::ResultStatus;
+    use deltasync_protocol::{ChangeLimits, Policy};
+    use serde_json::{Value, json};
+
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn change(id: &str, entity: &str, data: Value, ms: u64, device: &str) -> Change {
+        let hlc = format!("{ms:013}-00000-{device}");
+        let value = json!({"change_id": id, "collection": "tasks", "entity_id": entity, "op": "upsert", "data": data, "hlc": hlc});
+        Change::from_json(&value, &ChangeLimits::default()).expect("a valid change")
+    }
+
+    fn device(name: &str) -> DeviceId {
+        DeviceId::parse(name).unwrap()
+    }
+
+    /// Plans `changes` and applies the segment to every ledger given, as devices that read it.
+    fn push(ledgers: &mut [&mut Ledger], from: &str, changes: &[Change]) -> Planned {
+        let planned = ledgers[0].plan(&device(from), changes, NOW, 60_000);
+        if let Some(segment) = &planned.segment {
+            for l in ledgers.iter_mut() {
+                l.apply("log/x.json", segment).expect("a planned segment applies");
+            }
+        }
+        planned
+    }
+
+    #[test]
+    fn a_segment_planned_by_one_device_applies_on_another_to_the_same_head() {
+        let mut writer = Ledger::new(Policies::default());
+        let mut reader = Ledger::new(Policies::default());
+        let planned = push(
+            &mut [&mut writer, &mut reader],
+            "a",
+            &[
+                change("c1", "t1", json!({"title": "x"}), NOW - 10, "a"),
+                change("c2", "t1", json!({"done": true}), NOW - 5, "a"),
+            ],
+        );
+        assert!(planned.results.iter().all(|r| r.status == ResultStatus::Applied));
+        assert_eq!(planned.results.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![Some(1), Some(2)]);
+        assert_eq!(writer.head(), reader.head());
+        assert_eq!(reader.head().seq, 2);
+        let page = reader.page(0, 1000, &HashSet::new()).unwrap();
+        assert_eq!(page.changes.len(), 2);
+        assert_eq!((page.state_hash, page.state_digest), (reader.head().state_hash, reader.head().state_digest));
+        // A page may stop between two changes of one segment, with the hashes there.
+        let first = reader.page(0, 1, &HashSet::new()).unwrap();
+        assert!(first.has_more);
+        assert_eq!(first.state_hash, StateHash::default().fold(&page.changes[0]));
+        assert!(reader.page(3, 10, &HashSet::new()).is_none(), "a cursor past the head needs a reset");
+    }
+
+    #[test]
+    fn a_retried_push_is_answered_duplicate_and_writes_nothing() {
+        let mut ledger = Ledger::new(Policies::default());
+        let changes = [change("c1", "t1", json!({"n": 1}), NOW, "a")];
+        push(&mut [&mut ledger], "a", &changes);
+        let again = ledger.plan(&device("a"), &changes, NOW, 60_000);
+        assert!(again.segment.is_none());
+        assert_eq!(again.results[0].status, ResultStatus::Duplicate);
+        assert_eq!(again.results[0].seq, Some(1));
+    }
+
+    #[test]
+    fn the_loser_of_a_race_plans_again_on_top_of_the_winner() {
+        let mut a = Ledger::new(Policies::default());
+        let mut b = Ledger::new(Policies::default());
+        push(&mut [&mut a, &mut b], "a", &[change("c0", "t0", json!({"n": 0}), NOW, "a")]);
+        let mine = [change("c1", "t1", json!({"n": 1}), NOW, "a")];
+        let theirs = [change("c2", "t1", json!({"m": 2}), NOW + 1, "b")];
+        let lost = a.plan(&device("a"), &mine, NOW, 60_000).segment.unwrap();
+        // b wins seq 2: its segment is applied everywhere; a's first plan no longer fits.
+        push(&mut [&mut b, &mut a], "b", &theirs);
+        assert!(matches!(a.apply("log/2.json", &lost), Err(FileStoreError::Tampered { .. })));
+        let replanned = push(&mut [&mut a, &mut b], "a", &mine);
+        assert_eq!(replanned.results[0].seq, Some(3));
+        assert_eq!(a.head(), b.head());
+        let t1 = change("x", "t1", json!({}), NOW, "a");
+        assert_eq!(a.entities[&(t1.collection, t1.entity_id)].data.len(), 2, "both fields survive");
+    }
+
+    #[test]
+    fn an_edited_segment_is_refused_whole_and_names_the_object() {
+        let writer = Ledger::new(Policies::default());
+        let planned = writer.plan(&device("a"), &[change("c1", "t1", json!({"n": 1}), NOW, "a")], NOW, 60_000);
+        let segment = planned.segment.unwrap();
+        let mut edited = segment.clone();
+        edited.changes[0].change.data = Some(json!({"n": 2}));
+        let mut reader = Ledger::new(Policies::default());
+        let err = reader.apply("log/00000000000000000001.json", &edited).unwrap_err();
+        assert!(err.to_string().contains("log/00000000000000000001.json"), "{err}");
+        assert_eq!(reader.head(), DatasetHead::default(), "nothing applied");
+        let mut relinked = segment.clone();
+        relinked.prev_hash = segment.state_hash;
+        assert!(matches!(reader.apply("log/1.json", &relinked), Err(FileStoreError::Tampered { .. })));
+        let mut digest = segment.clone();
+        digest.state_digest = StateDigest::default();
+        assert!(matches!(reader.apply("log/1.json", &digest), Err(FileStoreError::Tampered { .. })));
+        reader.apply("log/1.json", &segment).expect("the original applies");
+    }
+
+    #[test]
+    fn a_change_its_policy_refuses_cannot_be_slipped_into_a_segment() {
+        let policies = Policies { default: Policy::Reject, collections: Default::default() };
+        let mut writer = Ledger::new(policies.clone());
+        let versioned = |id: &str, entity: &str, base: u64| {
+            let mut c = change(id, entity, json!({"n": id}), NOW, "a");
+            c.base_version = Some(base);
+            c
+        };
+        let created = push(&mut [&mut writer], "a", &[versioned("c1", "t1", 0)]);
+        assert_eq!(created.results[0].status, ResultStatus::Applied);
+        // An upsert based on an old version is refused under `reject`: the planner logs nothing…
+        let refused = writer.plan(&device("b"), &[versioned("c2", "t1", 0)], NOW, 60_000);
+        assert_eq!(refused.results[0].status, ResultStatus::Rejected);
+        assert!(refused.segment.is_none());
+        // …and a segment that logs such a change anyway is refused by every reader.
+        let mut forged = writer.plan(&device("b"), &[versioned("c3", "t2", 0)], NOW, 60_000);
+        let mut segment = forged.segment.take().expect("a new entity is created");
+        segment.changes[0].change.entity_id = deltasync_protocol::EntityId::parse("t1").unwrap();
+        let mut reader = writer.clone();
+        let err = reader.apply("log/2.json", &segment).unwrap_err();
+        assert!(err.to_string().contains("merge policy refuses"), "{err}");
+    }
+
+    #[test]
+    fn a_snapshot_reads_back_to_the_same_ledger_and_an_edited_one_is_refused() {
+        let mut ledger = Ledger::new(Policies::default());
+        for i in 0..20 {
+            push(
+                &mut [&mut ledger],
+                "a",
+                &[change(&format!("c{i}"), &format!("t{}", i % 7), json!({"i": i}), NOW, "a")],
+            );
+        }
+        let body = ledger.snapshot_body();
+        let read = Ledger::from_snapshot("snapshots/s.ndjson", &body, Policies::default()).unwrap();
+        assert_eq!(read.head(), ledger.head());
+        assert_eq!(read.base(), 20);
+        assert_eq!(read.bootstrap_body(1), ledger.bootstrap_body(1));
+        assert_eq!(read.known.len(), 20);
+        // The old log is not in memory: pages start at the snapshot.
+        assert!(read.page(19, 10, &HashSet::new()).is_none());
+        assert_eq!(read.page(20, 10, &HashSet::new()).unwrap().changes.len(), 0);
+        let text = String::from_utf8(body).unwrap();
+        let edited = text.replacen("\"i\":3", "\"i\":4", 1);
+        assert_ne!(edited, text);
+        let err = Ledger::from_snapshot("snapshots/s.ndjson", edited.as_bytes(), Policies::default()).unwrap_err();
+        assert!(matches!(err, FileStoreError::Tampered { .. }), "{err}");
+        let cut = &text.as_bytes()[..text.len() - 30];
+        assert!(matches!(
+            Ledger::from_snapshot("snapshots/s.ndjson", cut, Policies::default()),
+            Err(FileStoreError::Unreadable { .. })
+        ));
+    }
+}
