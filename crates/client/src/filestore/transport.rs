@@ -205,20 +205,72 @@ impl FileStoreApi {
             for &seq in snapshots.iter().rev().filter(|&&s| cursor.is_none_or(|c| s <= c)) {
                 let name = layout::snapshot(seq);
                 let Some(bytes) = self.read(&name).await? else { continue };
-                match Ledger::from_snapshot(&name, &bytes, descriptor.policies.clone()) {
+                match self.read_snapshot(&name, &bytes, &descriptor).await? {
                     Ok(l) => {
                         ledger = Some(l);
                         break;
                     }
                     // A damaged snapshot is not trusted: an older one, or the log itself, serves.
-                    Err(e) => tracing::warn!(%e, "skipping a snapshot"),
+                    Err(e) => tracing::warn!("skipping a snapshot: {e}"),
                 }
             }
             st.ledger = Some(ledger.unwrap_or_else(|| Ledger::new(descriptor.policies.clone())));
         }
         let ledger = st.ledger.as_mut().expect("loaded above");
         self.catch_up(ledger).await?;
+        self.check_hint(ledger).await?;
         Ok(ledger)
+    }
+
+    /// Refuses a log that ends before the head hint says it does: a segment
+    /// is missing (deleted, or not yet arrived in a folder that a sync tool
+    /// replicates). Taking the gap for the end would let this device log its
+    /// own changes under seqs another device already used, forking the log.
+    async fn check_hint(&self, ledger: &Ledger) -> Result<()> {
+        let Some(hint) = self.read(layout::HEAD_HINT).await? else { return Ok(()) };
+        let Ok(hint) = serde_json::from_slice::<HeadHint>(&hint) else {
+            tracing::warn!("{} is unreadable; ignoring it", layout::HEAD_HINT);
+            return Ok(());
+        };
+        let head = ledger.head().seq;
+        if hint.head > head {
+            return Err(Error::FileStore {
+                url: self.url.clone(),
+                message: format!(
+                    "the log ends at seq {head}, but {} says a device logged up to seq {}: {} is missing. \
+                     If the store is a folder a sync tool replicates, wait until it has copied everything; \
+                     otherwise restore the missing segment. Nothing is written until then.",
+                    layout::HEAD_HINT,
+                    hint.head,
+                    layout::segment(head + 1)
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Reads the snapshot `name` and checks its head against the segment
+    /// that ends there. The outer error is the store's; the inner one says
+    /// the snapshot cannot be trusted.
+    async fn read_snapshot(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        descriptor: &Descriptor,
+    ) -> Result<std::result::Result<Ledger, deltasync_engine::file_store::FileStoreError>> {
+        let ledger = match Ledger::from_snapshot(name, bytes, descriptor.policies.clone()) {
+            Ok(l) => l,
+            Err(e) => return Ok(Err(e)),
+        };
+        let segment_name = layout::segment(ledger.last_segment());
+        let segment = match self.read(&segment_name).await? {
+            Some(b) => match Segment::decode(&segment_name, &b) {
+                Ok(s) => Some(s),
+                Err(e) => return Ok(Err(e)),
+            },
+            None => None,
+        };
+        Ok(ledger.check_snapshot_end(name, segment.as_ref()).map(|()| ledger))
     }
 
     /// Reads and applies the segments after the ledger's head.
@@ -443,11 +495,8 @@ impl Transport for FileStoreApi {
             return Err(reset_required(body.cursor, head));
         }
         let results = if body.changes.is_empty() { Vec::new() } else { self.push(&mut st, body).await? };
-        let pushed: HashSet<u64> = results
-            .iter()
-            .filter(|r| r.status == deltasync_protocol::wire::ResultStatus::Applied)
-            .filter_map(|r| r.seq)
-            .collect();
+        // Every pushed change the log holds is left out, duplicates too, as a server does.
+        let pushed: HashSet<u64> = results.iter().filter_map(|r| r.seq).collect();
         let page = self.page(&mut st, body.cursor, body.limit.unwrap_or(DEFAULT_LIMIT), &pushed).await?;
         Ok(SyncResponse {
             results,

@@ -65,6 +65,8 @@ pub struct Ledger {
     log: Vec<Logged>,
     pub(super) conflicts: Vec<ConflictRecord>,
     pub(super) devices: BTreeMap<String, DeviceStatus>,
+    /// The first seq of the segment that ends at the head (0 for the empty log).
+    pub(super) last_segment: u64,
 }
 
 impl Ledger {
@@ -82,7 +84,14 @@ impl Ledger {
             log: Vec::new(),
             conflicts: Vec::new(),
             devices: BTreeMap::new(),
+            last_segment: 0,
         }
+    }
+
+    /// The first seq of the segment that ends at the head (0 for the empty
+    /// log): the object a snapshot's chain head is checked against.
+    pub fn last_segment(&self) -> u64 {
+        self.last_segment
     }
 
     /// Where the log stands.
@@ -188,6 +197,7 @@ impl Ledger {
         self.log.extend(logged);
         self.conflicts.extend(segment.conflicts.iter().cloned());
         self.head.seq = segment.last();
+        self.last_segment = segment.first();
         self.head.state_hash = hash;
         self.head.state_digest = digest;
         self.head.conflict_seq += segment.conflicts.len() as u64;

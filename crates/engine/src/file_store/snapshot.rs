@@ -13,6 +13,7 @@ use deltasync_protocol::{EntityState, StateDigest, StateHash, StoredChange};
 use serde::{Deserialize, Serialize};
 
 use super::ledger::{Ledger, write_line};
+use super::segment::Segment;
 use super::{FORMAT, FileStoreError};
 
 /// A device writes a snapshot when the log has grown by this many changes
@@ -30,6 +31,9 @@ struct Header {
     state_hash: StateHash,
     state_digest: StateDigest,
     conflict_seq: u64,
+    /// The first seq of the segment that ends at `cursor`: its chain head
+    /// and digest must be the snapshot's ([`Ledger::check_snapshot_end`]).
+    last_segment: u64,
 }
 
 /// A line after the header.
@@ -51,6 +55,38 @@ struct End {
 }
 
 impl Ledger {
+    /// Checks a ledger read from the snapshot `object` against `segment`, the
+    /// segment its header names as ending at its seq: the snapshot's digest
+    /// is checked against its entities when read, its chain head only here.
+    /// (A snapshot at seq 0 has no segment to check.)
+    pub fn check_snapshot_end(&self, object: &str, segment: Option<&Segment>) -> Result<(), FileStoreError> {
+        let tampered = |message: String| FileStoreError::Tampered { object: object.to_owned(), message };
+        let head = self.head;
+        if head.seq == 0 {
+            return Ok(());
+        }
+        let Some(segment) = segment else {
+            return Err(tampered(format!(
+                "the segment it names, {}, is not in the store",
+                super::layout::segment(self.last_segment)
+            )));
+        };
+        if segment.last() != head.seq
+            || segment.state_hash != head.state_hash
+            || segment.state_digest != head.state_digest
+        {
+            return Err(tampered(format!(
+                "its head (seq {}, chain {}) is not where {} ends (seq {}, chain {})",
+                head.seq,
+                head.state_hash,
+                super::layout::segment(self.last_segment),
+                segment.last(),
+                segment.state_hash
+            )));
+        }
+        Ok(())
+    }
+
     /// The ledger as a snapshot object, at its head.
     pub fn snapshot_body(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.entities.len() * 300 + self.known.len() * 48 + 256);
@@ -61,6 +97,7 @@ impl Ledger {
             state_hash: head.state_hash,
             state_digest: head.state_digest,
             conflict_seq: head.conflict_seq,
+            last_segment: self.last_segment,
         };
         write_line(&mut out, &header);
         let mut count = 0u64;
@@ -163,6 +200,7 @@ impl Ledger {
             conflict_seq: header.conflict_seq,
         };
         ledger.base = header.cursor;
+        ledger.last_segment = header.last_segment;
         ledger.base_hash = header.state_hash;
         ledger.base_digest = header.state_digest;
         Ok(ledger)

@@ -287,6 +287,10 @@ fn object(text: &str) -> Result<Map<String, Value>, ClientError> {
 
 /// Runs one client command and returns the process's exit code.
 pub fn run(args: ClientArgs) -> ExitCode {
+    // Warnings (a damaged snapshot skipped, …) go to stderr; RUST_LOG shows more.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().try_init();
     match execute(args) {
         Ok(Output::Json(line)) => print(&line),
         Ok(Output::Fail(code, message)) => fail(code, &message),
