@@ -619,13 +619,7 @@ fn concurrent_writers(store: &StoreUnderTest) {
 // ---------------------------------------------------------------------------
 
 store_scenario!(a_device_killed_after_writing_its_segment_loses_nothing, |s| killed_after_segment(s, false));
-store_scenario!(
-    #[ignore = "bug: the file store's sync answer sends a duplicate's own change back in the page (only `applied` \
-                seqs are left out, a server leaves out every pushed seq), so the engine sees the seq twice, calls it \
-                a mismatch and re-bootstraps: verified false, healed true"]
-    a_device_killed_after_writing_its_segment_resyncs_without_healing,
-    |s| killed_after_segment(s, true)
-);
+store_scenario!(a_device_killed_after_writing_its_segment_resyncs_without_healing, |s| killed_after_segment(s, true));
 
 /// Device A's sync writes its segment and dies before `meta.json`; B finds
 /// the segment past the hinted head; A, back, finds its change logged (a
@@ -692,20 +686,8 @@ fn killed_after_segment(store: &StoreUnderTest, strict: bool) {
 store_scenario!(a_segment_with_edited_data_is_refused, edited_segment_data);
 store_scenario!(a_segment_with_an_edited_state_hash_is_refused, edited_segment_state_hash);
 store_scenario!(an_edited_snapshot_is_not_trusted, |s| edited_snapshot(s, false));
-store_scenario!(
-    #[ignore = "bug: a snapshot whose header state_hash alone was edited is loaded (only its digest is checked), \
-                and the intact segment after it is then reported as `changed after it was written`; the device \
-                neither falls back to the log nor names the snapshot"]
-    a_snapshot_with_an_edited_chain_head_is_named_or_skipped,
-    |s| edited_snapshot(s, true)
-);
-store_scenario!(
-    #[ignore = "bug: meta.json is never read, so a device that does not find segment N (deleted, or not yet \
-                delivered by a folder-syncing tool) stops at N-1 as if it were the head, and its next push \
-                writes its own segment N: the log forks and every new device fails on segment N+1"]
-    a_missing_segment_is_not_taken_for_the_end_of_the_log,
-    missing_segment
-);
+store_scenario!(a_snapshot_with_an_edited_chain_head_is_named_or_skipped, |s| edited_snapshot(s, true));
+store_scenario!(a_missing_segment_is_not_taken_for_the_end_of_the_log, missing_segment);
 
 /// Replaces the one occurrence of `from` in object `name` with `to` (same
 /// length or not: the JSON stays valid as long as both are plain string contents).

@@ -217,23 +217,34 @@ impl FileStoreApi {
             st.ledger = Some(ledger.unwrap_or_else(|| Ledger::new(descriptor.policies.clone())));
         }
         let ledger = st.ledger.as_mut().expect("loaded above");
+        // The hint is read first: a device writes it only after its segment,
+        // so every segment up to the hinted head is in the store by then.
+        let hinted = self.hinted_head().await?;
         self.catch_up(ledger).await?;
-        self.check_hint(ledger).await?;
+        self.check_hint(ledger, hinted)?;
         Ok(ledger)
+    }
+
+    /// The head `meta.json` names, if it reads.
+    async fn hinted_head(&self) -> Result<Option<u64>> {
+        let Some(hint) = self.read(layout::HEAD_HINT).await? else { return Ok(None) };
+        match serde_json::from_slice::<HeadHint>(&hint) {
+            Ok(hint) => Ok(Some(hint.head)),
+            Err(e) => {
+                tracing::warn!("{} is unreadable ({e}); ignoring it", layout::HEAD_HINT);
+                Ok(None)
+            }
+        }
     }
 
     /// Refuses a log that ends before the head hint says it does: a segment
     /// is missing (deleted, or not yet arrived in a folder that a sync tool
     /// replicates). Taking the gap for the end would let this device log its
     /// own changes under seqs another device already used, forking the log.
-    async fn check_hint(&self, ledger: &Ledger) -> Result<()> {
-        let Some(hint) = self.read(layout::HEAD_HINT).await? else { return Ok(()) };
-        let Ok(hint) = serde_json::from_slice::<HeadHint>(&hint) else {
-            tracing::warn!("{} is unreadable; ignoring it", layout::HEAD_HINT);
-            return Ok(());
-        };
+    fn check_hint(&self, ledger: &Ledger, hinted: Option<u64>) -> Result<()> {
+        let Some(hinted) = hinted else { return Ok(()) };
         let head = ledger.head().seq;
-        if hint.head > head {
+        if hinted > head {
             return Err(Error::FileStore {
                 url: self.url.clone(),
                 message: format!(
@@ -241,7 +252,7 @@ impl FileStoreApi {
                      If the store is a folder a sync tool replicates, wait until it has copied everything; \
                      otherwise restore the missing segment. Nothing is written until then.",
                     layout::HEAD_HINT,
-                    hint.head,
+                    hinted,
                     layout::segment(head + 1)
                 ),
             });
