@@ -16,8 +16,10 @@ use tokio::sync::{Notify, broadcast};
 pub use deltasync_engine::{ChangeEvent, DEFAULT_JOURNAL_LIMIT, LastError, MAX_DATA_BYTES, Origin, Progress, Stats};
 
 use crate::error::Result;
+use crate::filestore::{self, FileStoreApi};
 use crate::http::{HttpOptions, ServerApi};
 use crate::local::{self, OutboxEntry, SqliteStore, store::run_now};
+use crate::remote::Remote;
 use crate::sync::SyncReport;
 use crate::view::Entity;
 
@@ -41,6 +43,13 @@ pub struct ClientOptions {
     /// The server's base URL (`http://host:port`). Kept in the local database,
     /// so later opens may leave it out.
     pub server: Option<String>,
+    /// A file store to sync through instead of a server: `file:///dir`,
+    /// `webdav://host/path` (`webdavs://` for HTTPS; user and password from
+    /// `DELTASYNC_STORE_USER` / `DELTASYNC_STORE_PASSWORD`) or
+    /// `s3://bucket/prefix` (endpoint and keys from the usual `AWS_*`
+    /// variables). Kept in the local database like `server`; give one or the
+    /// other. See `docs/file-store.md`.
+    pub store: Option<String>,
     /// A bearer token for servers running with `--auth jwt`.
     pub token: Option<String>,
     /// Where a fresh token comes from when the server answers 401 (an expired
@@ -87,6 +96,7 @@ impl Default for ClientOptions {
     fn default() -> Self {
         Self {
             server: None,
+            store: None,
             token: None,
             token_provider: None,
             batch_size: 500,
@@ -107,6 +117,7 @@ impl std::fmt::Debug for ClientOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClientOptions")
             .field("server", &self.server)
+            .field("store", &self.store)
             .field("token", &self.token.as_ref().map(|_| "…"))
             .field("token_provider", &self.token_provider.is_some())
             .field("batch_size", &self.batch_size)
@@ -142,7 +153,7 @@ impl Clock for SystemClock {
 }
 
 /// The engine as the native client builds it.
-pub(crate) type NativeEngine = Engine<SqliteStore, ServerApi, SystemClock>;
+pub(crate) type NativeEngine = Engine<SqliteStore, Remote, SystemClock>;
 
 pub(crate) struct Inner {
     pub(crate) engine: NativeEngine,
@@ -184,7 +195,12 @@ impl Client {
     /// given in `options` replaces the one kept in the database.
     pub fn open(path: impl AsRef<Path>, options: ClientOptions) -> Result<Client> {
         let conn = local::open(path.as_ref())?;
-        let server = match &options.server {
+        if options.server.is_some() && options.store.is_some() {
+            return Err(crate::ClientError::Invalid(
+                "give a server URL or a file store URL, not both: a device syncs with one of them".into(),
+            ));
+        }
+        let remote_url = match options.store.as_ref().or(options.server.as_ref()) {
             Some(url) => Some(url.trim_end_matches('/').to_owned()),
             None => local::meta(&conn, deltasync_engine::replica::keys::SERVER_URL)?,
         };
@@ -193,13 +209,18 @@ impl Client {
             request_timeout: options.request_timeout,
             stall_timeout: options.stall_timeout,
         };
-        let api = server
-            .as_deref()
-            .map(|url| {
-                ServerApi::new(url, options.token.clone(), http)
-                    .map(|api| api.with_token_provider(options.token_provider.clone()))
-            })
-            .transpose()?;
+        let api = match remote_url.as_deref() {
+            None => None,
+            Some(url) if filestore::is_store_url(url) => {
+                let mut head_file = path.as_ref().as_os_str().to_owned();
+                head_file.push(".store-head");
+                let head_file = (path.as_ref() != Path::new(":memory:")).then(|| head_file.into());
+                Some(Remote::Files(Box::new(FileStoreApi::new(url, head_file, options.wall_clock.clone())?)))
+            }
+            Some(url) => Some(Remote::Server(
+                ServerApi::new(url, options.token.clone(), http)?.with_token_provider(options.token_provider.clone()),
+            )),
+        };
         let (events, _) = broadcast::channel(1024);
         let local_writes = Arc::new(Notify::new());
         let engine_options = EngineOptions {
@@ -382,7 +403,7 @@ impl Client {
     /// server sends its head whenever it moves. A server without it answers
     /// a [`crate::ClientError`] whose status is 404.
     pub async fn open_live(&self) -> Result<crate::live::LiveSocket> {
-        let api = self.engine().transport_ref().ok_or(deltasync_engine::Error::NoServer)?;
+        let api = self.engine().transport_ref().ok_or(deltasync_engine::Error::NoServer)?.server()?;
         Ok(api.open_live(self.device_id().as_str()).await?)
     }
 

@@ -68,7 +68,9 @@ pub enum ClientError {
         failed: u64,
     },
     /// No server URL is known: pass one when opening the client.
-    #[error("no server URL: pass --server URL (or set DELTASYNC_SERVER) once; it is kept in the local database")]
+    #[error(
+        "no server URL: pass --server URL (or --store URL for a file store) once; it is kept in the local database"
+    )]
     NoServer,
     /// The server could not be reached (connection refused, reset, timed out).
     #[error("server unreachable at {url}: {message}")]
@@ -106,6 +108,15 @@ pub enum ClientError {
         retry_after: Option<u64>,
         /// The offending changes, when the server named them.
         details: Vec<ErrorDetail>,
+    },
+    /// A file store (a folder, WebDAV, S3) cannot be synced through safely,
+    /// or refused an operation for a reason retrying does not mend.
+    #[error("file store {url}: {message}")]
+    FileStore {
+        /// The store's URL, without credentials.
+        url: String,
+        /// What is wrong and what to do.
+        message: String,
     },
     /// The server's answer could not be understood. The server (or something
     /// between) is at fault; retrying gets the same answer until it changes.
@@ -145,6 +156,7 @@ impl ClientError {
             ClientError::Unreachable { .. } => "unreachable",
             ClientError::Timeout { .. } => "timeout",
             ClientError::Server { code, .. } => code,
+            ClientError::FileStore { .. } => "file_store",
             ClientError::Protocol { .. } => "protocol",
             ClientError::Integrity(_) => "integrity",
         }
@@ -190,6 +202,7 @@ impl From<EngineError> for ClientError {
             EngineError::Server { status, code, message, retry_after, details } => {
                 ClientError::Server { status, code, message, retry_after, details }
             }
+            EngineError::FileStore { url, message } => ClientError::FileStore { url, message },
             EngineError::Protocol { request, message } => ClientError::Protocol { request, message },
             EngineError::Integrity(m) => ClientError::Integrity(m),
             // The engine's error enum is non-exhaustive: a new kind shows its own message.

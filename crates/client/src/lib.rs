@@ -69,6 +69,7 @@ pub mod filestore;
 pub mod http;
 pub mod live;
 pub mod local;
+pub mod remote;
 pub mod runner;
 
 pub use deltasync_engine::{self as engine, backoff, sync, view};

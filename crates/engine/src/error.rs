@@ -22,7 +22,9 @@ pub enum Error {
     #[error("invalid input: {0}")]
     Invalid(String),
     /// No server is known: pass one when opening the client.
-    #[error("no server URL: pass --server URL (or set DELTASYNC_SERVER) once; it is kept in the local database")]
+    #[error(
+        "no server URL: pass --server URL (or --store URL for a file store) once; it is kept in the local database"
+    )]
     NoServer,
     /// The replica holds another user's data than the token's: syncing would
     /// mix two users' datasets.
@@ -82,6 +84,15 @@ pub enum Error {
         /// The offending changes, when the server named them.
         details: Vec<ErrorDetail>,
     },
+    /// A file store (a folder, WebDAV, S3) cannot be synced through safely,
+    /// or refused an operation for a reason retrying does not mend.
+    #[error("file store {url}: {message}")]
+    FileStore {
+        /// The store's URL, without credentials.
+        url: String,
+        /// What is wrong and what to do.
+        message: String,
+    },
     /// The server's answer could not be understood.
     #[error("unexpected answer to {request}: {message}")]
     Protocol {
@@ -138,6 +149,7 @@ impl Error {
             Error::Unreachable { .. } => "unreachable",
             Error::Timeout { .. } => "timeout",
             Error::Server { code, .. } => code,
+            Error::FileStore { .. } => "file_store",
             Error::Protocol { .. } => "protocol",
             Error::Integrity(_) => "integrity",
         }

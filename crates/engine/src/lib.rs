@@ -40,6 +40,7 @@ pub mod clock;
 pub mod conformance;
 pub mod engine;
 pub mod error;
+pub mod file_store;
 pub mod local;
 pub mod memory;
 pub mod replica;

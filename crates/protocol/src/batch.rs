@@ -215,3 +215,24 @@ pub fn batch_keys(changes: &[Change]) -> (Vec<ChangeId>, Vec<EntityKey>) {
     }
     (ids, keys)
 }
+
+impl ConflictEntry {
+    /// The record as `GET /v1/conflicts` serves it.
+    pub fn record(&self) -> crate::wire::ConflictRecord {
+        crate::wire::ConflictRecord {
+            id: self.id,
+            change_id: self.change.change_id.as_str().to_owned(),
+            device_id: self.device_id.as_str().to_owned(),
+            collection: self.change.collection.as_str().to_owned(),
+            entity_id: self.change.entity_id.as_str().to_owned(),
+            op: self.change.op,
+            data: self.change.data.clone(),
+            hlc: self.change.hlc.to_string(),
+            seq: self.seq,
+            reason: self.conflict.reason,
+            fields: self.conflict.fields.clone(),
+            current: self.conflict.current.clone(),
+            server_time: self.server_time,
+        }
+    }
+}

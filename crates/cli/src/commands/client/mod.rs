@@ -31,6 +31,7 @@ deltasync client --db phone.db --server http://127.0.0.1:8787 put tasks t1 '{\"t
 deltasync client --db phone.db sync\n  \
 deltasync client --db laptop.db --server http://127.0.0.1:8787 sync && deltasync client --db laptop.db get tasks t1\n  \
 deltasync client --db phone.db watch --live\n  \
+deltasync client --db tablet.db --store file:///mnt/nas/tasks sync   (no server: a folder, webdav:// or s3://)\n  \
 deltasync client --db phone.db conflicts --limit 50\n  \
 deltasync client --db phone.db export-pending > failed.json && deltasync client --db phone.db discard-failed"
 )]
@@ -39,8 +40,16 @@ pub struct ClientArgs {
     #[arg(long, value_name = "PATH")]
     db: PathBuf,
     /// The server's base URL, e.g. http://127.0.0.1:8787 (kept in the database for later commands).
-    #[arg(long, env = "DELTASYNC_SERVER", value_name = "URL")]
+    #[arg(long, env = "DELTASYNC_SERVER", value_name = "URL", conflicts_with = "store")]
     server: Option<String>,
+    /// Sync through a file store instead of a server (kept in the database like --server):
+    /// file:///dir, webdav://host/path or webdavs://host/path (user and password from
+    /// DELTASYNC_STORE_USER / DELTASYNC_STORE_PASSWORD), or s3://bucket/prefix (endpoint and
+    /// keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION).
+    /// No server runs: devices write numbered log segments with create-only writes; see
+    /// docs/file-store.md.
+    #[arg(long, env = "DELTASYNC_STORE", value_name = "URL")]
+    store: Option<String>,
     /// Bearer token for a server running with --auth jwt (see `deltasync token`).
     #[arg(long, env = "DELTASYNC_TOKEN", value_name = "TOKEN", hide_env_values = true)]
     token: Option<String>,
@@ -278,6 +287,10 @@ fn object(text: &str) -> Result<Map<String, Value>, ClientError> {
 
 /// Runs one client command and returns the process's exit code.
 pub fn run(args: ClientArgs) -> ExitCode {
+    // Warnings (a damaged snapshot skipped, …) go to stderr; RUST_LOG shows more.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).without_time().try_init();
     match execute(args) {
         Ok(Output::Json(line)) => print(&line),
         Ok(Output::Fail(code, message)) => fail(code, &message),
@@ -296,6 +309,7 @@ fn execute(args: ClientArgs) -> Result<Output, ClientError> {
     let deadline = (args.timeout > 0).then(|| Duration::from_secs(args.timeout));
     let options = ClientOptions {
         server: args.server,
+        store: args.store,
         token: args.token,
         token_provider: args.token_command.map(token_command),
         http2_prior_knowledge: args.http2,
