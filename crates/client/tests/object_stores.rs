@@ -158,24 +158,18 @@ async fn folder_store_creates_are_atomic_under_races() {
 async fn wsgidav_store() {
     let Some(store) = started("wsgidav", stores::wsgidav) else { return };
     semantics(&store).await;
+    probe_passes(&store).await;
 }
 
 /// wsgidav (one worker thread) refuses racing creates atomically, but its ETag
 /// is inode, size and modification time in whole seconds: a same-size rewrite
-/// within the same second keeps the ETag, so a stale `If-Match` is accepted
-/// and a compare-and-swap can lose a change. The probe must see that.
+/// within the same second keeps the ETag, so a stale `If-Match` is accepted.
+/// The probe only warns of that (the file store replaces only a hint).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wsgidav_is_refused_by_the_probe_for_its_coarse_etags() {
+async fn wsgidav_accepts_a_stale_if_match_within_a_second() {
     let Some(store) = started("wsgidav", stores::wsgidav) else { return };
     let objects = open(&store);
-    match objects.probe().await {
-        Err(ObjectError::NoConditionalWrites { why, .. }) => {
-            assert!(why.contains("did not change when the object did"), "the probe named another check: {why}");
-        }
-        other => panic!("the probe of wsgidav gave {other:?}; its log:\n{}", store.log()),
-    }
-    // What the probe saw, by hand: a stale If-Match is accepted (three tries,
-    // in case one straddles a second).
+    // A stale If-Match is accepted (three tries, in case one straddles a second).
     let mut accepted = Vec::new();
     for attempt in 0..3 {
         let path = format!("v{attempt}.json");

@@ -385,9 +385,10 @@ impl ObjectStore {
     /// create of a path is refused and leaves the first's bytes; that reads
     /// return a version; that a replace with a wrong version, or expecting no
     /// object where one is, is refused and changes nothing; that a replace
-    /// with the current version is written and a second one with that (now
-    /// stale) version is refused (three times, same-length bytes: catches
-    /// ETags that keep whole seconds); and that of 4 concurrent creates of a
+    /// with the current version is written (a second one with that, now
+    /// stale, version should be refused: a store that accepts it, as wsgidav
+    /// does within a second, is only warned of with `tracing`, since the file
+    /// store replaces only its head hint); and that of 4 concurrent creates of a
     /// fresh path exactly one is written, 8 times. Then it deletes its
     /// objects. A store whose check is not atomic can pass the races by luck:
     /// a passed probe is evidence, not proof (docs/file-store-servers.md).
