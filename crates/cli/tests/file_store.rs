@@ -766,7 +766,7 @@ fn edited_segment_state_hash(store: &StoreUnderTest) {
 }
 
 /// The number of changes in the log after which a device writes a snapshot
-/// (`deltasync_engine::file_store::snapshot::SNAPSHOT_EVERY`).
+/// (`deltasync_engine::file_store::snapshot::SNAPSHOT_EVERY`; `is_due`).
 const SNAPSHOT_EVERY: usize = 10_000;
 
 /// A snapshot's entity is edited: its digest no longer matches its

@@ -348,9 +348,8 @@ impl FileStoreApi {
     async fn after_write(&self, st: &mut State) {
         let ledger = st.ledger.as_ref().expect("loaded");
         let head = ledger.head();
-        let since = head.seq - st.newest_snapshot.unwrap_or(0);
         let mut snapshot_at = None;
-        if since >= snapshot::SNAPSHOT_EVERY.max(ledger.entity_count() as u64) {
+        if snapshot::is_due(head.seq, st.newest_snapshot, ledger.entity_count()) {
             let name = layout::snapshot(head.seq);
             match self.objects.create(&name, ledger.snapshot_body()).await {
                 Ok(_) => snapshot_at = Some(head.seq),
