@@ -312,12 +312,21 @@ impl FileStoreApi {
     }
 
     /// Pushes `body`'s changes: plan, write the segment create-only, and on
-    /// a lost race read the winner and plan again. Returns the results.
+    /// a lost race read the winner and plan again. Returns the results. The
+    /// ledger is loaded and caught up already (the sync did it).
     async fn push(&self, st: &mut State, body: &SyncBody<'_>) -> Result<Vec<deltasync_protocol::wire::PushResult>> {
         let device = DeviceId::parse(body.device_id).map_err(|e| Error::Invalid(e.to_string()))?;
-        for _ in 0..MAX_RACES {
+        for race in 0..MAX_RACES {
+            if race > 0 {
+                // Another device logged these seqs first: read its segment(s), plan again.
+                let hinted = self.hinted_head().await?;
+                let ledger = st.ledger.as_mut().expect("loaded by the sync");
+                self.catch_up(ledger).await?;
+                self.check_hint(ledger, hinted)?;
+            }
             let now = (self.wall)();
-            let planned = self.ledger(st, None).await?.plan(&device, body.changes, now, MAX_CLOCK_DRIFT_MS);
+            let ledger = st.ledger.as_ref().expect("loaded by the sync");
+            let planned = ledger.plan(&device, body.changes, now, MAX_CLOCK_DRIFT_MS);
             let Some(segment) = planned.segment else { return Ok(planned.results) };
             self.probe(st).await?;
             let name = layout::segment(segment.first());
@@ -331,7 +340,6 @@ impl FileStoreApi {
                     self.after_write(st).await;
                     return Ok(planned.results);
                 }
-                // Another device logged these seqs first: read its segment, plan again.
                 Created::Taken => continue,
             }
         }
@@ -414,7 +422,13 @@ impl FileStoreApi {
 
     /// A page after `cursor`, leaving out `left_out`, remembered as given.
     async fn page(&self, st: &mut State, cursor: u64, limit: u64, left_out: &HashSet<u64>) -> Result<PageAnswer> {
-        let ledger = self.ledger(st, Some(cursor)).await?;
+        self.ledger(st, Some(cursor)).await?;
+        self.loaded_page(st, cursor, limit, left_out)
+    }
+
+    /// [`Self::page`] from the ledger as loaded, reading nothing.
+    fn loaded_page(&self, st: &mut State, cursor: u64, limit: u64, left_out: &HashSet<u64>) -> Result<PageAnswer> {
+        let ledger = st.ledger.as_ref().expect("loaded by the caller");
         let head = ledger.head().seq;
         let page = ledger.page(cursor, limit, left_out).ok_or_else(|| reset_required(cursor, head))?;
         self.remember(st, page.cursor, page.state_hash, page.state_digest);
@@ -507,7 +521,7 @@ impl Transport for FileStoreApi {
         let results = if body.changes.is_empty() { Vec::new() } else { self.push(&mut st, body).await? };
         // Every pushed change the log holds is left out, duplicates too, as a server does.
         let pushed: HashSet<u64> = results.iter().filter_map(|r| r.seq).collect();
-        let page = self.page(&mut st, body.cursor, body.limit.unwrap_or(DEFAULT_LIMIT), &pushed).await?;
+        let page = self.loaded_page(&mut st, body.cursor, body.limit.unwrap_or(DEFAULT_LIMIT), &pushed)?;
         Ok(SyncResponse {
             results,
             changes: page.changes,
