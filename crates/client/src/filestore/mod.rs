@@ -5,6 +5,7 @@
 //! from them, running the rules of `deltasync_engine::file_store`.
 
 pub mod objects;
+pub mod replicated;
 pub mod transport;
 
 pub use transport::FileStoreApi;

@@ -13,7 +13,7 @@
 //!   segment and plans again on top of it.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -135,6 +135,20 @@ impl FileStoreApi {
     /// conditional writes hold (see [`ObjectStore::probe`]).
     async fn probe(&self, st: &mut State) -> Result<()> {
         if !st.probed {
+            if let Some(folder) = self.url.strip_prefix("file://")
+                && let Some((tool, marker)) = super::replicated::replicated_by(Path::new(folder))
+            {
+                return Err(Error::FileStore {
+                    url: self.url.clone(),
+                    message: format!(
+                        "this folder is replicated by {tool} (found {}): a create-only write here cannot stop \
+                         another computer from writing the same log segment on its own copy, so changes could \
+                         be lost. Sync through a deltasync server, or through WebDAV or S3 storage with \
+                         conditional writes, instead (docs/file-store.md)",
+                        marker.display()
+                    ),
+                });
+            }
             self.objects.probe().await.map_err(|e| self.fail(e))?;
             st.probed = true;
         }
