@@ -25,6 +25,7 @@ use deltasync_protocol::{DeviceId, StateDigest, StateHash};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use super::metered::{Metered, Traffic};
 use super::objects::{Created, ObjectError, ObjectStore, Replaced};
 
 /// How far ahead of the device's clock a change's HLC may be (the server's default).
@@ -61,7 +62,7 @@ struct State {
 
 /// A file store, seen as a deltasync server.
 pub struct FileStoreApi {
-    objects: ObjectStore,
+    objects: Metered,
     url: String,
     /// Where [`KnownHead`] is kept between processes (beside the local database).
     head_file: Option<PathBuf>,
@@ -114,13 +115,18 @@ impl FileStoreApi {
         let url = objects.describe();
         let known_head = known_head.filter(|k| k.store == url);
         Ok(FileStoreApi {
-            objects,
+            objects: Metered::new(objects),
             url,
             head_file,
             wall,
             state: Mutex::new(State { known_head, ..State::default() }),
             abort_after_segment: std::env::var("DELTASYNC_FAULT").is_ok_and(|v| v == "abort-after-segment"),
         })
+    }
+
+    /// What this device asked of the store so far.
+    pub fn traffic(&self) -> Traffic {
+        self.objects.traffic()
     }
 
     fn fail(&self, e: ObjectError) -> Error {
