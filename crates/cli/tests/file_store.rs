@@ -766,7 +766,7 @@ fn edited_segment_state_hash(store: &StoreUnderTest) {
 }
 
 /// The number of changes in the log after which a device writes a snapshot
-/// (`deltasync_engine::file_store::snapshot::SNAPSHOT_EVERY`).
+/// (`deltasync_engine::file_store::snapshot::SNAPSHOT_EVERY`; `is_due`).
 const SNAPSHOT_EVERY: usize = 10_000;
 
 /// A snapshot's entity is edited: its digest no longer matches its
@@ -942,4 +942,32 @@ fn conflicting_edits(store: &StoreUnderTest, b_first: bool) {
         .map(|r| (r["id"].as_u64().unwrap(), r))
         .collect();
     assert_eq!(in_log.len(), 1, "the store's segments hold {} conflict records: {in_log:?}", in_log.len());
+}
+
+// ---------------------------------------------------------------------------
+// A folder that a sync tool replicates is refused before anything is written.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_folder_a_sync_tool_replicates_is_refused_before_the_first_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let dropbox = dir.path().join("Dropbox");
+    let root = dropbox.join("apps/tasks");
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(dropbox.join(".dropbox"), b"{}").unwrap();
+    let store = StoreUnderTest {
+        url: format!("file://{}", root.display()),
+        env: Vec::new(),
+        objects: Box::new(FolderObjects { root: root.clone() }),
+        _guard: Box::new(()),
+    };
+    let a = Device::new(dir.path(), "a", &store);
+    a.put("notes", &random_uuid(), json!({"text": "kept in the outbox"}));
+    let out = a.sync_out(true, &[]);
+    let err = out.error();
+    assert_eq!(err["error"], "file_store", "{err}");
+    let message = err["message"].as_str().unwrap();
+    assert!(message.contains("Dropbox") && message.contains(".dropbox"), "{message}");
+    assert!(store.objects.list("log").is_empty(), "a segment was written to a replicated folder");
+    assert_eq!(a.status()["pending"], 1, "the change left the outbox");
 }

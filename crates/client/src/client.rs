@@ -235,6 +235,15 @@ impl Client {
         Ok(Client { inner: Arc::new(Inner { engine, events, local_writes, options }) })
     }
 
+    /// What this client asked of its file store so far (requests and bytes
+    /// each way), when it syncs through one.
+    pub fn file_store_traffic(&self) -> Option<filestore::Traffic> {
+        match self.engine().transport_ref()? {
+            Remote::Files(api) => Some(api.traffic()),
+            Remote::Server(_) => None,
+        }
+    }
+
     /// This device's id.
     pub fn device_id(&self) -> &DeviceId {
         self.inner.engine.device_id()

@@ -4,9 +4,12 @@
 //! writes the algorithm needs; [`transport`] answers the engine's requests
 //! from them, running the rules of `deltasync_engine::file_store`.
 
+pub mod metered;
 pub mod objects;
+pub mod replicated;
 pub mod transport;
 
+pub use metered::Traffic;
 pub use transport::FileStoreApi;
 
 /// Whether `url` names a file store rather than a server: `file://`,

@@ -13,7 +13,7 @@
 //!   segment and plans again on top of it.
 
 use std::collections::HashSet;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +25,7 @@ use deltasync_protocol::{DeviceId, StateDigest, StateHash};
 use serde::{Deserialize, Serialize};
 use tokio::sync::Mutex;
 
+use super::metered::{Metered, Traffic};
 use super::objects::{Created, ObjectError, ObjectStore, Replaced};
 
 /// How far ahead of the device's clock a change's HLC may be (the server's default).
@@ -61,7 +62,7 @@ struct State {
 
 /// A file store, seen as a deltasync server.
 pub struct FileStoreApi {
-    objects: ObjectStore,
+    objects: Metered,
     url: String,
     /// Where [`KnownHead`] is kept between processes (beside the local database).
     head_file: Option<PathBuf>,
@@ -114,13 +115,18 @@ impl FileStoreApi {
         let url = objects.describe();
         let known_head = known_head.filter(|k| k.store == url);
         Ok(FileStoreApi {
-            objects,
+            objects: Metered::new(objects),
             url,
             head_file,
             wall,
             state: Mutex::new(State { known_head, ..State::default() }),
             abort_after_segment: std::env::var("DELTASYNC_FAULT").is_ok_and(|v| v == "abort-after-segment"),
         })
+    }
+
+    /// What this device asked of the store so far.
+    pub fn traffic(&self) -> Traffic {
+        self.objects.traffic()
     }
 
     fn fail(&self, e: ObjectError) -> Error {
@@ -135,6 +141,20 @@ impl FileStoreApi {
     /// conditional writes hold (see [`ObjectStore::probe`]).
     async fn probe(&self, st: &mut State) -> Result<()> {
         if !st.probed {
+            if let Some(folder) = self.url.strip_prefix("file://")
+                && let Some((tool, marker)) = super::replicated::replicated_by(Path::new(folder))
+            {
+                return Err(Error::FileStore {
+                    url: self.url.clone(),
+                    message: format!(
+                        "this folder is replicated by {tool} (found {}): a create-only write here cannot stop \
+                         another computer from writing the same log segment on its own copy, so changes could \
+                         be lost. Sync through a deltasync server, or through WebDAV or S3 storage with \
+                         conditional writes, instead (docs/file-store.md)",
+                        marker.display()
+                    ),
+                });
+            }
             self.objects.probe().await.map_err(|e| self.fail(e))?;
             st.probed = true;
         }
@@ -312,12 +332,21 @@ impl FileStoreApi {
     }
 
     /// Pushes `body`'s changes: plan, write the segment create-only, and on
-    /// a lost race read the winner and plan again. Returns the results.
+    /// a lost race read the winner and plan again. Returns the results. The
+    /// ledger is loaded and caught up already (the sync did it).
     async fn push(&self, st: &mut State, body: &SyncBody<'_>) -> Result<Vec<deltasync_protocol::wire::PushResult>> {
         let device = DeviceId::parse(body.device_id).map_err(|e| Error::Invalid(e.to_string()))?;
-        for _ in 0..MAX_RACES {
+        for race in 0..MAX_RACES {
+            if race > 0 {
+                // Another device logged these seqs first: read its segment(s), plan again.
+                let hinted = self.hinted_head().await?;
+                let ledger = st.ledger.as_mut().expect("loaded by the sync");
+                self.catch_up(ledger).await?;
+                self.check_hint(ledger, hinted)?;
+            }
             let now = (self.wall)();
-            let planned = self.ledger(st, None).await?.plan(&device, body.changes, now, MAX_CLOCK_DRIFT_MS);
+            let ledger = st.ledger.as_ref().expect("loaded by the sync");
+            let planned = ledger.plan(&device, body.changes, now, MAX_CLOCK_DRIFT_MS);
             let Some(segment) = planned.segment else { return Ok(planned.results) };
             self.probe(st).await?;
             let name = layout::segment(segment.first());
@@ -331,7 +360,6 @@ impl FileStoreApi {
                     self.after_write(st).await;
                     return Ok(planned.results);
                 }
-                // Another device logged these seqs first: read its segment, plan again.
                 Created::Taken => continue,
             }
         }
@@ -348,9 +376,8 @@ impl FileStoreApi {
     async fn after_write(&self, st: &mut State) {
         let ledger = st.ledger.as_ref().expect("loaded");
         let head = ledger.head();
-        let since = head.seq - st.newest_snapshot.unwrap_or(0);
         let mut snapshot_at = None;
-        if since >= snapshot::SNAPSHOT_EVERY.max(ledger.entity_count() as u64) {
+        if snapshot::is_due(head.seq, st.newest_snapshot, ledger.entity_count()) {
             let name = layout::snapshot(head.seq);
             match self.objects.create(&name, ledger.snapshot_body()).await {
                 Ok(_) => snapshot_at = Some(head.seq),
@@ -415,7 +442,13 @@ impl FileStoreApi {
 
     /// A page after `cursor`, leaving out `left_out`, remembered as given.
     async fn page(&self, st: &mut State, cursor: u64, limit: u64, left_out: &HashSet<u64>) -> Result<PageAnswer> {
-        let ledger = self.ledger(st, Some(cursor)).await?;
+        self.ledger(st, Some(cursor)).await?;
+        self.loaded_page(st, cursor, limit, left_out)
+    }
+
+    /// [`Self::page`] from the ledger as loaded, reading nothing.
+    fn loaded_page(&self, st: &mut State, cursor: u64, limit: u64, left_out: &HashSet<u64>) -> Result<PageAnswer> {
+        let ledger = st.ledger.as_ref().expect("loaded by the caller");
         let head = ledger.head().seq;
         let page = ledger.page(cursor, limit, left_out).ok_or_else(|| reset_required(cursor, head))?;
         self.remember(st, page.cursor, page.state_hash, page.state_digest);
@@ -508,7 +541,7 @@ impl Transport for FileStoreApi {
         let results = if body.changes.is_empty() { Vec::new() } else { self.push(&mut st, body).await? };
         // Every pushed change the log holds is left out, duplicates too, as a server does.
         let pushed: HashSet<u64> = results.iter().filter_map(|r| r.seq).collect();
-        let page = self.page(&mut st, body.cursor, body.limit.unwrap_or(DEFAULT_LIMIT), &pushed).await?;
+        let page = self.loaded_page(&mut st, body.cursor, body.limit.unwrap_or(DEFAULT_LIMIT), &pushed)?;
         Ok(SyncResponse {
             results,
             changes: page.changes,

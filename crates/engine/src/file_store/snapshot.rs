@@ -1,9 +1,9 @@
 //! A snapshot: a ledger written out whole at a seq (NDJSON), so that a new
 //! device reads it and the segments after it instead of the whole log. A
-//! device writes one create-only once the log has grown by
-//! [`SNAPSHOT_EVERY`] changes since the last; the digest it claims is
-//! checked against its entities when it is read, and the segments after it
-//! must chain onto its chain head.
+//! device writes one create-only when [`is_due`] says so; the digest it
+//! claims is checked against its entities when it is read, its chain head
+//! against the segment that ends at its seq, and the segments after it must
+//! chain onto it.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -16,9 +16,20 @@ use super::ledger::{Ledger, write_line};
 use super::segment::Segment;
 use super::{FORMAT, FileStoreError};
 
-/// A device writes a snapshot when the log has grown by this many changes
-/// since the newest one.
+/// The fewest changes logged between two snapshots.
 pub const SNAPSHOT_EVERY: u64 = 10_000;
+
+/// Whether a device whose log stands at `head` should write a snapshot,
+/// the newest being at `newest` and the dataset holding `entities`: once
+/// [`SNAPSHOT_EVERY`] changes and half as many changes as there are
+/// entities were logged since the newest. A snapshot costs about as much as
+/// the entities; spacing them by half the entity count keeps that cost a
+/// small constant per change, and a new device reads at most about half the
+/// dataset's size in segments after the snapshot.
+pub fn is_due(head: u64, newest: Option<u64>, entities: usize) -> bool {
+    let since = head.saturating_sub(newest.unwrap_or(0));
+    since >= SNAPSHOT_EVERY.max(entities as u64 / 2)
+}
 
 /// Receipts (change id, seq) per line.
 const RECEIPTS_PER_LINE: usize = 1000;
@@ -204,5 +215,20 @@ impl Ledger {
         ledger.base_hash = header.state_hash;
         ledger.base_digest = header.state_digest;
         Ok(ledger)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn snapshots_come_every_ten_thousand_changes_or_half_the_entities() {
+        assert!(!is_due(9_999, None, 100));
+        assert!(is_due(10_000, None, 100));
+        assert!(!is_due(19_999, Some(10_000), 100));
+        assert!(is_due(20_000, Some(10_000), 20_000));
+        assert!(!is_due(120_000, Some(80_000), 100_000), "40,000 changes is less than half of 100,000 entities");
+        assert!(is_due(130_000, Some(80_000), 100_000));
     }
 }
