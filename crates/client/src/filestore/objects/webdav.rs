@@ -22,6 +22,8 @@
 //! server: many do not ([`ObjectStore::probe`](super::ObjectStore::probe)
 //! checks at first use; docs/file-store-servers.md says what was seen).
 
+use opendal::layers::HttpClientLayer;
+use opendal::raw::HttpClient;
 use opendal::{ErrorKind, Operator, services::Webdav};
 use reqwest::header::{ETAG, HeaderValue, IF_MATCH, IF_NONE_MATCH};
 use reqwest::{Method, StatusCode, Url};
@@ -71,15 +73,26 @@ impl WebDav {
         let password = env.get(ENV_STORE_PASSWORD).map(str::to_string).or_else(|| url.password().map(str::to_string));
         let credentials = user.map(|user| (user, password.unwrap_or_default()));
 
+        let http = reqwest::Client::builder()
+            .timeout(REQUEST_TIMEOUT)
+            .pool_max_idle_per_host(0)
+            .build()
+            .map_err(|e| format!("cannot set up an HTTP client: {e}"))?;
         let mut builder = Webdav::default().endpoint(&format!("{scheme}://{authority}")).root(&path);
         if let Some((user, password)) = &credentials {
             builder = builder.username(user).password(password);
         }
-        let op = Operator::new(builder).map_err(|e| format!("cannot open the WebDAV store: {e}"))?.finish();
-        let http = reqwest::Client::builder()
-            .timeout(REQUEST_TIMEOUT)
-            .build()
-            .map_err(|e| format!("cannot set up an HTTP client: {e}"))?;
+        // OpenDAL's requests go through this same client. It keeps no idle
+        // connection: a server with one worker thread (wsgidav with
+        // numthreads 1, the set-up whose create-only writes are atomic) waits
+        // on an idle kept-alive connection until its socket timeout (10 s)
+        // before it serves the next one, which stalled every request after a
+        // refused (412) or conflicting (409) PUT. A connection per request
+        // costs a handshake; the file store sends few requests.
+        let op = Operator::new(builder)
+            .map_err(|e| format!("cannot open the WebDAV store: {e}"))?
+            .layer(HttpClientLayer::new(HttpClient::with(http.clone())))
+            .finish();
         let url = format!("{}://{authority}{path}", url.scheme());
         Ok(WebDav { base, url, http, credentials, op })
     }
@@ -140,7 +153,10 @@ impl WebDav {
         let response =
             self.request(Method::GET, self.url_of(path, false)).send().await.map_err(|e| self.send_error("read", e))?;
         match response.status() {
-            StatusCode::NOT_FOUND => Ok(None),
+            StatusCode::NOT_FOUND => {
+                drain(response).await;
+                Ok(None)
+            }
             status if status.is_success() => {
                 let version = response.headers().get(ETAG).and_then(|v| v.to_str().ok()).map(str::to_string);
                 let bytes = response.bytes().await.map_err(|e| self.send_error("read", e))?;
@@ -204,12 +220,22 @@ impl WebDav {
                 .await
                 .map_err(|e| self.send_error(op, e))?;
             match response.status() {
-                status if status.is_success() => return Ok(true),
-                StatusCode::PRECONDITION_FAILED => return Ok(false),
-                StatusCode::NOT_FOUND if if_match => return Ok(false),
+                status if status.is_success() => {
+                    drain(response).await;
+                    return Ok(true);
+                }
+                StatusCode::PRECONDITION_FAILED => {
+                    drain(response).await;
+                    return Ok(false);
+                }
+                StatusCode::NOT_FOUND if if_match => {
+                    drain(response).await;
+                    return Ok(false);
+                }
                 // 409 is RFC 4918's answer for a missing parent; rclone answers 404.
                 StatusCode::CONFLICT | StatusCode::NOT_FOUND if !made_parents => {
                     made_parents = true;
+                    drain(response).await;
                     self.make_collection(op, parent_collection(&url), 0).await?;
                 }
                 _ => return Err(self.status_error(op, response).await),
@@ -222,12 +248,18 @@ impl WebDav {
         let response = self.request(mkcol(), url.clone()).send().await.map_err(|e| self.send_error(op, e))?;
         match response.status() {
             // 405: the collection already exists.
-            status if status.is_success() || status == StatusCode::METHOD_NOT_ALLOWED => Ok(()),
+            status if status.is_success() || status == StatusCode::METHOD_NOT_ALLOWED => {
+                drain(response).await;
+                Ok(())
+            }
             StatusCode::CONFLICT | StatusCode::NOT_FOUND if depth < MAX_MKCOL_DEPTH && url.path() != "/" => {
                 Box::pin(self.make_collection(op, parent_collection(&url), depth + 1)).await?;
                 let retried = self.request(mkcol(), url).send().await.map_err(|e| self.send_error(op, e))?;
                 match retried.status() {
-                    status if status.is_success() || status == StatusCode::METHOD_NOT_ALLOWED => Ok(()),
+                    status if status.is_success() || status == StatusCode::METHOD_NOT_ALLOWED => {
+                        drain(response).await;
+                        Ok(())
+                    }
                     _ => Err(self.status_error(op, retried).await),
                 }
             }
@@ -270,6 +302,12 @@ fn parent_collection(url: &Url) -> Url {
         segments.pop_if_empty().pop().push("");
     }
     parent
+}
+
+/// Reads the rest of an answer, so that its connection ends cleanly rather
+/// than being dropped half-read.
+async fn drain(response: reqwest::Response) {
+    let _ = response.bytes().await;
 }
 
 /// WebDAV's method that creates a collection.
