@@ -1,6 +1,6 @@
 //! End-to-end tests of the file store mode (`deltasync client --store URL`):
-//! devices sync through a plain store (a folder; WebDAV and S3 to come) with
-//! no server, each device a local database driven through the real command
+//! devices sync through a plain store (a folder, WebDAV served by wsgidav, S3
+//! served by moto) with no server, each device a local database driven through the real command
 //! line, one process per command.
 //!
 //! Each scenario is a function taking a [`StoreUnderTest`], so that the same
@@ -11,6 +11,8 @@
 //! (every change once, seqs gapless), and damaging it is how tampering is tested.
 
 mod common;
+#[path = "../../client/tests/support/stores.rs"]
+mod stores;
 
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -114,12 +116,75 @@ fn folder_store() -> StoreUnderTest {
 //   2. a `#[test] fn webdav()` / `fn s3()` line in `store_scenario!` below.
 // ===========================================================================
 
+/// A store served by a test server (`Err`: its program is missing here),
+/// its objects reached through the client's own object layer.
+fn served_store(started: Result<stores::TestStore, String>) -> Option<StoreUnderTest> {
+    let store = match started {
+        Ok(store) => store,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return None;
+        }
+    };
+    Some(StoreUnderTest {
+        url: store.url.clone(),
+        env: store.env.clone(),
+        objects: Box::new(ServedObjects::new(&store.url, &store.env)),
+        _guard: Box::new(store),
+    })
+}
+
+/// A served store's objects, read and damaged through `ObjectStore`.
+struct ServedObjects {
+    store: deltasync_client::filestore::objects::ObjectStore,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl ServedObjects {
+    fn new(url: &str, env: &[(String, String)]) -> ServedObjects {
+        use deltasync_client::filestore::objects::{ObjectStore, StoreEnv};
+        let store = ObjectStore::open_with(url, &StoreEnv::from_pairs(env.to_vec())).expect("the test store opens");
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        ServedObjects { store, runtime }
+    }
+}
+
+impl StoreObjects for ServedObjects {
+    fn read(&self, name: &str) -> Option<Vec<u8>> {
+        self.runtime
+            .block_on(self.store.read(name))
+            .unwrap_or_else(|e| panic!("cannot read {name}: {e}"))
+            .map(|o| o.bytes)
+    }
+
+    fn write(&self, name: &str, bytes: &[u8]) {
+        use deltasync_client::filestore::objects::{Created, Replaced};
+        let current = self.runtime.block_on(self.store.read(name)).unwrap();
+        let written = match current {
+            None => matches!(self.runtime.block_on(self.store.create(name, bytes.to_vec())).unwrap(), Created::Written),
+            Some(o) => matches!(
+                self.runtime.block_on(self.store.replace(name, bytes.to_vec(), o.version.as_deref())).unwrap(),
+                Replaced::Written
+            ),
+        };
+        assert!(written, "cannot write {name}: it changed meanwhile");
+    }
+
+    fn remove(&self, name: &str) {
+        self.runtime.block_on(self.store.delete(name)).unwrap_or_else(|e| panic!("cannot delete {name}: {e}"));
+    }
+
+    fn list(&self, dir: &str) -> Vec<String> {
+        self.runtime.block_on(self.store.list(dir)).unwrap_or_else(|e| panic!("cannot list {dir}: {e}"))
+    }
+}
+
 /// A fresh store of `kind`, or `None` when that kind cannot run here.
 fn start_store(kind: &str) -> Option<StoreUnderTest> {
     match kind {
         "folder" => Some(folder_store()),
-        // "webdav" => support::stores::webdav(),  (wsgidav)
-        // "s3" => support::stores::s3(),          (moto)
+        "webdav" => served_store(stores::wsgidav()),
+        "s3" => served_store(stores::moto()),
         other => panic!("no store of kind {other:?}"),
     }
 }
@@ -146,16 +211,16 @@ macro_rules! store_scenario {
             fn folder() {
                 super::run_on("folder", $scenario)
             }
-            // $(#[$attr])*
-            // #[test]
-            // fn webdav() {
-            //     super::run_on("webdav", $scenario)
-            // }
-            // $(#[$attr])*
-            // #[test]
-            // fn s3() {
-            //     super::run_on("s3", $scenario)
-            // }
+            $(#[$attr])*
+            #[test]
+            fn webdav() {
+                super::run_on("webdav", $scenario)
+            }
+            $(#[$attr])*
+            #[test]
+            fn s3() {
+                super::run_on("s3", $scenario)
+            }
         }
     };
 }
@@ -969,5 +1034,24 @@ fn a_folder_a_sync_tool_replicates_is_refused_before_the_first_write() {
     let message = err["message"].as_str().unwrap();
     assert!(message.contains("Dropbox") && message.contains(".dropbox"), "{message}");
     assert!(store.objects.list("log").is_empty(), "a segment was written to a replicated folder");
+    assert_eq!(a.status()["pending"], 1, "the change left the outbox");
+}
+
+// ---------------------------------------------------------------------------
+// A store whose conditional writes do not hold is refused, with the reason.
+// ---------------------------------------------------------------------------
+
+#[test]
+fn a_webdav_server_that_ignores_conditional_writes_is_refused_with_the_reason() {
+    let Some(store) = served_store(stores::rclone()) else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let a = Device::new(dir.path(), "a", &store);
+    a.put("notes", &random_uuid(), json!({"text": "kept in the outbox"}));
+    let out = a.sync_out(true, &[]);
+    let err = out.error();
+    assert_eq!(err["error"], "file_store", "{err}");
+    let message = err["message"].as_str().unwrap();
+    assert!(message.contains("If-None-Match"), "the message does not say which check failed: {message}");
+    assert!(store.objects.list("log").is_empty(), "a segment was written to a store that failed the probe");
     assert_eq!(a.status()["pending"], 1, "the change left the outbox");
 }

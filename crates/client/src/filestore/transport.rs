@@ -88,6 +88,16 @@ fn store_error(url: &str, e: ObjectError) -> Error {
     }
 }
 
+/// `url` without the `user:password@` part, if it has one.
+fn without_credentials(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}://{}", &rest[at + 1..]),
+        None => url.to_owned(),
+    }
+}
+
 /// The answer a server gives to a cursor outside its log.
 fn reset_required(cursor: u64, head: u64) -> Error {
     Error::Server {
@@ -112,7 +122,9 @@ impl FileStoreApi {
             .as_ref()
             .and_then(|p| std::fs::read(p).ok())
             .and_then(|b| serde_json::from_slice::<KnownHead>(&b).ok());
-        let url = objects.describe();
+        // Kept in the local database and reopened from there: the URL as
+        // given, less any user:password (credentials come from the environment).
+        let url = without_credentials(url.trim_end_matches('/'));
         let known_head = known_head.filter(|k| k.store == url);
         Ok(FileStoreApi {
             objects: Metered::new(objects),
@@ -595,5 +607,20 @@ impl Transport for FileStoreApi {
         let (conflicts, has_more) = ledger.conflicts(since, limit.unwrap_or(100).min(1000));
         let cursor = conflicts.last().map_or(since, |r| r.id);
         Ok(ConflictsResponse { conflicts, cursor, has_more })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::without_credentials;
+
+    #[test]
+    fn the_kept_url_has_no_credentials() {
+        assert_eq!(
+            without_credentials("webdavs://me:secret@cloud.example.com/dav/x"),
+            "webdavs://cloud.example.com/dav/x"
+        );
+        assert_eq!(without_credentials("s3://bucket/prefix"), "s3://bucket/prefix");
+        assert_eq!(without_credentials("file:///a/b@c"), "file:///a/b@c");
     }
 }

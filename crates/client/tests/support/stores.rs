@@ -120,13 +120,28 @@ pub fn rclone() -> Result<TestStore, String> {
     start("rclone", command, dir, port, format!("webdav://127.0.0.1:{port}/deltasync"), dav_env())
 }
 
+/// moto's S3 app (the one `moto_server` serves) on a single-threaded server.
+const MOTO_ONE_THREAD: &str = "\
+import os, sys
+from werkzeug.serving import run_simple
+from moto.server import DomainDispatcherApplication, create_backend_app
+os.environ.setdefault('MOTO_PORT', sys.argv[2])
+run_simple(sys.argv[1], int(sys.argv[2]), DomainDispatcherApplication(create_backend_app), threaded=False)
+";
+
 /// moto's S3 server with the bucket [`BUCKET`] created.
 pub fn moto() -> Result<TestStore, String> {
-    let program = find_program("moto_server")?;
+    // moto_server serves requests on many threads, and its conditional
+    // PutObject is then not atomic: under load (four devices probing at once)
+    // two of four racing create-only writes both won. moto's own app is
+    // served here on one thread, as wsgidav is, so its checks are atomic the
+    // way AWS S3 documents its own.
+    find_program("moto_server")?;
+    let python = find_program("python3")?;
     let dir = tempfile::tempdir().map_err(|e| format!("cannot make a temporary folder: {e}"))?;
     let port = free_port()?;
-    let mut command = Command::new(program);
-    command.args(["-H", "127.0.0.1", "-p", &port.to_string()]);
+    let mut command = Command::new(python);
+    command.arg("-c").arg(MOTO_ONE_THREAD).args(["127.0.0.1", &port.to_string()]);
     let env = vec![
         ("AWS_ENDPOINT_URL".to_string(), format!("http://127.0.0.1:{port}")),
         ("AWS_ACCESS_KEY_ID".to_string(), "testing".to_string()),
