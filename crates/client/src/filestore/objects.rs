@@ -476,6 +476,30 @@ fn from_opendal(store: String, op: &'static str, denied_hint: &str, e: opendal::
     }
 }
 
+/// The names of the files directly under `dir` through OpenDAL (an absent
+/// folder lists as empty): the same for every backend that lists with it.
+async fn list_files(op: &opendal::Operator, dir: &str) -> Result<Vec<String>, opendal::Error> {
+    let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
+    let entries = match op.list(&prefix).await {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == opendal::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(e) => return Err(e),
+    };
+    Ok(entries
+        .into_iter()
+        .filter(|entry| entry.metadata().is_file() && entry.path() != prefix)
+        .map(|entry| entry.name().to_string())
+        .collect())
+}
+
+/// Deletes `path` through OpenDAL; an absent one is fine.
+async fn delete_file(op: &opendal::Operator, path: &str) -> Result<(), opendal::Error> {
+    match op.delete(path).await {
+        Err(e) if e.kind() != opendal::ErrorKind::NotFound => Err(e),
+        _ => Ok(()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -150,25 +150,11 @@ impl Folder {
     }
 
     pub(super) async fn list(&self, dir: &str) -> Result<Vec<String>, ObjectError> {
-        let prefix = if dir.is_empty() { String::new() } else { format!("{dir}/") };
-        let entries = match self.op.list(&prefix).await {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == opendal::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(e) => return Err(self.error("list", e)),
-        };
-        Ok(entries
-            .into_iter()
-            .filter(|entry| entry.metadata().is_file() && entry.path() != prefix)
-            .map(|entry| entry.name().to_string())
-            .collect())
+        super::list_files(&self.op, dir).await.map_err(|e| self.error("list", e))
     }
 
     pub(super) async fn delete(&self, path: &str) -> Result<(), ObjectError> {
-        match self.op.delete(path).await {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == opendal::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(self.error("delete", e)),
-        }
+        super::delete_file(&self.op, path).await.map_err(|e| self.error("delete", e))
     }
 
     pub(super) async fn remove_empty_dir(&self, dir: &str) -> Result<(), ObjectError> {
