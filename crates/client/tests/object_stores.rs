@@ -296,3 +296,22 @@ async fn invalid_paths_are_refused_before_any_request() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_folder_cleans_what_a_crashed_writer_left_staged_and_nothing_newer() {
+    let Some(store) = started("folder", stores::folder) else { return };
+    let objects = open(&store);
+    assert_eq!(objects.create("a.json", b"{}".to_vec()).await.unwrap(), Created::Written);
+    let root = std::path::PathBuf::from(store.url.strip_prefix("file://").unwrap());
+    let staging = root.join(".tmp");
+    let old = staging.join("left-by-a-crash");
+    let fresh = staging.join("being-written");
+    std::fs::write(&old, b"half").unwrap();
+    std::fs::write(&fresh, b"half").unwrap();
+    let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+    std::fs::File::options().write(true).open(&old).unwrap().set_modified(two_hours_ago).unwrap();
+    let deleted = objects.clean_orphans(std::time::Duration::from_secs(3600)).await.unwrap();
+    assert_eq!(deleted, 1);
+    assert!(!old.exists() && fresh.exists());
+    assert_eq!(objects.read("a.json").await.unwrap().unwrap().bytes, b"{}");
+}

@@ -110,6 +110,12 @@ impl Metered {
         self.objects.delete(path).await
     }
 
+    /// [`ObjectStore::clean_orphans`], counted with the listings.
+    pub async fn clean_orphans(&self, older_than: std::time::Duration) -> Result<u64, ObjectError> {
+        self.other.fetch_add(1, Ordering::Relaxed);
+        self.objects.clean_orphans(older_than).await
+    }
+
     /// [`ObjectStore::probe`] (not counted: it runs once per process, before the first write).
     pub async fn probe(&self) -> Result<(), ObjectError> {
         self.objects.probe().await

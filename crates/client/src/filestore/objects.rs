@@ -380,6 +380,18 @@ impl ObjectStore {
         .await
     }
 
+    /// Deletes what a crashed writer can leave behind and nothing reads: on a
+    /// folder, staged files in `.tmp/` older than `older_than` (a create
+    /// stages its bytes there before linking them to their name). Other
+    /// stores write whole objects in one request and leave nothing. Returns
+    /// how many were deleted.
+    pub async fn clean_orphans(&self, older_than: std::time::Duration) -> Result<u64, ObjectError> {
+        match &*self.backend {
+            Backend::Folder(b) => b.clean_staging(older_than),
+            Backend::S3(_) | Backend::WebDav(_) => Ok(0),
+        }
+    }
+
     /// Checks, before anything is synced, that the store's conditional writes
     /// really work. Under `probe/<random uuid>/` it checks that a second
     /// create of a path is refused and leaves the first's bytes; that reads

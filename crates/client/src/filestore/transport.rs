@@ -37,6 +37,9 @@ const MAX_RACES: u32 = 64;
 const POLL_EVERY: Duration = Duration::from_secs(1);
 /// The page size when the request names none (the server's).
 const DEFAULT_LIMIT: u64 = 1000;
+/// Staged leftovers older than this are deleted when a snapshot is written
+/// (a live writer links its staged file within a request's time).
+const ORPHAN_AGE: Duration = Duration::from_secs(3600);
 /// How many snapshots are kept; older ones are deleted.
 const SNAPSHOTS_KEPT: usize = 2;
 
@@ -399,6 +402,10 @@ impl FileStoreApi {
         if let Some(seq) = snapshot_at {
             st.newest_snapshot = Some(seq);
             self.clean_snapshots().await;
+            // Rare enough to tidy up here: what crashed writers left staged.
+            if let Err(e) = self.objects.clean_orphans(ORPHAN_AGE).await {
+                tracing::debug!(%e, "could not clean staged leftovers");
+            }
         }
         let hint = HeadHint {
             format: FORMAT.to_owned(),

@@ -56,6 +56,30 @@ impl Folder {
         Ok(Folder { url: format!("file://{}", root.display()), root, op })
     }
 
+    /// Deletes staged files older than `older_than` (left by a writer that
+    /// died between staging and linking); the replace lock stays.
+    pub(super) fn clean_staging(&self, older_than: std::time::Duration) -> Result<u64, ObjectError> {
+        let staging = self.root.join(STAGING_DIR);
+        let entries = match std::fs::read_dir(&staging) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(self.io_error("clean", e)),
+        };
+        let mut deleted = 0;
+        for entry in entries.flatten() {
+            let old = entry
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > older_than);
+            if old && entry.file_name() != "replace.lock" && std::fs::remove_file(entry.path()).is_ok() {
+                deleted += 1;
+            }
+        }
+        Ok(deleted)
+    }
+
     pub(super) fn describe(&self) -> String {
         self.url.clone()
     }
