@@ -109,7 +109,7 @@ fn bootstrap_100k() {
         let r = report(&out);
         assert_eq!((&r["bootstrapped"], &r["verified"]), (&json!(ENTITIES), &json!(true)), "{r}");
         let (_, quiet, _) = client(&store, &fresh, &["sync"]);
-        client(&store, &fresh, &["patch", "tasks", &first, r#"{"done":true}"#]);
+        client(&store, &fresh, &["patch", "tasks", &first, r#"{"priority":4}"#]);
         let (out, edit, _) = client(&store, &fresh, &["sync"]);
         assert_eq!(report(&out)["applied"], 1);
         println!(
